@@ -1,0 +1,52 @@
+# The two commands a newcomer needs (see README.md):
+#   make study   set up, get the data, run the full hyperparameter study, build report/report.pdf
+#   make test    set up, get the data, run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export MPLBACKEND := Agg
+
+.PHONY: study test setup data quick report zip bench clean
+
+study: data
+	$(PY) run_experiments.py
+
+test: data
+	$(PY) -m pytest -q
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+# Finds the official files (./data, Debian's package, $$FASHION_MNIST_DIR) or downloads and verifies them.
+# As root on Debian/Ubuntu with nothing found, it first installs the package dataset-fashion-mnist,
+# which is how machines without access to the download host get the official files.
+data: setup
+	@$(PY) preprocessing.py --no-download >/dev/null 2>&1 || $(MAKE) --no-print-directory debian-data
+	$(PY) preprocessing.py
+
+debian-data:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian's dataset-fashion-mnist ..."; \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+			|| echo "apt-get could not install it; trying the download instead"; \
+	fi
+
+quick: data
+	$(PY) run_experiments.py --quick --results-dir results-quick
+
+report: setup
+	$(PY) -m report.build --results-dir results
+
+zip: setup
+	$(PY) make_zip.py
+
+bench: data
+	$(PY) benchmarks/bench_mlp.py
+	$(PY) benchmarks/bench_cnn.py
+
+clean:
+	rm -rf $(VENV) results-quick .pytest_cache report/build

@@ -1,0 +1,345 @@
+"""Fashion-MNIST: find or fetch the official files, parse them, split, scale (assignment Q1, Q2a, Q2b).
+
+Both models get their data from here:
+
+    splits = load_splits()              # 54k train / 6k val (stratified, seeded) / official 10k test
+    splits.X_train                      # (54000, 784) float32 in [0, 1]   -- flattened, for the MLP
+    to_images(splits.X_train)           # (54000, 1, 28, 28) view          -- for the CNN
+
+Where the four official IDX files come from, first match wins:
+  1. `data_dir` (``--data-dir``) or the ``FASHION_MNIST_DIR`` environment variable;
+  2. ``./data/fashion-mnist``;
+  3. ``/usr/share/datasets/fashion-mnist`` (Debian's package ``dataset-fashion-mnist``);
+  4. a download over HTTPS into ``./data/fashion-mnist``, each file checked before use.
+
+Every file, wherever it came from, is checked against the SHA-256 of its decompressed content, so a
+corrupt, truncated or substituted file stops with a one-line `DataError` instead of a wrong array.
+
+    python preprocessing.py             # get and verify the data, print a summary
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIDE = 28
+INPUT_DIM = IMAGE_SIDE * IMAGE_SIDE
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_DATA_DIR = REPO_DIR / "data" / "fashion-mnist"
+SYSTEM_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD_URLS = (  # the dataset's own GitHub repository, then its original S3 host
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+)
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str            # file name without ".gz"
+    magic: int           # 2051 for images, 2049 for labels
+    shape: tuple         # expected dimensions
+    gz_md5: str          # MD5 of the .gz as published by Zalando (checks downloads)
+    sha256: str          # SHA-256 of the decompressed bytes (checks any copy: Debian re-gzips the files,
+                         # so its .gz bytes differ from the published MD5 while the content is the same)
+
+
+FILES = {
+    "train_images": IdxFile("train-images-idx3-ubyte", 2051, (60000, 28, 28),
+                            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train_labels": IdxFile("train-labels-idx1-ubyte", 2049, (60000,),
+                            "25c81989df183df01b3e8a0aad5dffbe",
+                            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "test_images": IdxFile("t10k-images-idx3-ubyte", 2051, (10000, 28, 28),
+                           "bef4ecab320f06d8554ea6380940ec79",
+                           "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "test_labels": IdxFile("t10k-labels-idx1-ubyte", 2049, (10000,),
+                           "bb300cfdad3c16e7a12a480ee83cd310",
+                           "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}
+
+
+class DataError(Exception):
+    """A data problem the user can fix; its message is one line that says what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------- IDX parsing
+
+def parse_idx(raw: bytes, spec: IdxFile, source: str = "") -> np.ndarray:
+    """Parse IDX bytes (ubyte data) into an array of `spec.shape`, checking magic, dims and length."""
+    where = source or spec.name
+    if len(raw) < 8:
+        raise DataError(f"{where}: truncated IDX file ({len(raw)} bytes, no header)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != spec.magic:
+        raise DataError(f"{where}: wrong magic number {magic} (expected {spec.magic}); not an IDX "
+                        f"{'image' if spec.magic == 2051 else 'label'} file")
+    ndim = raw[3]
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DataError(f"{where}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if dims != spec.shape:
+        raise DataError(f"{where}: dimensions {dims}, expected {spec.shape}")
+    expected = header_len + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{where}: {len(raw)} bytes, expected {expected} "
+                        f"({'truncated' if len(raw) < expected else 'trailing data'})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def read_idx_file(path: Path, spec: IdxFile, verify: bool = True) -> np.ndarray:
+    """Read a plain or gzipped IDX file; with `verify`, its content must match the official SHA-256."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    array = parse_idx(raw, spec, str(path))
+    if verify and hashlib.sha256(raw).hexdigest() != spec.sha256:
+        raise DataError(f"{path}: checksum mismatch; the file is corrupt or not the official "
+                        f"Fashion-MNIST {spec.name} (delete it to re-fetch)")
+    return array
+
+
+# ----------------------------------------------------------------------------------------- locating
+
+def _file_in(folder: Path, spec: IdxFile) -> Path | None:
+    for name in (spec.name + ".gz", spec.name):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _complete(folder: Path) -> bool:
+    return all(_file_in(folder, spec) for spec in FILES.values())
+
+
+def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for the files, in order (see the module docstring)."""
+    explicit = data_dir or os.environ.get("FASHION_MNIST_DIR")
+    if explicit:  # an explicit choice is the only one: never fall back silently to other data
+        return [Path(explicit)]
+    return [DEFAULT_DATA_DIR, SYSTEM_DATA_DIR]
+
+
+def _download(spec: IdxFile, folder: Path) -> None:
+    """Fetch one file, check its published MD5 and content, and only then rename it into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for base in DOWNLOAD_URLS:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{spec.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(base + spec.name + ".gz",
+                                                                    timeout=30) as response:
+                out.write(response.read())
+            with open(tmp, "rb") as f:
+                gz_md5 = hashlib.md5(f.read()).hexdigest()
+            if gz_md5 != spec.gz_md5:
+                raise DataError(f"MD5 {gz_md5} differs from the published {spec.gz_md5}")
+            read_idx_file(Path(tmp), spec)
+            os.replace(tmp, folder / (spec.name + ".gz"))
+            return
+        except (OSError, DataError) as e:
+            errors.append(f"{base}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise DataError(f"could not download {spec.name}.gz ({'; '.join(errors)})")
+
+
+def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Return a folder holding all four files, downloading them if allowed and needed."""
+    folders = candidate_dirs(data_dir)
+    for folder in folders:
+        if _complete(folder):
+            return folder
+    if (data_dir or os.environ.get("FASHION_MNIST_DIR")):
+        raise DataError(f"{folders[0]}: the four Fashion-MNIST files are not all there")
+    hint = ("put the four official files in ./data/fashion-mnist or point --data-dir / FASHION_MNIST_DIR "
+            "at them, install Debian's package dataset-fashion-mnist, or connect to the internet")
+    if not download:
+        raise DataError(f"Fashion-MNIST not found; {hint}")
+    try:
+        for spec in FILES.values():
+            if not _file_in(DEFAULT_DATA_DIR, spec):
+                _download(spec, DEFAULT_DATA_DIR)
+    except DataError as e:
+        raise DataError(f"Fashion-MNIST not found and {e}; {hint}") from None
+    return DEFAULT_DATA_DIR
+
+
+def load_raw(data_dir: str | os.PathLike | None = None, download: bool = True) -> dict[str, np.ndarray]:
+    """The four official arrays (uint8 images (N, 28, 28), int64 labels (N,)), checked."""
+    folder = find_data_dir(data_dir, download)
+    arrays = {key: read_idx_file(_file_in(folder, spec), spec) for key, spec in FILES.items()}
+    for key in ("train_labels", "test_labels"):
+        arrays[key] = arrays[key].astype(np.int64)
+    _check_balance(arrays["train_labels"], 6000, "training")
+    _check_balance(arrays["test_labels"], 1000, "test")
+    return arrays
+
+
+def _check_balance(labels: np.ndarray, per_class: int, name: str) -> None:
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(f"{name} labels outside 0-{NUM_CLASSES - 1}")
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    if not np.all(counts == per_class):
+        raise DataError(f"{name} labels: per-class counts {counts.tolist()}, expected {per_class} each")
+
+
+# ----------------------------------------------------------------------------------------- splitting
+
+def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Split indices of `y` into len(fractions) disjoint parts with the same class mix in each.
+
+    Per class, part sizes are rounded down and the remainder goes to the last part, so a balanced
+    dataset splits exactly (e.g. 70,000 -> 56,000 / 7,000 / 7,000 for 0.8 / 0.1 / 0.1).
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        sizes = [int(len(idx) * f) for f in fractions[:-1]]
+        for i, chunk in enumerate(np.split(idx, np.cumsum(sizes))):
+            parts[i].append(chunk)
+    return [rng.permutation(np.concatenate(p)) for p in parts]
+
+
+def stratified_indices(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` indices of `y`, as close to class-balanced in proportion as rounding allows, seeded."""
+    if n >= len(y):
+        return np.arange(len(y))
+    return stratified_split(y, (n / len(y), 1 - n / len(y)), seed)[0]
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, 28, 28) -> flattened float32 (N, 784) in [0, 1] (Q1 normalisation, Q2a)."""
+    return images.reshape(len(images), INPUT_DIM).astype(np.float32) / np.float32(255.0)
+
+
+def to_images(X: np.ndarray) -> np.ndarray:
+    """Flattened (N, 784) -> (N, 1, 28, 28) for the CNN; a view, no copy."""
+    return X.reshape(len(X), 1, IMAGE_SIDE, IMAGE_SIDE)
+
+
+def standardization_stats(X_train: np.ndarray) -> tuple[float, float]:
+    """Global pixel mean and std of the training split (never val or test, so nothing leaks)."""
+    return float(X_train.mean(dtype=np.float64)), float(X_train.std(dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Splits:
+    X_train: np.ndarray  # (N, 784) float32 in [0, 1]
+    y_train: np.ndarray  # (N,) int64
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+    def subset(self, n_train: int | None, n_eval: int | None = None, seed: int = 0) -> "Splits":
+        """Stratified, seeded subsets: `n_train` training images, `n_eval` each of val and test."""
+        def take(X, y, n):
+            if n is None:
+                return X, y
+            idx = np.sort(stratified_indices(y, n, seed))
+            return X[idx], y[idx]
+        return Splits(*take(self.X_train, self.y_train, n_train),
+                      *take(self.X_val, self.y_val, n_eval),
+                      *take(self.X_test, self.y_test, n_eval))
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+
+SPLITS = ("official", "pooled")
+
+
+def load_splits(data_dir=None, split: str = "official", seed: int = 0, val_size: int = 6000,
+                download: bool = True) -> Splits:
+    """Scaled, flattened, disjoint splits; the same for the same seed.
+
+    split="official": the official 10,000 test images are the test set (results compare with published
+    ones) and a stratified `val_size` validation set is carved from the 60,000 training images.
+    split="pooled": an exact stratified 80/10/10 split of all 70,000 images.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raw = load_raw(data_dir, download)
+    if split == "official":
+        X, y = scale(raw["train_images"]), raw["train_labels"]
+        train_idx, val_idx = stratified_split(y, (1 - val_size / len(y), val_size / len(y)), seed)
+        return Splits(X[train_idx], y[train_idx], X[val_idx], y[val_idx],
+                      scale(raw["test_images"]), raw["test_labels"])
+    X = np.concatenate([scale(raw["train_images"]), scale(raw["test_images"])])
+    y = np.concatenate([raw["train_labels"], raw["test_labels"]])
+    train_idx, val_idx, test_idx = stratified_split(y, (0.8, 0.1, 0.1), seed)
+    return Splits(X[train_idx], y[train_idx], X[val_idx], y[val_idx], X[test_idx], y[test_idx])
+
+
+def synthetic_splits(n_train: int = 600, n_eval: int = 200, seed: int = 0) -> Splits:
+    """Learnable fake data for tests: each class is a fixed random template plus noise, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((NUM_CLASSES, INPUT_DIM), dtype=np.float32)
+
+    def make(n):
+        y = np.arange(n) % NUM_CLASSES
+        rng.shuffle(y)
+        noise = rng.normal(0, 0.3, (n, INPUT_DIM)).astype(np.float32)
+        return np.clip(templates[y] + noise, 0, 1), y.astype(np.int64)
+    return Splits(*make(n_train), *make(n_eval), *make(n_eval))
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+def summary(splits: Splits, folder: Path) -> str:
+    lines = [f"Fashion-MNIST from {folder} (checksums verified)",
+             f"{'split':<6} {'images':>7}  per class" + "  pixel mean  pixel std"]
+    for name in ("train", "val", "test"):
+        X, y = getattr(splits, f"X_{name}"), getattr(splits, f"y_{name}")
+        counts = " ".join(f"{c:>4}" for c in np.bincount(y, minlength=NUM_CLASSES))
+        lines.append(f"{name:<6} {len(y):>7}  {counts}  {X.mean():10.4f} {X.std():10.4f}")
+    lines.append("classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES)))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the four IDX files (default: $FASHION_MNIST_DIR, "
+                             "./data/fashion-mnist, /usr/share/datasets/fashion-mnist, else download)")
+    parser.add_argument("--split", choices=SPLITS, default="official",
+                        help="official: 54k/6k/official 10k test; pooled: 80/10/10 of all 70k "
+                             "(default: official)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
+    parser.add_argument("--no-download", action="store_true", help="never download; fail if not found")
+    args = parser.parse_args(argv)
+    try:
+        folder = find_data_dir(args.data_dir, download=not args.no_download)
+        splits = load_splits(folder, args.split, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(splits, folder))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
