@@ -18,3 +18,19 @@ def real_splits() -> preprocessing.Splits:
 @pytest.fixture(scope="session")
 def synthetic_splits() -> preprocessing.Splits:
     return preprocessing.synthetic_splits()
+
+
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory, real_splits):
+    """The whole `--quick` study, run once per session and shared by the study and report tests:
+    (results dir, run_experiments.Study)."""
+    import run_experiments as rx
+    out = tmp_path_factory.mktemp("quick")
+    study = rx.run_study(rx.Options(results_dir=out, quick=True, seeds=rx.QUICK_SEEDS, report=False),
+                         splits=real_splits)
+    return out, study
+
+
+@pytest.fixture(scope="session")
+def quick_results(quick_study) -> Path:
+    return quick_study[0]

@@ -1,0 +1,1 @@
+"""Report builder: `python -m report.build` turns results/ into report/report.pdf."""
