@@ -19,16 +19,18 @@ choose. The incumbent's level reappears in the next stage with the same key, so 
     MLP: mlp_activation -> mlp_depth -> mlp_width -> mlp_dropout -> mlp_optimizer -> mlp_lr -> mlp_final
     CNN: cnn_pool -> cnn_kernel -> cnn_filters -> cnn_init -> cnn_head_mode -> cnn_head -> cnn_final
 
-The grid uses a reduced budget (FULL_PLAN: MLP 10k training images x 5 epochs from a 256-256 start;
-CNN 4k images x 2 epochs, 2k val/test images, narrow 8..32 filters, no BatchNorm or augmentation);
+The grid uses a reduced budget (FULL_PLAN: MLP 20k training images x 10 epochs from a 256-256 start;
+CNN 20k images x 4 epochs, 3k val/test images, narrow 8..32 filters, no BatchNorm or augmentation);
 `summary.json` study.grid_budget says so, and the `subset` / `epochs` columns of the CSVs show it per
-run. The final stage trains the chosen configuration on all 54k training images with the module
-default's training recipe (schedule, BatchNorm, augmentation, ...), seed 0, with its epochs cut by the
-cost model to fit a time limit (MLP 180 s, CNN 720 s) and the CNN's chosen filter shape scaled to 16
-first-layer filters; for the MLP the module's default configuration is trained the same way beside it
-when it differs, and the better of the two by validation accuracy becomes the final model. Each track
-starts from its module's default configuration (mlp_scratch.MLPConfig, cnn_torch.CNNConfig) with the
-grid settings applied. The plan and its expected time are printed at start.
+run. Each track starts from a fixed point (MLP_GRID_START, CNN_GRID_START) that pins every factor the
+grid settles, so the grid does not depend on the modules' defaults there. The final stage trains the
+chosen factors on all 54k training images, seed 0, with the module default's training recipe (epochs,
+schedule, batch size; for the CNN also BatchNorm, augmentation and precision); the CNN's chosen filter
+shape is scaled to the widest first layer whose multiply-adds do not exceed the default architecture's,
+so the final gets the same compute whichever shape or kernel won. For the MLP the module's default
+configuration is trained beside the study's choice when they differ, and the better on validation is
+the final model (summary.json says which, and whether it matches the module's default). The plan and its expected time are
+printed at start.
 
 Outputs under --results-dir (default results/):
     runs/<key>.json         one per finished run: config, budget, metrics, history, layer statistics
@@ -108,12 +110,10 @@ class Plan:
     cnn_grid_overrides: dict = field(default_factory=dict)
     mlp_final_overrides: dict = field(default_factory=dict)
     cnn_final_overrides: dict = field(default_factory=dict)
-    # Time limit of one final run (estimated seconds): its epochs are cut to fit (never raised).
-    mlp_final_seconds: float = 180.0
-    cnn_final_seconds: float = 720.0
-    # First-layer filter count of the final CNN (the chosen shape is scaled to it); None = the module
-    # default's. On this CPU the default's 32..128 filters fit one epoch in the time limit; 16 fit three.
-    cnn_final_first_filters: int | None = 16
+    # Widest first layer of the final CNN (None = the module default's). The chosen filter shape is
+    # scaled to the widest first layer up to this whose multiply-adds do not exceed the default's, so the
+    # final gets the default recipe's compute whichever shape, kernel and pooling won the grid.
+    cnn_final_first_filters: int | None = None
     quick: bool = False
     max_levels: int | None = None   # quick: the first levels of each stage only (plus the incumbent)
 
@@ -121,14 +121,22 @@ class Plan:
 # The CNN grid trains the plain architecture of the assignment (conv + ReLU, no BatchNorm), so that the
 # init and pooling comparisons show their raw effect; BatchNorm and augmentation belong to the final
 # model's training recipe (CNNConfig's defaults). Narrow filters keep the grid inside the CPU budget.
+# The grid's starting point pins every factor the grid settles (MLP_STUDY_FIELDS, CNN_STUDY_FIELDS), so
+# the grid does not depend on the modules' defaults there: those defaults are set to the study's choice
+# afterwards, and the same code then reproduces the same runs.
+MLP_GRID_START = {"hidden": [256, 256], "activation": "relu", "dropout": 0.2, "optimizer": "adamw",
+                  "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-2}
+CNN_GRID_START = {"pool": "max", "kernel_size": 3, "filters": "8,8,16,16,32", "base_filters": 8,
+                  "init": "he", "head_mode": "joint", "head_hidden": [256], "head_activation": "relu",
+                  "head_dropout": 0.3}
+
 FULL_PLAN = Plan(
-    mlp_grid=Budget(subset=10000, n_eval=None, epochs=5),
-    cnn_grid=Budget(subset=4000, n_eval=2000, epochs=2),
+    mlp_grid=Budget(subset=20000, n_eval=None, epochs=10),
+    cnn_grid=Budget(subset=20000, n_eval=3000, epochs=4),
     mlp_final=Budget(subset=None, n_eval=None, epochs=None),
     cnn_final=Budget(subset=None, n_eval=None, epochs=None),
-    mlp_grid_overrides={"patience": 0, "hidden": [256, 256]},
-    cnn_grid_overrides={"patience": 0, "filters": "8,8,16,16,32", "base_filters": 8, "batchnorm": False,
-                        "augment": False},
+    mlp_grid_overrides={**MLP_GRID_START, "patience": 0},
+    cnn_grid_overrides={**CNN_GRID_START, "patience": 0, "batchnorm": False, "augment": False},
 )
 
 QUICK_PLAN = Plan(
@@ -136,9 +144,9 @@ QUICK_PLAN = Plan(
     cnn_grid=Budget(subset=400, n_eval=300, epochs=1),
     mlp_final=Budget(subset=3000, n_eval=1000, epochs=2),
     cnn_final=Budget(subset=1000, n_eval=1000, epochs=1),
-    mlp_grid_overrides={"patience": 0, "hidden": [64, 64]},
-    cnn_grid_overrides={"patience": 0, "filters": "4,4,8,8,16", "base_filters": 4, "batchnorm": False,
-                        "augment": False, "head_epochs": 2},
+    mlp_grid_overrides={**MLP_GRID_START, "patience": 0, "hidden": [64, 64]},
+    cnn_grid_overrides={**CNN_GRID_START, "patience": 0, "filters": "4,4,8,8,16", "base_filters": 4,
+                        "batchnorm": False, "augment": False, "head_epochs": 2},
     mlp_final_overrides={"patience": 0, "hidden": [128, 128]},
     cnn_final_overrides={"patience": 0, "augment": False, "head_epochs": 2},
     cnn_final_first_filters=8,
@@ -493,10 +501,10 @@ def _data_for(splits: Splits, budget: Budget, seed: int) -> Splits:
 # idle machine runs take up to half as long. A run costs RUN_OVERHEAD_S + image-passes x
 # (2 x MACs / FLOPS + PER_IMAGE_S), where a training image counts three passes (forward, two backward
 # products) and an evaluated image one; PER_IMAGE_S is the framework overhead (Python per batch, the
-# numpy head, augmentation). The estimates weight the progress bar and cap the final runs' epochs.
-MLP_FLOPS = 21e9
-CNN_FLOPS = 22e9
-PER_IMAGE_S = {"mlp": 18e-6, "cnn": 6e-4}
+# numpy head, augmentation). The estimates only weight the progress bar and the printed plan.
+MLP_FLOPS = 80e9  # numpy float32 on an idle 2-core machine (the 512-unit final: 28 s for 20 epochs)
+CNN_FLOPS = 3.2e11  # bf16, channels-last: bench_cnn.py, 48..192 filters at 53 s and 32x5 at 15 s an epoch
+PER_IMAGE_S = {"mlp": 18e-6, "cnn": 3e-5}
 RUN_OVERHEAD_S = {"mlp": 1.0, "cnn": 3.0}
 
 
@@ -589,13 +597,15 @@ def _scale_filters(chosen: dict, first: int) -> str:
     return ",".join(str(max(1, round(first * c / shape[0]))) for c in shape)
 
 
-def _fit_epochs(spec: RunSpec, limit_s: float) -> RunSpec:
-    """The same run with as many of its epochs as fit in limit_s by the cost model (at least one)."""
-    epochs = spec.config["epochs"]
-    while epochs > 1 and estimate_seconds(spec) > limit_s:
-        epochs -= 1
-        spec = dataclasses.replace(spec, config={**spec.config, "epochs": epochs})
-    return spec
+def _final_filters(chosen: dict, default: dict, widest_first: int) -> str:
+    """The chosen filter shape at the widest first layer (<= widest_first) whose multiply-adds, with the
+    chosen kernel, pooling and head, do not exceed those of the default at that width."""
+    limit = cnn_macs({**default, "filters": _scale_filters(default, widest_first)})
+    for first in range(widest_first, 1, -1):
+        filters = _scale_filters(chosen, first)
+        if cnn_macs({**chosen, "filters": filters}) <= limit:
+            return filters
+    return _scale_filters(chosen, 1)
 
 
 def _incumbent_variant(levels: list[Level], cfg: dict) -> str:
@@ -670,23 +680,25 @@ class Study:
         return specs, levels
 
     def final_specs(self, model: str, chosen: dict) -> list[RunSpec]:
-        """The chosen configuration at full budget, and the module's default beside it (MLP) if different."""
+        """The chosen factors with the module default's training recipe (epochs, schedule, BatchNorm,
+        augmentation, ...), at full budget. The CNN's filter shape is scaled to the default's compute.
+
+        A short grid favours what learns fastest, so for the MLP (cheap to train) the module's default
+        configuration is trained beside the study's choice when they differ, and the better of the two
+        on validation becomes the final model. The CNN's final is too costly on a CPU to train twice."""
         fields_ = MLP_STUDY_FIELDS if model == "mlp" else CNN_STUDY_FIELDS
         default = default_config(model)
         over = self.plan.mlp_final_overrides if model == "mlp" else self.plan.cnn_final_overrides
         budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
         changes = {k: chosen[k] for k in fields_}
-        if model == "cnn":  # the grid's narrow filters, scaled back to the default's first-layer width
-            changes["filters"] = _scale_filters(chosen, self.plan.cnn_final_first_filters
-                                                or _resolve_filters(default)[0])
-        default_cfg = _apply(default, over)
+        if model == "cnn":
+            widest = self.plan.cnn_final_first_filters or _resolve_filters(default)[0]
+            changes["filters"] = _final_filters(_apply(default, changes), default, widest)
         study_cfg = _apply(_apply(default, changes), over)
-        limit = self.plan.mlp_final_seconds if model == "mlp" else self.plan.cnn_final_seconds
-        specs = [_fit_epochs(make_spec(model, f"{model}_final", "study choice", 0, study_cfg, budget, final=True),
-                             limit)]
+        specs = [make_spec(model, f"{model}_final", "study choice", 0, study_cfg, budget, final=True)]
+        default_cfg = _apply(default, over)
         if model == "mlp" and any(study_cfg[k] != default_cfg[k] for k in fields_):
-            specs.append(_fit_epochs(make_spec(model, f"{model}_final", "module default", 0, default_cfg, budget,
-                                               final=True), limit))
+            specs.append(make_spec(model, f"{model}_final", "module default", 0, default_cfg, budget, final=True))
         return specs
 
     def expected_plan(self) -> list[tuple[str, int, float]]:
@@ -944,10 +956,12 @@ def grid_budget_text(plan: Plan) -> dict:
             "cnn": b(plan.cnn_grid, plan.cnn_grid_overrides),
             "design": "one factor at a time, sequentially: each stage's winner (best mean validation "
                       "accuracy over seeds) is kept for the next stage; not a full product of factors",
-            "final": "the chosen factors with the module default's training recipe, all 54k training "
-                     f"images, seed 0; epochs cut to fit {plan.mlp_final_seconds:.0f} s (MLP) and "
-                     f"{plan.cnn_final_seconds:.0f} s (CNN) by the cost model; the CNN's chosen filter shape "
-                     f"scaled to {plan.cnn_final_first_filters or 'the default'} first-layer filters"
+            "final": "the chosen factors with the module default's training recipe (its epochs, schedule, "
+                     "batch size and, for the CNN, BatchNorm and augmentation), all 54k training images, "
+                     "seed 0; for the MLP also the module's default configuration, the better on validation "
+                     "kept; the CNN's chosen filter shape scaled to the widest first layer (at most "
+                     f"{plan.cnn_final_first_filters or 'the default'}'s) whose multiply-adds do not exceed the "
+                     "default architecture's"
                      + (" (quick: small subset)" if plan.quick else "")}
 
 

@@ -1,0 +1,285 @@
+"""cnn_torch.py: architecture, initialisation, the torch <-> numpy gradient bridge, training, checkpoints, CLI."""
+import copy
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cnn_torch
+import mlp_scratch
+import preprocessing
+from cnn_torch import CNNBackbone, CNNConfig
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test models are tiny: one thread beats two (no sync) and keeps a shared machine responsive."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+FILTER_CASES = [("constant", 4, [4] * 5), ("double", 2, [2, 4, 8, 16, 32]), ("6,4,8,8,12", 99, [6, 4, 8, 8, 12])]
+
+
+def tiny_config(**kw) -> CNNConfig:
+    """A configuration small enough for a test to train in seconds."""
+    base = dict(filters="constant", base_filters=8, head_hidden=[32], head_dropout=0.0, epochs=1,
+                batch_size=32, augment=False, device="cpu", lr=3e-3, head_lr=3e-3, precision="fp32")
+    base.update(kw)
+    return CNNConfig(**base)
+
+
+def small_splits(n_train: int, n_eval: int, seed: int = 0) -> preprocessing.Splits:
+    return preprocessing.synthetic_splits(n_train=n_train, n_eval=n_eval, seed=seed)
+
+
+# --- architecture --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pool,kernel,filters", list(itertools.product(
+    cnn_torch.POOLS, cnn_torch.KERNELS, FILTER_CASES)))
+def test_feature_shape_every_combination(pool, kernel, filters):
+    schedule, base, channels = filters
+    net = CNNBackbone(schedule, kernel_size=kernel, pool=pool, base_filters=base)
+    assert net.channels == channels
+    expected_dim = channels[-1] * (1 if pool == "gap" else 3 * 3)  # 28 -> 14 -> 7 -> 3 (or global)
+    assert net.feature_dim == expected_dim
+    out = net(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, expected_dim)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("pool", cnn_torch.POOLS)
+def test_five_convs_each_followed_by_relu(batchnorm, pool):
+    net = CNNBackbone("constant", pool=pool, batchnorm=batchnorm, base_filters=4)
+    all_convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(all_convs) == 5
+    mods = list(net.layers)
+    conv_at = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+    assert len(conv_at) == 5
+    for i in conv_at:
+        conv, nxt = mods[i], mods[i + 1]
+        assert conv.padding == (conv.kernel_size[0] // 2,) * 2  # 'same'
+        if batchnorm:
+            assert isinstance(nxt, nn.BatchNorm2d)
+            nxt = mods[i + 2]
+        assert isinstance(nxt, nn.ReLU)
+    pools = [m for m in mods if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))]
+    assert len(pools) == 3
+    if pool == "avg":
+        assert all(isinstance(p, nn.AvgPool2d) for p in pools)
+    else:
+        assert all(isinstance(p, nn.MaxPool2d) for p in pools[:2])
+        assert isinstance(pools[2], nn.AdaptiveAvgPool2d if pool == "gap" else nn.MaxPool2d)
+
+
+def test_pool_variants_share_the_convolutions():
+    """Same convolution shapes and compute in all three variants: only the pooling differs."""
+    nets = {p: CNNBackbone("32,32,64,64,128", pool=p) for p in cnn_torch.POOLS}
+    shapes = {p: [tuple(m.weight.shape) for m in n.modules() if isinstance(m, nn.Conv2d)] for p, n in nets.items()}
+    assert shapes["max"] == shapes["avg"] == shapes["gap"]
+    assert len({n.conv_macs() for n in nets.values()}) == 1
+    table = cnn_torch.describe()
+    assert all(f"| {p} |" in table for p in cnn_torch.POOLS)
+
+
+@pytest.mark.parametrize("spec", ["", "1,2,3", "a,b,c,d,e", "0,8,8,8,8", "tripple"])
+def test_bad_filter_specs_raise(spec):
+    with pytest.raises(ValueError):
+        cnn_torch.parse_filters(spec, 8)
+
+
+# --- initialisation ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", cnn_torch.INITS)
+def test_init_std_matches_formula(init):
+    torch.manual_seed(0)
+    k = 5
+    net = CNNBackbone("constant", kernel_size=k, init=init, base_filters=48)
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        fan_in = conv.in_channels * k * k
+        fan_out = conv.out_channels * k * k
+        expected = {"random": 0.01, "xavier": math.sqrt(2.0 / (fan_in + fan_out)),
+                    "he": math.sqrt(2.0 / fan_in)}[init]
+        std = conv.weight.std().item()
+        assert abs(std - expected) <= 0.10 * expected, (init, conv, std, expected)
+        assert abs(conv.weight.mean().item()) < 0.1 * expected
+        assert torch.count_nonzero(conv.bias) == 0
+
+
+def test_init_statistics_rows():
+    s = small_splits(64, 10)
+    rows = cnn_torch.init_statistics(tiny_config(init="random", batchnorm=False),
+                                     preprocessing.to_images(s.X_train), s.y_train)
+    assert [r["layer"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert set(r) == {"layer", "act_mean", "act_std", "dead_frac", "grad_norm"}
+        assert all(math.isfinite(v) for v in r.values())
+    # N(0, 0.01^2) without BatchNorm shrinks the signal layer after layer: the point of the init study.
+    assert rows[-1]["act_std"] < 1e-2 * rows[0]["act_std"]
+
+
+# --- the gradient bridge -------------------------------------------------------------------------------
+def torch_twin_of(head: mlp_scratch.MLP) -> nn.Sequential:
+    """The same MLP in torch with copied weights (numpy W is (fan_in, fan_out), torch's is transposed)."""
+    layers = []
+    n = len(head.hidden) + 1
+    for i in range(1, n + 1):
+        W, b = head.params[f"W{i}"], head.params[f"b{i}"]
+        lin = nn.Linear(*W.shape)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b.copy()))
+        layers.append(lin)
+        if i < n:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("batchnorm,pool", [(False, "max"), (True, "gap"), (True, "avg")])
+def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool):
+    torch.manual_seed(0)
+    backbone = CNNBackbone("6,8,8,12,16", pool=pool, batchnorm=batchnorm, input_mean=0.28, input_std=0.35)
+    head = mlp_scratch.MLP(backbone.feature_dim, [24], 10, activation="relu", dropout=0.0, seed=1)
+    rng = np.random.default_rng(0)
+    for k in head.params:  # non-zero biases: zeros would hide a missing term
+        if k.startswith("b"):
+            head.params[k][...] = rng.normal(0, 0.1, head.params[k].shape)
+    twin_backbone = copy.deepcopy(backbone)
+    twin_head = torch_twin_of(head)
+    x = torch.rand(16, 1, 28, 28)
+    y = rng.integers(0, 10, 16)
+
+    cfg = tiny_config()
+    opt = cnn_torch.make_torch_optimizer(cfg, list(backbone.named_parameters()), 1e-3)
+    head_opt = mlp_scratch.make_optimizer("adamw", 1e-3)
+    backbone.train()
+    loss, logits = cnn_torch.joint_step(backbone, head, x, y, opt, head_opt)
+
+    twin_backbone.train()
+    twin_logits = twin_head(twin_backbone(x))
+    twin_loss = F.cross_entropy(twin_logits, torch.from_numpy(y))
+    twin_loss.backward()
+
+    assert loss == pytest.approx(twin_loss.item(), rel=1e-5)
+    np.testing.assert_allclose(logits, twin_logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    for (name, p), (_, q) in zip(backbone.named_parameters(), twin_backbone.named_parameters()):
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # The head's hand-written grads (taken before its step) equal torch's too.
+    np.testing.assert_allclose(head.grads["W1"], twin_head[0].weight.grad.numpy().T, rtol=1e-4, atol=1e-6)
+    # ... and both optimizers stepped.
+    assert not torch.equal(next(backbone.parameters()), next(twin_backbone.parameters()))
+
+
+# --- augmentation --------------------------------------------------------------------------------------
+def test_augment_batch_is_a_shifted_or_flipped_copy():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+    same = cnn_torch.augment_batch(x, gen, pad=0)
+    for a, b in zip(same, x):  # with no padding only the flip remains
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+    out = cnn_torch.augment_batch(x, gen, pad=2)
+    assert out.shape == x.shape
+    # A 24x24 centre patch survives any shift of <= 2 pixels, possibly flipped.
+    img = torch.zeros(1, 1, 28, 28)
+    img[..., 6:22, 10:18] = 1.0
+    aug = cnn_torch.augment_batch(img.repeat(200, 1, 1, 1), gen, pad=2)
+    assert torch.allclose(aug.sum(dim=(1, 2, 3)), img.sum().expand(200))
+    assert len({tuple(a.nonzero()[0].tolist()) for a in aug}) > 5  # the shifts differ between images
+
+
+# --- training ------------------------------------------------------------------------------------------
+def test_overfits_a_few_batches(real_splits):
+    s = real_splits.subset(96, 10)
+    few = preprocessing.Splits(s.X_train, s.y_train, s.X_train, s.y_train, s.X_test, s.y_test)
+    cfg = tiny_config(epochs=25, batch_size=32, lr=5e-3, head_lr=5e-3, batchnorm=True)
+    result = cnn_torch.train(cfg, few)
+    acc = cnn_torch.evaluate_classifier(result.classifier, preprocessing.to_images(s.X_train), s.y_train)["acc"]
+    assert acc >= 0.98
+    assert not result.diverged
+    assert result.history[-1]["train_loss"] < 0.5 * result.history[0]["train_loss"]
+
+
+def test_training_is_deterministic_and_reports_history():
+    s = small_splits(128, 40)
+    cfg = tiny_config(augment=True, head_dropout=0.2, epochs=2)
+    a, b = cnn_torch.train(cfg, s), cnn_torch.train(cfg, s)
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    keys = {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    assert keys <= set(a.history[0])
+    assert a.epochs_run == 2 and 1 <= a.best_epoch <= 2 and a.device == "cpu"
+    assert a.n_params == a.classifier.backbone.n_params + a.classifier.head.n_params
+
+
+def test_bf16_training_runs():
+    s = small_splits(64, 20)
+    result = cnn_torch.train(tiny_config(precision="bf16"), s)
+    assert np.isfinite(result.history[0]["train_loss"]) and result.classifier.predict(
+        preprocessing.to_images(s.X_val)).shape == (20,)
+
+
+def test_divergence_is_reported_not_raised():
+    s = small_splits(64, 20)
+    result = cnn_torch.train(tiny_config(lr=1e6, head_lr=1e6, optimizer="sgd", epochs=3), s)
+    assert result.diverged
+    assert np.isfinite(result.classifier.predict_proba(preprocessing.to_images(s.X_val[:5]))).all()
+
+
+def test_frozen_head_mode():
+    s = small_splits(128, 40)
+    result = cnn_torch.train(tiny_config(head_mode="frozen", head_epochs=2), s)
+    phases = [r["phase"] for r in result.history]
+    assert phases == ["backbone", "head", "head"]
+    assert isinstance(result.classifier.head, mlp_scratch.MLP)
+    feats = cnn_torch.extract_features(result.classifier.backbone, preprocessing.to_images(s.X_val))
+    assert feats.shape == (40, result.classifier.backbone.feature_dim) and feats.dtype == np.float32
+
+
+# --- checkpoints and the command line ------------------------------------------------------------------
+def test_checkpoint_round_trip(tmp_path):
+    s = small_splits(96, 40)
+    clf = cnn_torch.train(tiny_config(pool="gap", batchnorm=True), s).classifier
+    clf.save(tmp_path / "ck")
+    assert {p.name for p in (tmp_path / "ck").iterdir()} == {"backbone.pt", "head.npz", "config.json"}
+    loaded = cnn_torch.load_classifier(tmp_path / "ck")
+    images = preprocessing.to_images(s.X_test)
+    np.testing.assert_array_equal(loaded.predict(images), clf.predict(images))
+    np.testing.assert_array_equal(loaded.predict_proba(images), clf.predict_proba(images))
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["config"]["pool"] == "gap"
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["--pool", "median"], "--pool"),
+    (["--kernel-size", "4"], "--kernel-size"),
+    (["--filters", "8,8"], "filters"),
+    (["--head-dropout", "1.5"], "head_dropout"),
+    (["--epochs", "0"], "epochs"),
+    (["--lr", "-1"], "lr"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+])
+def test_bad_flags_exit_with_a_message(argv, word, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cnn_torch.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert word in err[-1] and err[-1].startswith("usage") is False
+
+
+def test_describe_flag(capsys):
+    assert cnn_torch.main(["--describe"]) == 0
+    assert "feature_dim" in capsys.readouterr().out
+
+
+def test_single_threaded_blas_restores_the_thread_count():
+    libs = cnn_torch._openblas_libs()
+    getters = [cnn_torch._openblas_fn(lib, "get_num_threads") for lib in libs]
+    getters = [g for g in getters if g is not None]
+    before = [g() for g in getters]
+    with cnn_torch.single_threaded_blas():
+        assert all(g() == 1 for g in getters)
+    assert [g() for g in getters] == before
