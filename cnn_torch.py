@@ -42,12 +42,16 @@ gradients) and the scratch MLP is trained on them with mlp_scratch.train.
 Input standardisation (global mean/std of the training pixels) happens inside the backbone and is saved
 with it, so a saved classifier takes images scaled to [0, 1].
 
-Chosen configuration (CNNConfig's defaults, picked on validation accuracy): filters 48,48,96,96,192, 3x3,
-max pooling, He init, BatchNorm on (the 5 conv + BN networks train far faster at a high one-cycle rate),
-joint training through a [256]-ReLU scratch head (dropout 0.3), AdamW (backbone 3e-3, head 1e-3 peak),
-one-cycle, 15 epochs, batch 128, crop+flip augmentation, bfloat16 autocast and channels-last (each measured
-faster on this CPU by benchmarks/bench_cnn.py). Measured on the 2-core CPU: val 94.60%, test 93.95%, 14m16s
-(`time python cnn_torch.py`); 32,32,64,64,128 with the same settings: val 94.22%, test 93.36%.
+Chosen configuration (CNNConfig's defaults): the architecture and head are the study's choice on
+validation (run_experiments.py): doubling filters scaled to 11,22,44,88,176, 5x5 kernels, max pooling,
+Xavier init, a frozen [256]-GELU scratch head (dropout 0.3). The training recipe was tuned by hand on
+validation: BatchNorm on (the 5 conv + BN networks train far faster at a high one-cycle rate), AdamW
+(backbone 3e-3, head 1e-3 peak), one-cycle, 15 epochs, batch 128, crop+flip augmentation, bfloat16
+autocast and channels-last (each measured faster on this CPU by benchmarks/bench_cnn.py). The study's
+final run of it (results/summary.json): val 94.55%, test 93.66%, 16.2 minutes on the 2-core CPU. The
+hand-tuned 48,48,96,96,192 / 3x3 / He / joint [256]-ReLU variant reached val 94.60%, test 93.95% in 14m16s
+(`python cnn_torch.py --filters 48,48,96,96,192 --kernel-size 3 --init he --head-mode joint
+--head-activation relu`).
 """
 from __future__ import annotations
 
@@ -256,16 +260,22 @@ class CNNBackbone(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class CNNConfig:
-    """Every field is a command-line flag; the defaults are the chosen configuration (see README)."""
-    filters: str = "48,48,96,96,192"  # "constant" | "double" | five counts; beat 32,32,64,64,128 on val
+    """Every field is a command-line flag; the defaults are the chosen configuration (see README).
+
+    The architecture and head fields are the study's choice (run_experiments.py, on validation): its
+    grid picked doubling filters, kernel 5, max pooling, Xavier init and a frozen [256]-GELU head, and
+    its final stage scaled the doubling shape to the compute of 48,48,96,96,192 at kernel 3. The training
+    recipe below it (BatchNorm, AdamW, one-cycle, 15 epochs, augmentation, bf16) was tuned by hand on
+    validation to fit about 15 minutes on a 2-core CPU."""
+    filters: str = "11,22,44,88,176"  # "constant" | "double" | five counts
     base_filters: int = 32            # first-layer count for "constant" / "double"
-    kernel_size: int = 3              # 3 | 5 | 7, 'same' padding
+    kernel_size: int = 5              # 3 | 5 | 7, 'same' padding
     pool: str = "max"                 # "max" | "avg" | "gap" (see the module docstring for the placement)
-    init: str = "he"                  # "random" N(0, 0.01^2) | "xavier" | "he"
-    batchnorm: bool = True            # BN between each conv and its ReLU; better on validation (README)
-    head_mode: str = "joint"          # "joint": trained through the scratch MLP | "frozen": MLP on fixed features
+    init: str = "xavier"              # "random" N(0, 0.01^2) | "xavier" | "he"
+    batchnorm: bool = True            # BN between each conv and its ReLU: trains far faster at a high rate
+    head_mode: str = "frozen"         # "joint": trained through the scratch MLP | "frozen": MLP on fixed features
     head_hidden: list[int] = field(default_factory=lambda: [256])  # scratch MLP hidden widths
-    head_activation: str = "relu"     # any activation mlp_scratch knows
+    head_activation: str = "gelu"     # any activation mlp_scratch knows
     head_dropout: float = 0.3         # drop probability after each hidden layer of the head
     head_epochs: int = 20             # frozen mode only: epochs of mlp_scratch.train on the features
     optimizer: str = "adamw"          # "adamw" | "adam" | "sgd" (momentum 0.9); the head uses the same kind

@@ -26,7 +26,7 @@ run. Each track starts from a fixed point (MLP_GRID_START, CNN_GRID_START) that 
 grid settles, so the grid does not depend on the modules' defaults there. The final stage trains the
 chosen factors on all 54k training images, seed 0, with the module default's training recipe (epochs,
 schedule, batch size; for the CNN also BatchNorm, augmentation and precision); the CNN's chosen filter
-shape is scaled to the widest first layer whose multiply-adds do not exceed the default architecture's,
+shape is scaled to the widest first layer whose multiply-adds do not exceed CNN_FINAL_REFERENCE's,
 so the final gets the same compute whichever shape or kernel won. For the MLP the module's default
 configuration is trained beside the study's choice when they differ, and the better on validation is
 the final model (summary.json says which, and whether it matches the module's default). The plan and its expected time are
@@ -110,9 +110,9 @@ class Plan:
     cnn_grid_overrides: dict = field(default_factory=dict)
     mlp_final_overrides: dict = field(default_factory=dict)
     cnn_final_overrides: dict = field(default_factory=dict)
-    # Widest first layer of the final CNN (None = the module default's). The chosen filter shape is
-    # scaled to the widest first layer up to this whose multiply-adds do not exceed the default's, so the
-    # final gets the default recipe's compute whichever shape, kernel and pooling won the grid.
+    # Widest first layer of the final CNN (None = CNN_FINAL_REFERENCE's). The chosen filter shape is
+    # scaled to the widest first layer up to this whose multiply-adds do not exceed the reference's, so
+    # the final gets the same compute whichever shape, kernel and pooling won the grid.
     cnn_final_first_filters: int | None = None
     quick: bool = False
     max_levels: int | None = None   # quick: the first levels of each stage only (plus the incumbent)
@@ -129,6 +129,11 @@ MLP_GRID_START = {"hidden": [256, 256], "activation": "relu", "dropout": 0.2, "o
 CNN_GRID_START = {"pool": "max", "kernel_size": 3, "filters": "8,8,16,16,32", "base_filters": 8,
                   "init": "he", "head_mode": "joint", "head_hidden": [256], "head_activation": "relu",
                   "head_dropout": 0.3}
+
+# The architecture whose compute the final CNN may spend: the one whose 15-epoch recipe trains in about
+# 14 minutes here (cnn_torch's tuned configuration). Fixed here, not read from the module's defaults,
+# which are set to the study's choice afterwards.
+CNN_FINAL_REFERENCE = {"filters": "48,48,96,96,192", "kernel_size": 3, "pool": "max", "head_hidden": [256]}
 
 FULL_PLAN = Plan(
     mlp_grid=Budget(subset=20000, n_eval=None, epochs=10),
@@ -496,15 +501,15 @@ def _data_for(splits: Splits, budget: Budget, seed: int) -> Splits:
 
 # ----------------------------------------------------------------------------------------- cost model
 
-# Measured on the 2-core course CPU while other jobs shared it (CPU-seconds of 1-epoch runs of both
-# modules: MLP 256-256 and 1024-1024 on 10k images; CNN 8..32 and 32..128 filters on 2k images); on an
-# idle machine runs take up to half as long. A run costs RUN_OVERHEAD_S + image-passes x
+# Measured on the idle 2-core course CPU: MLP grid runs (256-256, 20k images x 10 epochs) in about 3 s,
+# the 512-unit MLP at 28 s for 20 epochs on 54k; the CNN from benchmarks/bench_cnn.py (bf16, channels
+# last: 48..192 filters 53 s and 32x5 15 s an epoch). A run costs RUN_OVERHEAD_S + image-passes x
 # (2 x MACs / FLOPS + PER_IMAGE_S), where a training image counts three passes (forward, two backward
 # products) and an evaluated image one; PER_IMAGE_S is the framework overhead (Python per batch, the
 # numpy head, augmentation). The estimates only weight the progress bar and the printed plan.
-MLP_FLOPS = 80e9  # numpy float32 on an idle 2-core machine (the 512-unit final: 28 s for 20 epochs)
-CNN_FLOPS = 3.2e11  # bf16, channels-last: bench_cnn.py, 48..192 filters at 53 s and 32x5 at 15 s an epoch
-PER_IMAGE_S = {"mlp": 18e-6, "cnn": 3e-5}
+MLP_FLOPS = 100e9
+CNN_FLOPS = 3.2e11
+PER_IMAGE_S = {"mlp": 1e-6, "cnn": 3e-5}
 RUN_OVERHEAD_S = {"mlp": 1.0, "cnn": 3.0}
 
 
@@ -597,10 +602,10 @@ def _scale_filters(chosen: dict, first: int) -> str:
     return ",".join(str(max(1, round(first * c / shape[0]))) for c in shape)
 
 
-def _final_filters(chosen: dict, default: dict, widest_first: int) -> str:
+def _final_filters(chosen: dict, reference: dict, widest_first: int) -> str:
     """The chosen filter shape at the widest first layer (<= widest_first) whose multiply-adds, with the
-    chosen kernel, pooling and head, do not exceed those of the default at that width."""
-    limit = cnn_macs({**default, "filters": _scale_filters(default, widest_first)})
+    chosen kernel, pooling and head, do not exceed those of the reference at that width."""
+    limit = cnn_macs({**reference, "filters": _scale_filters(reference, widest_first)})
     for first in range(widest_first, 1, -1):
         filters = _scale_filters(chosen, first)
         if cnn_macs({**chosen, "filters": filters}) <= limit:
@@ -692,8 +697,9 @@ class Study:
         budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
         changes = {k: chosen[k] for k in fields_}
         if model == "cnn":
-            widest = self.plan.cnn_final_first_filters or _resolve_filters(default)[0]
-            changes["filters"] = _final_filters(_apply(default, changes), default, widest)
+            reference = _apply(default, CNN_FINAL_REFERENCE)
+            widest = self.plan.cnn_final_first_filters or _resolve_filters(reference)[0]
+            changes["filters"] = _final_filters(_apply(default, changes), reference, widest)
         study_cfg = _apply(_apply(default, changes), over)
         specs = [make_spec(model, f"{model}_final", "study choice", 0, study_cfg, budget, final=True)]
         default_cfg = _apply(default, over)
@@ -960,8 +966,8 @@ def grid_budget_text(plan: Plan) -> dict:
                      "batch size and, for the CNN, BatchNorm and augmentation), all 54k training images, "
                      "seed 0; for the MLP also the module's default configuration, the better on validation "
                      "kept; the CNN's chosen filter shape scaled to the widest first layer (at most "
-                     f"{plan.cnn_final_first_filters or 'the default'}'s) whose multiply-adds do not exceed the "
-                     "default architecture's"
+                     f"{plan.cnn_final_first_filters or 'the reference'}'s) whose multiply-adds do not exceed those of "
+                     f"the reference architecture {CNN_FINAL_REFERENCE}"
                      + (" (quick: small subset)" if plan.quick else "")}
 
 

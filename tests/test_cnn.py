@@ -30,8 +30,10 @@ FILTER_CASES = [("constant", 4, [4] * 5), ("double", 2, [2, 4, 8, 16, 32]), ("6,
 
 def tiny_config(**kw) -> CNNConfig:
     """A configuration small enough for a test to train in seconds."""
-    base = dict(filters="constant", base_filters=8, head_hidden=[32], head_dropout=0.0, epochs=1,
-                batch_size=32, augment=False, device="cpu", lr=3e-3, head_lr=3e-3, precision="fp32")
+    # Every architecture field is pinned, so the tests do not follow CNNConfig's chosen defaults.
+    base = dict(filters="constant", base_filters=8, kernel_size=3, pool="max", init="he", head_mode="joint",
+                head_hidden=[32], head_activation="relu", head_dropout=0.0, epochs=1, batch_size=32,
+                augment=False, device="cpu", lr=3e-3, head_lr=3e-3, precision="fp32")
     base.update(kw)
     return CNNConfig(**base)
 

@@ -192,12 +192,12 @@ def test_run_keys_cover_config_seed_and_budget_but_not_device():
     b = rx.Budget(1000, 500, 2)
     key = rx.run_key("cnn", cfg, 0, b)
     assert rx.run_key("cnn", {**cfg, "device": "cuda"}, 0, b) == key
-    assert rx.run_key("cnn", {**cfg, "kernel_size": 5}, 0, b) != key
+    assert rx.run_key("cnn", {**cfg, "kernel_size": cfg["kernel_size"] + 2}, 0, b) != key
     assert rx.run_key("cnn", cfg, 1, b) != key
     assert rx.run_key("cnn", cfg, 0, rx.Budget(1000, 500, 3)) != key
 
 
 def test_the_full_plan_fits_the_time_budget(real_splits):
-    """The plan's own estimate (idle 2-core CPU) stays under 45 minutes."""
+    """The plan's own estimate (idle 2-core CPU) stays inside the issue's budget of an hour."""
     study = rx.Study(rx.Options(), real_splits, rx.FULL_PLAN, log=lambda *a: None)
-    assert sum(r[2] for r in study.expected_plan()) < 45 * 60
+    assert sum(r[2] for r in study.expected_plan()) < 60 * 60
