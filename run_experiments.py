@@ -997,7 +997,8 @@ def write_summary(results_dir: Path, records: list[dict], plan: Plan, opts: Opti
                         "seconds": r["seconds"], "key": r["key"]}
                        for r in records if r["model"] == model and r.get("final")],
         }
-    grid_secs = sum(r["seconds"] for r in records if r.get("seconds"))
+    # A run shared by two stages appears once per stage in `records`: count each run once.
+    grid_secs = sum({r["key"]: r["seconds"] or 0.0 for r in records}.values())
     summary["study"] = {
         "quick": plan.quick, "seconds": grid_secs, "wall_seconds_last_invocation": wall_seconds,
         "seeds": sorted({r["seed"] for r in records if not r.get("final")}) or list(opts.seeds),

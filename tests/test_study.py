@@ -201,3 +201,11 @@ def test_the_full_plan_fits_the_time_budget(real_splits):
     """The plan's own estimate (idle 2-core CPU) stays inside the issue's budget of an hour."""
     study = rx.Study(rx.Options(), real_splits, rx.FULL_PLAN, log=lambda *a: None)
     assert sum(r[2] for r in study.expected_plan()) < 60 * 60
+
+
+def test_study_seconds_count_each_run_once(quick):
+    """A run shared by two stages is listed under both, but its time is spent once."""
+    out, _ = quick
+    summary = json.loads((out / "summary.json").read_text())
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert summary["study"]["seconds"] == pytest.approx(sum(r["seconds"] for r in runs))
