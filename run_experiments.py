@@ -533,12 +533,7 @@ def cnn_macs(cfg: dict) -> int:
 
 
 def _resolve_filters(cfg: dict) -> list[int]:
-    f, b = cfg["filters"], cfg["base_filters"]
-    if f == "constant":
-        return [b] * 5
-    if f == "double":
-        return [b * 2 ** i for i in range(5)]
-    return [int(x) for x in str(f).split(",")]
+    return _cnn_module().parse_filters(cfg["filters"], cfg["base_filters"])
 
 
 def _per_image_cost(model: str, cfg: dict) -> float:

@@ -32,8 +32,9 @@ TYP_SOURCE = REPORT_DIR / "report.typ"
 BIB_SOURCE = REPORT_DIR / "references.bib"
 GROUP_FILE = REPORT_DIR / "group.toml"
 
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+sys.path.insert(0, str(REPO_DIR))  # the scripts live at the repository root
+from preprocessing import CLASS_NAMES  # noqa: E402
+
 
 # Known comparisons, in report order: (title, factor changed, config field it varies).
 STUDIES = {
