@@ -274,22 +274,30 @@ ACTIVATION_LAYERS = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh, "gelu"
 # --------------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------------
-def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray,
+                          label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
 
-    logits: (N, C); y: (N,) ints in [0, C). Returns (loss, dlogits) with dlogits (N, C) = (softmax - onehot) / N.
-    The row maximum is subtracted first (log-sum-exp), so logits of any size give a finite loss and gradient.
+    logits: (N, C); y: (N,) ints in [0, C). Returns (loss, dlogits) with dlogits (N, C) = (softmax - target) / N,
+    where target is the one-hot label, or with label_smoothing = e the mixture (1 - e) * onehot + e / C
+    (as torch.nn.functional.cross_entropy's label_smoothing). The row maximum is subtracted first
+    (log-sum-exp), so logits of any size give a finite loss and gradient.
     """
-    n = logits.shape[0]
+    n, n_classes = logits.shape
     rows = np.arange(n)
     shifted = logits - logits.max(axis=1, keepdims=True)  # (N, C), every row's max is 0
     exp = np.exp(shifted)
     sum_exp = exp.sum(axis=1, keepdims=True)  # (N, 1), >= 1 so its log is finite
-    loss = float(np.log(sum_exp[:, 0]).mean() - shifted[rows, y].mean())
+    log_sum = np.log(sum_exp[:, 0])           # (N,); log p_k = shifted_k - log_sum
+    nll = log_sum.mean() - shifted[rows, y].mean()
     dlogits = exp / sum_exp
-    dlogits[rows, y] -= 1
+    dlogits[rows, y] -= 1.0 - label_smoothing
+    if label_smoothing:
+        uniform_nll = log_sum.mean() - shifted.mean()  # mean over rows and classes of -log p_k
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform_nll
+        dlogits -= label_smoothing / n_classes
     dlogits /= n
-    return loss, dlogits
+    return float(nll), dlogits
 
 
 # --------------------------------------------------------------------------------------------------

@@ -363,11 +363,14 @@ def make_init_facts(results: dict, f: Facts) -> dict:
 
 
 def make_curve_facts(results: dict, f: Facts) -> dict:
-    """Train-versus-validation gap and best epoch of each final model's first run, from curves.csv."""
+    """Train-versus-validation gap and best epoch of each final model (the chosen final run), from curves.csv."""
     cv = results["curves"]
     out = {}
     for model, study in (("mlp", "mlp_final"), ("cnn", "cnn_final")):
         sub = cv[cv["study"] == study]
+        chosen = results["summary"].get(model, {}).get("key")
+        if chosen is not None and (sub["key"] == chosen).any():
+            sub = sub[sub["key"] == chosen]
         if sub.empty:
             out[model] = None
             continue
@@ -449,7 +452,8 @@ def make_final_facts(results: dict, f: Facts) -> dict:
         # Training hyperparameters in plain words for the "training setup" table.
         out[model]["hp"] = {k: fmt_value(cfg.get(k)) for k in
                             ("optimizer", "lr", "head_lr", "momentum", "weight_decay", "schedule",
-                             "warmup_epochs", "epochs", "batch_size", "patience", "augment", "standardize")
+                             "warmup_epochs", "epochs", "batch_size", "patience", "augment", "erase",
+                             "label_smoothing", "tta", "standardize")
                             if k in cfg}
     diff = s["cnn"]["test_acc"] - s["mlp"]["test_acc"]
     out["cnn_minus_mlp"] = pts(diff)
@@ -650,7 +654,8 @@ def make_facts(results: dict, group: dict | None = None) -> dict:
                  "versions": ", ".join(f"{k} {v}" for k, v in (st.get("versions") or {}).items()),
                  "grid_budget": [[str(k), fmt_value(v)] for k, v in (st.get("grid_budget") or {}).items()]
                  if isinstance(st.get("grid_budget"), dict) else [["grid", str(st.get("grid_budget", ""))]],
-                 "n_runs": str(len(results["mlp_runs"]) + len(results["cnn_runs"]))},
+                 # a run shared by two comparisons (the incumbent level) has a row in each: count it once
+                 "n_runs": str(pd.concat([results["mlp_runs"]["key"], results["cnn_runs"]["key"]]).nunique())},
         "figures": figures,
         "studies": make_study_facts(results, f, figures),
         "init": make_init_facts(results, f),

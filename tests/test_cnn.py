@@ -33,7 +33,8 @@ def tiny_config(**kw) -> CNNConfig:
     # Every architecture field is pinned, so the tests do not follow CNNConfig's chosen defaults.
     base = dict(filters="constant", base_filters=8, kernel_size=3, pool="max", init="he", head_mode="joint",
                 head_hidden=[32], head_activation="relu", head_dropout=0.0, epochs=1, batch_size=32,
-                augment=False, device="cpu", lr=3e-3, head_lr=3e-3, precision="fp32")
+                augment=False, erase=0.0, label_smoothing=0.0, tta=False, device="cpu", lr=3e-3, head_lr=3e-3,
+                precision="fp32", weight_decay=5e-4)
     base.update(kw)
     return CNNConfig(**base)
 
@@ -142,8 +143,8 @@ def torch_twin_of(head: mlp_scratch.MLP) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@pytest.mark.parametrize("batchnorm,pool", [(False, "max"), (True, "gap"), (True, "avg")])
-def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool):
+@pytest.mark.parametrize("batchnorm,pool,smoothing", [(False, "max", 0.0), (True, "gap", 0.0), (True, "avg", 0.1)])
+def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
     torch.manual_seed(0)
     backbone = CNNBackbone("6,8,8,12,16", pool=pool, batchnorm=batchnorm, input_mean=0.28, input_std=0.35)
     head = mlp_scratch.MLP(backbone.feature_dim, [24], 10, activation="relu", dropout=0.0, seed=1)
@@ -160,11 +161,11 @@ def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool):
     opt = cnn_torch.make_torch_optimizer(cfg, list(backbone.named_parameters()), 1e-3)
     head_opt = mlp_scratch.make_optimizer("adamw", 1e-3)
     backbone.train()
-    loss, logits = cnn_torch.joint_step(backbone, head, x, y, opt, head_opt)
+    loss, logits = cnn_torch.joint_step(backbone, head, x, y, opt, head_opt, label_smoothing=smoothing)
 
     twin_backbone.train()
     twin_logits = twin_head(twin_backbone(x))
-    twin_loss = F.cross_entropy(twin_logits, torch.from_numpy(y))
+    twin_loss = F.cross_entropy(twin_logits, torch.from_numpy(y), label_smoothing=smoothing)
     twin_loss.backward()
 
     assert loss == pytest.approx(twin_loss.item(), rel=1e-5)
@@ -193,6 +194,57 @@ def test_augment_batch_is_a_shifted_or_flipped_copy():
     aug = cnn_torch.augment_batch(img.repeat(200, 1, 1, 1), gen, pad=2)
     assert torch.allclose(aug.sum(dim=(1, 2, 3)), img.sum().expand(200))
     assert len({tuple(a.nonzero()[0].tolist()) for a in aug}) > 5  # the shifts differ between images
+
+
+def test_erase_batch_zeroes_one_bounded_rectangle_per_chosen_image():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 1, 28, 28) + 0.5  # no pixel is 0 before erasing
+    out = cnn_torch.erase_batch(x, gen, prob=1.0, min_side=4, max_side=16)
+    for a, b in zip(out, x):
+        erased = (a[0] == 0)
+        rows, cols = erased.any(dim=1).nonzero()[:, 0], erased.any(dim=0).nonzero()[:, 0]
+        h, w = len(rows), len(cols)
+        assert 4 <= h <= 16 and 4 <= w <= 16
+        assert int(erased.sum()) == h * w                                   # one solid rectangle
+        assert rows.max() - rows.min() + 1 == h and cols.max() - cols.min() + 1 == w
+        assert torch.equal(a[0][~erased], b[0][~erased])                  # the rest untouched
+    half = cnn_torch.erase_batch(x, gen, prob=0.5)
+    frac = (half == 0).flatten(1).any(dim=1).float().mean().item()
+    assert 0.4 < frac < 0.6
+    assert torch.equal(cnn_torch.erase_batch(x, gen, prob=0.0), x)
+    again = cnn_torch.erase_batch(x, torch.Generator().manual_seed(0), prob=1.0)
+    assert torch.equal(again, out)  # the generator decides everything
+
+
+def test_mean_softmax_logits_average_the_probabilities():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 3, (5, 10)), rng.normal(0, 3, (5, 10))
+    z = cnn_torch.mean_softmax_logits(a, b)
+    softmax = lambda v: np.exp(v - v.max(1, keepdims=True)) / np.exp(v - v.max(1, keepdims=True)).sum(1, keepdims=True)
+    np.testing.assert_allclose(softmax(z), (softmax(a) + softmax(b)) / 2, rtol=1e-12)
+    huge = cnn_torch.mean_softmax_logits(a * 1e4, b * 1e4)
+    assert np.isfinite(huge).all()
+
+
+def test_tta_prediction_is_mirror_symmetric():
+    s = small_splits(96, 40)
+    clf = cnn_torch.train(tiny_config(), s).classifier
+    images = preprocessing.to_images(s.X_test)
+    mirrored = images[..., ::-1].copy()
+    plain = clf.logits(images)
+    assert not np.allclose(plain, clf.logits(mirrored), atol=1e-4)  # the model itself is not symmetric
+    clf.config.tta = True
+    np.testing.assert_allclose(clf.logits(images), clf.logits(mirrored), rtol=1e-5, atol=1e-5)
+    proba = clf.predict_proba(images)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_training_with_erasing_smoothing_and_tta_runs():
+    s = small_splits(96, 40)
+    for head_mode in ("joint", "frozen"):
+        result = cnn_torch.train(tiny_config(erase=0.5, label_smoothing=0.1, tta=True, head_mode=head_mode,
+                                             head_epochs=1), s)
+        assert not result.diverged and np.isfinite([r["val_loss"] for r in result.history]).all()
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -262,6 +314,8 @@ def test_checkpoint_round_trip(tmp_path):
     (["--head-dropout", "1.5"], "head_dropout"),
     (["--epochs", "0"], "epochs"),
     (["--lr", "-1"], "lr"),
+    (["--erase", "1.5"], "erase"),
+    (["--label-smoothing", "1"], "label_smoothing"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
 ])
 def test_bad_flags_exit_with_a_message(argv, word, capsys):

@@ -104,6 +104,20 @@ def test_loss_finite_differences():
     assert rel_error(dlogits, numeric_grad(lambda: softmax_cross_entropy(logits, y)[0], logits)) < 1e-6
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_loss_with_label_smoothing_matches_finite_differences_and_torch(smoothing):
+    rng = np.random.default_rng(3)
+    logits, y = rng.normal(0, 3, (6, 5)), rng.integers(0, 5, 6)
+    loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=smoothing)
+    numeric = numeric_grad(lambda: softmax_cross_entropy(logits, y, label_smoothing=smoothing)[0], logits)
+    assert rel_error(dlogits, numeric) < 1e-6
+    z = torch.tensor(logits, requires_grad=True)
+    ref = F.cross_entropy(z, torch.tensor(y), label_smoothing=smoothing)
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-12)
+    assert rel_error(dlogits, z.grad.numpy()) < 1e-12
+
+
 @pytest.mark.parametrize("activation,hidden,dropout", [
     ("relu", [6, 5], 0.0), ("gelu", [6], 0.3), ("tanh", [6, 4, 5], 0.2), ("sigmoid", [], 0.0),
     ("leaky_relu", [5, 5], 0.0)])

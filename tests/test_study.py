@@ -197,6 +197,34 @@ def test_run_keys_cover_config_seed_and_budget_but_not_device():
     assert rx.run_key("cnn", cfg, 0, rx.Budget(1000, 500, 3)) != key
 
 
+def test_options_added_later_keep_the_keys_of_runs_that_never_used_them():
+    cfg = rx.default_config("cnn")
+    b = rx.Budget(1000, 500, 2)
+    neutral = rx.KEY_NEUTRAL["cnn"]
+    without = {k: v for k, v in cfg.items() if k not in neutral}
+    assert rx.run_key("cnn", {**cfg, **neutral}, 0, b) == rx.run_key("cnn", without, 0, b)
+    for k, v in neutral.items():
+        changed = 0.5 if isinstance(v, float) else not v
+        assert rx.run_key("cnn", {**cfg, **neutral, k: changed}, 0, b) != rx.run_key("cnn", without, 0, b), k
+    # The grid pins those options at their neutral values, whatever the module's defaults are.
+    assert all(rx.FULL_PLAN.cnn_grid_overrides[k] == v for k, v in neutral.items())
+
+
+def test_the_committed_results_are_what_the_code_would_run():
+    """Resuming the full study over the committed results/ trains nothing: every run key the current code
+    asks for, grid and finals, is already there (so the committed numbers come from this code)."""
+    results = rx.REPO_DIR / "results"
+    if not (results / "manifest.json").exists():
+        pytest.skip("no committed full-study results")
+    study = rx.Study(rx.Options(results_dir=results), None, rx.FULL_PLAN, log=lambda *a: None)
+    missing = []
+    study.run_specs = lambda specs: missing.extend(s for s in specs if s.key not in study.registry)
+    chosen = {m: study.run_track(m) for m in ("mlp", "cnn")}
+    for m in ("mlp", "cnn"):
+        missing.extend(s for s in study.final_specs(m, chosen[m]) if s.key not in study.registry)
+    assert not missing, [(s.study, s.variant, s.seed) for s in missing]
+
+
 def test_the_full_plan_fits_the_time_budget(real_splits):
     """The plan's own estimate (idle 2-core CPU) stays inside the issue's budget of an hour."""
     study = rx.Study(rx.Options(), real_splits, rx.FULL_PLAN, log=lambda *a: None)
