@@ -437,12 +437,12 @@ class CNNClassifier:
 
     def logits(self, images, batch_size: int = 512) -> np.ndarray:
         """(N, 10) logits; with config.tta, those of the mean softmax over each image and its mirror."""
+        x = _as_images(images)
         with single_threaded_blas():
-            z = self.head.forward(self.features(images, batch_size), train=False)
+            z = self.head.forward(self.features(x, batch_size), train=False)
             if not self.config.tta:
                 return z
-            mirrored = _as_images(images).flip(3)
-            z_mirror = self.head.forward(self.features(mirrored, batch_size), train=False)
+            z_mirror = self.head.forward(self.features(x.flip(3), batch_size), train=False)
             return mean_softmax_logits(z, z_mirror).astype(np.float32)
 
     def predict_proba(self, images, batch_size: int = 512) -> np.ndarray:
