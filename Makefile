@@ -47,6 +47,7 @@ zip: setup
 bench: data
 	$(PY) benchmarks/bench_mlp.py
 	$(PY) benchmarks/bench_cnn.py
+	$(PY) benchmarks/bench_workers.py
 
 clean:
 	rm -rf $(VENV) results-quick .pytest_cache report/build

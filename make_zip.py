@@ -3,13 +3,16 @@
     python make_zip.py                 # -> <group_name>.zip in the repository root
 
 It holds exactly: the code (*.py at the root, report/'s sources, tests/, benchmarks/), README.md,
-requirements*.txt, Makefile, .ci/run, report/report.pdf, results/*.csv and results/summary.json.
-Never the data, a virtual environment, caches, saved models or figures (the PDF has the figures).
+requirements*.txt, Makefile, .ci/run, report/report.pdf and every results file the report cites or is
+built from at the top of results/ (*.csv, *.json: summary, manifest, gradcheck; *.jsonl: the recipe sweep).
+Never the data, a virtual environment, caches, run records, saved models or figures (the PDF has them).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -39,7 +42,7 @@ def submission_files(repo: Path = REPO_DIR) -> list[str]:
         raise ZipError("results/summary.json is missing: run the study first (`make study`)")
     files = set()
     for pattern in ("*.py", "requirements*.txt", "README.md", "Makefile", ".ci/run", *REPORT_SOURCES,
-                    "results/*.csv", "results/summary.json", "report/report.pdf"):
+                    "results/*.csv", "results/*.json", "results/*.jsonl", "report/report.pdf"):
         files.update(p for p in repo.glob(pattern) if p.is_file())
     for tree in CODE_TREES:
         for p in (repo / tree).rglob("*"):
@@ -63,12 +66,18 @@ def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Pat
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in group["zip_name"]).strip("-.") or "group-name"
     out = (out_dir or repo) / f"{name}.zip"
     files = submission_files(repo)
-    tmp = out.with_suffix(".zip.tmp")
-    # Files sit under a top folder named after the group, so unzipping never spills into the cwd.
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for rel in files:
-            zf.write(repo / rel, f"{name}/{rel}")
-    tmp.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # Files sit under a top folder named after the group, so unzipping never spills into the cwd.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for rel in files:
+                zf.write(repo / rel, f"{name}/{rel}")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         out = make_zip(REPO_DIR, Path(args.group_file), Path(args.out_dir))
-    except (ZipError, ReportError) as exc:
+    except (ZipError, ReportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     with zipfile.ZipFile(out) as zf:

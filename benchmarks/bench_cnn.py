@@ -2,9 +2,10 @@
 
     python benchmarks/bench_cnn.py                  # ~2-3 minutes on a 2-core CPU
     python benchmarks/bench_cnn.py --n-images 1280 --repeats 1   # quicker, noisier
+    python benchmarks/bench_cnn.py --overhead-only                # only the loop-overhead figure
 
 For each variant (pool x filter schedule, everything else as CNNConfig's defaults) it times one epoch of
-the real training loop (cnn_torch._fit: shuffling, batch indexing, augmentation, the numpy head through the
+the real training loop (cnn_torch.fit: shuffling, batch indexing, augmentation, the numpy head through the
 gradient bridge, the schedule, the metrics) on `--n-images` training images and scales it to the 54,000
 images of a full epoch. For the default configuration it also times, side by side in the same process and
 interleaved, the bare model work on the same batches -- forward, loss, backward and optimizer step of the
@@ -15,7 +16,6 @@ only make a run slower. It finally compares the precision / memory-format option
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cnn_torch  # noqa: E402
 from cnn_torch import CNNConfig  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 FULL_EPOCH = 54_000
 # (filters, base_filters): the default list (None), constant at 32, doubling from 8 (8 ... 128)
@@ -47,22 +48,20 @@ def loop_epoch_seconds(config: CNNConfig, data: dict) -> float:
     backbone = cnn_torch.build_backbone(config)
     if config.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    head = cnn_torch.build_head(config, backbone.feature_dim)
-    fit = cnn_torch._fit(replace(config, epochs=1), backbone, head, data, torch.device("cpu"),
-                         progress=False, log=None, phase="joint")
+    head = cnn_torch.ScratchHead(cnn_torch.build_head(config, backbone.feature_dim), config)
+    fit = cnn_torch.fit(replace(config, epochs=1), backbone, head, data, torch.device("cpu"),
+                        progress=False, log=lambda line: None, phase="joint")
     return fit["history"][0]["train_seconds"]
 
 
 def bare_epoch_seconds(config: CNNConfig, data: dict) -> float:
-    """The same model's forward / loss / backward / step alone (cnn_torch.joint_step with the numpy head),
+    """The same model's forward / loss / backward / step alone (cnn_torch.train_step with the numpy head),
     over pre-sliced batches of the same size: no shuffling, indexing, augmentation, schedule or metrics."""
     backbone = cnn_torch.build_backbone(config)
     if config.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    head = cnn_torch.build_head(config, backbone.feature_dim)
+    head = cnn_torch.ScratchHead(cnn_torch.build_head(config, backbone.feature_dim), config)
     opt = cnn_torch.make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
-    head_opt = cnn_torch.mlp_scratch.make_optimizer(config.optimizer, config.head_lr, config.momentum,
-                                                    config.weight_decay)
     X, y = data["X"], data["y"]
     batches = [(X[i:i + config.batch_size], y[i:i + config.batch_size]) for i in range(0, len(X), config.batch_size)]
     if config.channels_last:
@@ -70,7 +69,7 @@ def bare_epoch_seconds(config: CNNConfig, data: dict) -> float:
     backbone.train()
     t0 = time.perf_counter()
     for x, t in batches:
-        cnn_torch.joint_step(backbone, head, x, t, opt, head_opt, config.precision)
+        cnn_torch.train_step(backbone, head, opt, x, t, config)
     return time.perf_counter() - t0
 
 
@@ -111,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-images", type=int, default=2560, help="training images timed per epoch (scaled to 54k)")
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is kept")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--overhead-only", action="store_true", help="only the training loop's overhead figure")
     args = p.parse_args(argv)
     if args.n_images < 1 or args.repeats < 1 or args.threads < 1:
         p.error("--n-images, --repeats and --threads must be >= 1")
@@ -123,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{base.batch_size}, BN {base.batchnorm}, precision {base.precision}, channels_last "
           f"{base.channels_last}, augment {base.augment}, head {base.head_hidden}.")
     print("Other processes on a shared machine make every number here an upper bound.\n")
+    if args.overhead_only:
+        with threadpool_limits(limits=1, user_api="blas"):  # as train() runs
+            overhead(args, base, data)
+        return 0
     print("Training loop with numpy's OpenBLAS at its default thread count (as without the guard in train()):")
     free = min(loop_epoch_seconds(base, data) for _ in range(args.repeats)) * scale
-    with cnn_torch.single_threaded_blas():
+    with threadpool_limits(limits=1, user_api="blas"):
         guarded = min(loop_epoch_seconds(base, data) for _ in range(args.repeats)) * scale
     print(f"  OpenBLAS free: {free:.1f} s/epoch   OpenBLAS single-threaded: {guarded:.1f} s/epoch\n")
-    with cnn_torch.single_threaded_blas():  # as train() runs
+    with threadpool_limits(limits=1, user_api="blas"):  # as train() runs
         run_all(args, base, data)
     return 0
 
@@ -147,6 +151,12 @@ def run_all(args, base: CNNConfig, data: dict) -> None:
             label = ",".join(map(str, b.channels))
             print(f"| {pool} | {label} | {b.feature_dim} | {b.n_params + head.n_params:,} | {sec:.1f} |", flush=True)
 
+    overhead(args, base, data)
+    precision_table(args, base, data)
+
+
+def overhead(args, base: CNNConfig, data: dict) -> None:
+    scale = FULL_EPOCH / args.n_images
     print("\nTraining loop vs bare forward/backward/step, default configuration, interleaved:")
     loop, bare, twin = [], [], []
     for _ in range(max(3, args.repeats)):
@@ -158,6 +168,9 @@ def run_all(args, base: CNNConfig, data: dict) -> None:
           f"overhead {100 * (lo / ba - 1):+.1f}% (target <= 10%)")
     print(f"  (the same bare work with an all-torch twin of the head: {tw:.1f} s/epoch)")
 
+
+def precision_table(args, base: CNNConfig, data: dict) -> None:
+    scale = FULL_EPOCH / args.n_images
     print("\nPrecision and memory format (training loop, default configuration, interleaved):")
     options = [(p, cl) for p in cnn_torch.PRECISIONS for cl in (False, True)]
     times: dict = {o: [] for o in options}

@@ -24,28 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import mlp_scratch as ms  # noqa: E402
-
-TORCH_ACT = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "tanh": nn.Tanh, "gelu": nn.GELU,
-             "sigmoid": nn.Sigmoid}
-
-
-def torch_twin(model: ms.MLP) -> nn.Sequential:
-    """nn.Sequential with the same layers and weights (torch's Linear stores W transposed)."""
-    mods: list[nn.Module] = []
-    dims = [model.in_dim, *model.hidden, model.out_dim]
-    for i in range(len(dims) - 1):
-        lin = nn.Linear(dims[i], dims[i + 1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(model.params[f"W{i + 1}"].T.copy()))
-            lin.bias.copy_(torch.from_numpy(model.params[f"b{i + 1}"]))
-        mods.append(lin)
-        if i < len(model.hidden):
-            mods.append(TORCH_ACT[model.activation]())
-            if model.dropout > 0:
-                mods.append(nn.Dropout(model.dropout))
-    return nn.Sequential(*mods)
+from test_mlp import torch_twin  # noqa: E402  (the one torch copy of the MLP)
 
 
 def torch_epoch(net, opt, X: torch.Tensor, y: torch.Tensor, order: np.ndarray, batch_size: int) -> float:

@@ -1,16 +1,15 @@
 """Build report/report.pdf from the study's saved results (assignment Q4).
 
-    python -m report.build                         # results/ -> report/report.pdf
+    python -m report.build                                    # results/ -> report/report.pdf
     python -m report.build --results-dir results-quick --out /tmp/r.pdf
 
-Nothing in `report.typ` is a number typed by hand: this module reads the results (the schema in
-run_experiments.py: mlp_runs.csv, cnn_runs.csv, curves.csv, init_stats.csv, summary.json, figures/*.png),
-computes every table and every result-dependent sentence into `facts.json`, and compiles the Typst source
-in-process with the `typst` package. Every claim those sentences make is listed in `facts["claims"]`, and
-`check_claims` re-derives each one from the CSVs before the PDF is written: a report that contradicts its
-results does not build.
-
-Group names, e-mails and contributions come from report/group.toml (placeholders until filled in).
+Nothing in report.typ is a number typed by hand. This module reads results/ (summary.json, manifest.json,
+mlp_runs.csv, cnn_runs.csv, init_stats.csv, figures/), measures each comparison's outcome (which level won,
+by how much, against what noise), writes every table and every result-dependent sentence into facts.json
+and compiles the Typst source in-process with the `typst` package. Each outcome a sentence states is also
+listed in facts["claims"]; `check_claims` re-derives them from the run CSVs before the PDF is written, so a
+report that contradicts its results does not build. The gradient checks run here (report/gradcheck.py)
+and are saved to <results>/gradcheck.json. Group details come from report/group.toml.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +34,25 @@ GROUP_FILE = REPORT_DIR / "group.toml"
 
 sys.path.insert(0, str(REPO_DIR))  # the scripts live at the repository root
 from preprocessing import CLASS_NAMES  # noqa: E402
+from study_results import atomic_write  # noqa: E402
+from report import text  # noqa: E402
+from report.text import name  # noqa: E402
 
-
-# Known comparisons, in report order: (title, factor changed, config field it varies).
-STUDIES = {
-    "mlp_activation": ("Activation function", "activation", "activation"),
-    "mlp_depth": ("Number of hidden layers", "depth", "hidden"),
-    "mlp_width": ("Width of the hidden layers", "width", "hidden"),
-    "mlp_dropout": ("Dropout rate", "dropout", "dropout"),
-    "mlp_optimizer": ("Optimizer", "optimizer", "optimizer"),
-    "mlp_lr": ("Learning rate", "learning rate", "lr"),
-    "cnn_pool": ("Pooling", "pooling", "pool"),
-    "cnn_kernel": ("Kernel size", "kernel size", "kernel_size"),
-    "cnn_filters": ("Filters per layer", "filter schedule", "filters"),
-    "cnn_init": ("Weight initialisation", "initialisation", "init"),
-    "cnn_head_mode": ("Joint against frozen features", "head training", "head_mode"),
-    "cnn_head": ("Size, activation and dropout of the MLP head", "head", "head_hidden"),
-}
-FINAL_STUDIES = ("mlp_final", "cnn_final")
-NOISE_Z = 2.0  # a gap counts as beyond seed noise when it exceeds 2 standard errors of the difference
-REL_TOL = 1e-9  # claims store raw floats; check_claims recomputes them from the CSVs to this tolerance
+NOISE_Z = 2.0   # a gap is "more than the noise" when it exceeds 2 standard errors of the difference
+REL_TOL = 1e-9
+MAX_BODY_PAGES, MAX_PAGES = 12, 16  # the assignment's report: pages before the appendix, and in all
+MLP_STAGES = ("mlp_activation", "mlp_depth", "mlp_width", "mlp_dropout", "mlp_optimizer", "mlp_lr")
+CNN_STAGES = ("cnn_pool", "cnn_kernel", "cnn_filters", "cnn_init", "cnn_head_mode", "cnn_head")
+ABLATION = "cnn_ablation"
+# Published results for context: the benchmark table of the dataset's README (zalandoresearch/fashion-mnist,
+# commit 02cf067), as submitted there (not re-run by its authors or by us).
+BASELINES = [("mlp", "MLP 256-128-64", "none", 0.900),
+             ("cnn", "2 conv layers with max pooling (Keras)", "none", 0.876),
+             ("cnn", "3 conv layers + pooling + BatchNorm", "none", 0.903),
+             ("cnn", "2 conv layers, under 100k parameters", "none", 0.925),
+             ("cnn", "3 conv + pooling and 2 FC + dropout", "none", 0.926),
+             ("cnn", "ResNet18", "normalisation, flips, translation, rotation", 0.949),
+             ("human", "human performance (crowd-sourced, 1,000 images)", "–", 0.835)]
 
 
 class ReportError(Exception):
@@ -70,124 +69,151 @@ def pct(x, digits=2) -> str:
 
 
 def pts(x, digits=2) -> str:
-    """A difference of two accuracies, in percentage points."""
-    return f"{100 * x:.{digits}f}"
+    """A difference of two accuracies in percentage points."""
+    return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
-def pm(mean, std, n) -> str:
-    if n < 2 or std is None or math.isnan(std):
-        return f"{100 * mean:.2f}"
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+def pm(mean, std) -> str:
+    return pct(mean) if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}%"
+
+
+def count(n) -> str:
+    return "–" if n is None else f"{int(n):,}"
+
+
+def mega(n) -> str:
+    return "–" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}k"
 
 
 def sci(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
-    if x == 0:
-        return "0"
-    if 1e-2 <= abs(x) < 1e3:
-        return f"{x:.3g}"
-    mant, exp = f"{x:.2e}".split("e")
+    mant, exp = f"{x:.1e}".split("e")
     return f"{mant}e{int(exp)}"
 
 
-def fmt_value(v) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (list, tuple)):
-        return " × ".join(str(x) for x in v) if v else "none"
-    if v is None:
-        return "none"
-    return str(v)
-
-
 # ------------------------------------------------------------------------------------------ loading
+def _json(path: Path, needed=()) -> dict:
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: the study has not finished (rerun run_experiments.py)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc}): rebuild it with "
+                          f"`python run_experiments.py --plots-only`") from None
+    missing = [k for k in needed if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ReportError(f"{path} has no {', '.join(map(repr, missing))} entry: rebuild it with "
+                          f"`python run_experiments.py --plots-only`")
+    return data
+
+
+def _csv(path: Path, needed=()) -> pd.DataFrame:
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: the study has not finished (rerun run_experiments.py)")
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} cannot be read ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in needed if c not in df]
+    if missing:
+        raise ReportError(f"{path} has no column {', '.join(missing)}")
+    return df
+
+
 def load_results(results_dir) -> dict:
-    """Read every results file the report needs; a missing one stops with a one-line message."""
+    """Read every results file the report needs; a missing or damaged one stops with a one-line message."""
     rd = Path(results_dir)
     if not rd.is_dir():
         raise ReportError(f"results directory {rd} does not exist: run `make study` (or "
                           f"`python run_experiments.py --quick --results-dir {rd}`) first")
-    out = {"dir": rd}
-    for name in ("mlp_runs", "cnn_runs", "curves", "init_stats"):
-        path = rd / f"{name}.csv"
-        if not path.is_file():
-            raise ReportError(f"{path} is missing: the study has not finished (rerun run_experiments.py)")
-        out[name] = pd.read_csv(path)
-    path = rd / "summary.json"
-    if not path.is_file():
-        raise ReportError(f"{path} is missing: the study has not finished (rerun run_experiments.py)")
-    out["summary"] = json.loads(path.read_text())
-    for key in ("mlp", "cnn", "study"):
-        if key not in out["summary"]:
-            raise ReportError(f"{path} has no '{key}' entry")
-    return out
+    summary = _json(rd / "summary.json", ("mlp", "cnn", "study"))
+    for model in ("mlp", "cnn"):
+        for k in ("test_acc", "val_acc", "config", "key"):
+            if k not in summary[model]:
+                raise ReportError(f"{rd / 'summary.json'}: {model} has no '{k}'")
+        if not isinstance(summary[model]["test_acc"], (int, float)):
+            raise ReportError(f"{rd / 'summary.json'}: {model}.test_acc is not a number")
+    cols = ("study", "variant", "seed", "val_acc", "diverged")
+    runs = pd.concat([_csv(rd / f"{m}_runs.csv", cols) for m in ("mlp", "cnn")], ignore_index=True)
+    init = _csv(rd / "init_stats.csv") if (rd / "init_stats.csv").is_file() else None
+    return {"dir": rd, "summary": summary, "manifest": _json(rd / "manifest.json", ("stages",)),
+            "runs": runs, "init": init}
 
 
-def _runs(results: dict, model: str) -> pd.DataFrame:
-    return results[f"{model}_runs"]
+# ------------------------------------------------------------------------------------------ outcomes
+@dataclass
+class Outcome:
+    """How one comparison came out, in display form (see report/text.py). kind: 'default_clear',
+    'default_close', 'other_clear' or 'other_close' -- who came first (the default or another level) and
+    whether the gap to `other` exceeds NOISE_Z standard errors."""
+    kind: str
+    best: str
+    default: str
+    other: str
+    best_acc: str
+    other_acc: str
+    gap: str
+    noise: str
+    worst: str
+    worst_acc: str
+    up: bool           # ordered factors: the level compared with the default is the larger one
+    cost: str          # the first level's multiply-adds relative to the second's, in words
+    raw: dict          # the same in raw variants and floats, for the claims
 
 
-# ------------------------------------------------------------------------------------------ statistics
-def aggregate(df: pd.DataFrame, study: str) -> list[dict]:
-    """Per variant of one comparison: n seeds, mean and std (ddof=1) of val/train/test accuracy, etc.
-
-    Diverged runs are counted and kept out of the means (their accuracy says nothing about the level)."""
-    sub = df[df["study"] == study]
-    rows = []
-    # Variants in the order the study ran them (its grid order), not alphabetically.
-    for variant in dict.fromkeys(sub["variant"].astype(str)):
-        g = sub[sub["variant"].astype(str) == variant]
-        div = g["diverged"].astype(str).str.lower().isin(["true", "1", "1.0"])
-        ok = g[~div]
-        n = len(ok)
-        row = {"variant": variant, "n": int(n), "n_diverged": int(div.sum())}
-        for col in ("val_acc", "train_acc", "test_acc"):
-            v = ok[col].astype(float)
-            row[f"{col}_mean"] = float(v.mean()) if n else float("nan")
-            row[f"{col}_std"] = float(v.std(ddof=1)) if n > 1 else float("nan")
-        for col in ("sec_per_epoch", "epochs_run", "n_params"):
-            row[col] = float(g[col].astype(float).mean()) if col in g and len(g) else float("nan")
-        rows.append(row)
-    return rows
-
-
-def pooled_noise_sd(rows: list[dict]) -> float | None:
-    """Seed-to-seed std of val accuracy, pooled over the variants run with >= 2 seeds."""
-    num = sum((r["n"] - 1) * r["val_acc_std"] ** 2 for r in rows if r["n"] > 1)
-    dof = sum(r["n"] - 1 for r in rows if r["n"] > 1)
+def pooled_sd(rows: list[dict]) -> float | None:
+    """Seed-to-seed std of validation accuracy, pooled over the levels run with 2+ seeds."""
+    num = sum((r["n"] - 1) * r["val_acc_std"] ** 2 for r in rows if r["n"] > 1 and r["val_acc_std"] is not None)
+    dof = sum(r["n"] - 1 for r in rows if r["n"] > 1 and r["val_acc_std"] is not None)
     return math.sqrt(num / dof) if dof > 0 else None
 
 
-def compare(rows: list[dict]) -> dict:
-    """Winner, runner-up, gap, and whether the gap exceeds the seed noise."""
-    valid = [r for r in rows if r["n"] > 0]
-    if not valid:
-        return {"winner": None}
-    # As in the study's choice, a level with a diverged seed cannot win (unless every level diverged once).
-    eligible = [r for r in valid if r["n_diverged"] == 0] or valid
-    ranked = sorted(eligible, key=lambda r: -r["val_acc_mean"])
-    best = ranked[0]
-    out = {"winner": best["variant"], "winner_mean": best["val_acc_mean"], "winner_n": best["n"],
-           "runner_up": None, "gap": None, "se": None, "beyond_noise": None,
-           "worst": ranked[-1]["variant"], "spread": best["val_acc_mean"] - ranked[-1]["val_acc_mean"]}
-    sd = pooled_noise_sd(valid)
-    out["noise_sd"] = sd
-    if len(ranked) > 1:
-        second = ranked[1]
-        out["runner_up"] = second["variant"]
-        out["gap"] = best["val_acc_mean"] - second["val_acc_mean"]
-        if sd is not None:
-            out["se"] = sd * math.sqrt(1 / best["n"] + 1 / second["n"])
-            out["beyond_noise"] = bool(out["gap"] > NOISE_Z * out["se"])
-    return out
+def _as_float(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def outcome(study: str, stage: dict, contrast=()) -> Outcome | None:
+    """Compare the best eligible level (no contrast level, nothing diverged) with the default, or, when the
+    default is best, the default with the best challenger."""
+    rows = [r for r in stage.get("table", []) if r.get("n") and r.get("val_acc") is not None]
+    ok = [r for r in rows if str(r["variant"]) not in contrast and not r.get("diverged")]
+    if len(ok) < 2:
+        return None
+    by = {str(r["variant"]): r for r in ok}
+    default = str(stage.get("default")) if str(stage.get("default")) in by else str(ok[0]["variant"])
+    ranked = sorted(ok, key=lambda r: (-round(r["val_acc"], 9), str(r["variant"]) != default))  # ties: the default
+    best = str(ranked[0]["variant"])
+    other = default if best != default else str(next(r for r in ranked if str(r["variant"]) != default)["variant"])
+    sd = pooled_sd(ok)
+    gap = by[best]["val_acc"] - by[other]["val_acc"]
+    noise = None if sd is None else NOISE_Z * sd * math.sqrt(1 / by[best]["n"] + 1 / by[other]["n"])
+    clear = noise is not None and gap > noise
+    kind = ("default" if best == default else "other") + ("_clear" if clear else "_close")
+    worst = str(ranked[-1]["variant"])
+    a, b = _as_float(other if best == default else best), _as_float(default)
+    return Outcome(kind, name(study, best), name(study, default), name(study, other),
+                   pct(by[best]["val_acc"]), pct(by[other]["val_acc"]), pts(gap),
+                   f"{pts(noise)} points" if noise is not None else "not measured with one seed",
+                   name(study, worst), pct(by[worst]["val_acc"]),
+                   a is not None and b is not None and a > b, _cost(by[best].get("macs"), by[other].get("macs")),
+                   {"best": best, "default": default, "other": other, "kind": kind, "gap": gap})
+
+
+def _cost(a, b) -> str:
+    """'at 2.8 times the multiply-adds' / 'at the same multiply-adds' (within 10%)."""
+    if not a or not b:
+        return "at a cost not recorded"
+    r = a / b
+    return "at about the same multiply-adds" if 0.9 <= r <= 1.1 else f"at {r:.2g} times the multiply-adds"
 
 
 # ------------------------------------------------------------------------------------------ facts
 class Facts:
-    """Collects the report's facts and, beside each result-dependent number, a claim to re-check."""
+    """Collects claims: each outcome a sentence states, to be re-derived from the CSVs by check_claims."""
 
     def __init__(self):
         self.claims: list[dict] = []
@@ -196,639 +222,780 @@ class Facts:
         self.claims.append(kw)
 
 
-def study_sentence(factor: str, cmp: dict, rows: list[dict]) -> str:
-    if cmp.get("winner") is None:
-        return "Every run of this comparison diverged, so it has no winner."
-    w = next(r for r in rows if r["variant"] == cmp["winner"])
-    seeds = f"{w['n']} seed{'s' if w['n'] != 1 else ''}"
-    s = (f"The best {factor} is {cmp['winner']}, with a mean validation accuracy of "
-         f"{pm(w['val_acc_mean'], w['val_acc_std'], w['n'])}% ({seeds}).")
-    diverged = [r["variant"] for r in rows if r["n_diverged"]]
-    if diverged:
-        s += (f" Runs diverged (loss NaN or infinite) with {', '.join(diverged)}; those runs are left out "
-              f"of the means, and a level with a diverged run is not eligible to win.")
-    if cmp["runner_up"] is None:
-        return s + " It is the only level in this comparison's results, so there is nothing to rank."
-    s += f" It leads {cmp['runner_up']} by {pts(cmp['gap'])} points"
-    if cmp["beyond_noise"] is None:
-        s += "; with one seed per level the seed noise cannot be estimated, so the ranking is tentative."
-    elif cmp["beyond_noise"]:
-        s += (f", more than {NOISE_Z:g} standard errors of the difference ({pts(NOISE_Z * cmp['se'])} points, "
-              f"from a seed-to-seed std of {pts(cmp['noise_sd'])}): the difference exceeds the seed noise.")
-    else:
-        s += (f", within {NOISE_Z:g} standard errors of the difference ({pts(NOISE_Z * cmp['se'])} points, "
-              f"from a seed-to-seed std of {pts(cmp['noise_sd'])}): the top two are indistinguishable "
-              f"at this number of seeds.")
-    if cmp["spread"] > 0 and cmp["worst"] not in (cmp["winner"], cmp["runner_up"]):
-        s += f" The spread from best to worst ({cmp['worst']}) is {pts(cmp['spread'])} points."
-    return s
+def stage_rows(study: str, stage: dict, winner: str | None) -> list[list[str]]:
+    rows = []
+    for r in stage.get("table", []):
+        v = str(r["variant"])
+        mark = (" (default)" if v == str(stage.get("default")) else "") + (" ✓" if v == winner else "")
+        acc = "diverged" if r.get("diverged") or r.get("val_acc") is None else pm(r["val_acc"], r.get("val_acc_std"))
+        rows.append([name(study, v) + mark, str(r.get("n", "–")), acc,
+                     pct(r.get("train_acc")) if r.get("train_acc") is not None else "–",
+                     mega(r.get("n_params")), mega(r.get("macs")),
+                     f"{r['seconds']:.3g}" if r.get("seconds") is not None else "–"])
+    return rows
 
 
-def evidence_sentence(rows: list[dict], f: Facts, file: str, study: str) -> str:
-    """Overfitting (train - validation gap) and cost per level: the evidence beside each ranking."""
-    ok = [r for r in rows if r["n"] > 0]
-    if len(ok) < 2:
-        return ""
-    gap = {r["variant"]: r["train_acc_mean"] - r["val_acc_mean"] for r in ok}
-    hi, lo = max(gap, key=gap.get), min(gap, key=gap.get)
-    f.claim(type="gap_extremes", file=file, study=study, largest=hi, smallest=lo)
-    s = (f"The train − validation gap, a measure of overfitting, is largest with {hi} ({pts(gap[hi])} points) "
-         f"and smallest with {lo} ({pts(gap[lo])} points).")
-    sec = {r["variant"]: r["sec_per_epoch"] for r in ok if not math.isnan(r["sec_per_epoch"])}
-    if len(sec) > 1:
-        slow, fast = max(sec, key=sec.get), min(sec, key=sec.get)
-        if sec[fast] > 0 and sec[slow] > 1.2 * sec[fast]:
-            s += (f" An epoch takes {sec[fast]:.1f} s with {fast} and {sec[slow]:.1f} s with {slow} "
-                  f"({sec[slow] / sec[fast]:.1f}×).")
-    return s
-
-
-def make_study_facts(results: dict, f: Facts, figures: dict) -> list[dict]:
+def make_stage_facts(results: dict, f: Facts, studies) -> list[dict]:
     out = []
-    for model in ("mlp", "cnn"):
-        df = _runs(results, model)
-        present = list(dict.fromkeys(df["study"].astype(str)))
-        order = [s for s in STUDIES if s in present] + [s for s in present
-                                                        if s not in STUDIES and s not in FINAL_STUDIES]
-        for study in order:
-            if not study.startswith(model):
-                continue
-            title, factor, _field = STUDIES.get(study, (study.replace("_", " "), "setting", None))
-            rows = aggregate(df, study)
-            cmp = compare(rows)
-            file = f"{model}_runs.csv"
-            for r in rows:
-                f.claim(type="agg", file=file, study=study, variant=r["variant"], field="val_acc",
-                        stat="mean", value=r["val_acc_mean"])
-                f.claim(type="agg", file=file, study=study, variant=r["variant"], field="val_acc",
-                        stat="std", value=r["val_acc_std"])
-                f.claim(type="agg", file=file, study=study, variant=r["variant"], field="val_acc",
-                        stat="n", value=r["n"])
-                f.claim(type="agg", file=file, study=study, variant=r["variant"], field="train_acc",
-                        stat="mean", value=r["train_acc_mean"])
-            if cmp.get("winner") is not None:
-                f.claim(type="winner", file=file, study=study, variant=cmp["winner"])
-                if cmp["runner_up"] is not None:
-                    f.claim(type="noise", file=file, study=study, a=cmp["winner"], b=cmp["runner_up"],
-                            beyond=cmp["beyond_noise"], gap=cmp["gap"])
-            table = [[r["variant"], str(r["n"]) + (f" (+{r['n_diverged']} div.)" if r["n_diverged"] else ""),
-                      pm(r["val_acc_mean"], r["val_acc_std"], r["n"]) if r["n"] else "diverged",
-                      pct(r["train_acc_mean"]).rstrip("%"),
-                      pts(r["train_acc_mean"] - r["val_acc_mean"]) if r["n"] else "–",
-                      f"{r['sec_per_epoch']:.1f}" if not math.isnan(r["sec_per_epoch"]) else "–",
-                      f"{int(r['n_params']):,}" if not math.isnan(r["n_params"]) else "–"]
-                     for r in rows]
-            out.append({"id": study, "model": model, "title": title, "factor": factor,
-                        "rows": table, "winner": cmp.get("winner"),
-                        "winner_row": next((i for i, r in enumerate(rows) if r["variant"] == cmp.get("winner")), -1),
-                        "sentence": study_sentence(factor, cmp, rows),
-                        "evidence": evidence_sentence(rows, f, file, study),
-                        "figure": None})  # the per-track figure (compare_<model>.png) shows every stage
-    return out
-
-
-INIT_SCHEMES = ("random", "xavier", "he")
-
-
-def init_groups(st: pd.DataFrame) -> dict[str, tuple[str, list[str]]]:
-    """init_stats.csv holds three comparisons: the MLP per init (ReLU), the MLP per activation (its default
-    init), the CNN per init. Group name -> (model, schemes in file order)."""
-    out = {}
-    for model in ("mlp", "cnn"):
-        schemes = list(dict.fromkeys(st[st["model"] == model]["scheme"].astype(str)))
-        inits = [s for s in schemes if s in INIT_SCHEMES]
-        if inits:
-            out[f"{model}_init"] = (model, inits)
-        acts = [s for s in schemes if s not in INIT_SCHEMES]
-        if acts:
-            out[f"{model}_activation"] = (model, acts)
+    stages = results["summary"].get("stages", {})
+    mstages = results["manifest"].get("stages", {})
+    extra = [s for s in stages if s.startswith(studies[0][:4]) and s not in studies and s != ABLATION]
+    for study in [s for s in studies if s in stages] + extra:
+        stage = {**mstages.get(study, {}), **stages[study]}
+        contrast = [str(c) for c in stage.get("contrast") or []]
+        o = outcome(study, stage, contrast)
+        winner = str(stage.get("winner")) if stage.get("winner") is not None else None
+        entry = {"id": study, "title": text.TITLES.get(study, study.replace("_", " ")),
+                 "rows": stage_rows(study, stage, winner), "sentence": "", "kind": None,
+                 "edge": bool(stage.get("edge")), "extended": bool(stage.get("extended"))}
+        if o is not None:
+            entry["sentence"], entry["kind"], entry["best"] = _cap(text.stage_sentence(study, o)), o.kind, o.best
+            f.claim(type="stage", study=study, contrast=contrast, **o.raw)
+        entry["winner"] = name(study, winner) if winner else ""
+        out.append(entry)
     return out
 
 
 def make_init_facts(results: dict, f: Facts) -> dict:
-    """Per-layer statistics at initialisation, and sentences that read them."""
-    st = results["init_stats"]
-    out = {g: {"rows": [], "sentences": []} for g in ("mlp_init", "mlp_activation", "cnn_init")}
-    mlp_layers = st[st["model"] == "mlp"]["layer"]
-    out["mlp_layers"] = str(int(mlp_layers.nunique())) if len(mlp_layers) else "–"
-    for group, (model, schemes) in init_groups(st).items():
-        sub = st[st["model"] == model]
-        rows, info = [], {}
-        for scheme in schemes:
-            g = sub[sub["scheme"].astype(str) == scheme].sort_values("layer")
-            first, last = g.iloc[0], g.iloc[-1]
-            d = {"first_layer": int(first["layer"]), "last_layer": int(last["layer"]),
-                 "act_std_first": float(first["act_std"]), "act_std_last": float(last["act_std"]),
-                 "grad_first": float(first["grad_norm"]), "grad_last": float(last["grad_norm"]),
-                 "dead_max": float(g["dead_frac"].max())}
-            info[scheme] = d
-            for layer, fld in ((d["first_layer"], "act_std"), (d["last_layer"], "act_std"),
-                               (d["first_layer"], "grad_norm"), (d["last_layer"], "grad_norm")):
-                val = float(g[g["layer"] == layer][fld].iloc[0])
-                f.claim(type="init", model=model, scheme=scheme, layer=layer, field=fld, value=val)
-            f.claim(type="init_max", model=model, scheme=scheme, field="dead_frac", value=d["dead_max"])
-            rows.append([scheme, sci(d["act_std_first"]), sci(d["act_std_last"]), sci(d["grad_first"]),
-                         sci(d["grad_last"]), pct(d["dead_max"], 1)])
-        where = "hidden" if model == "mlp" else "convolutional"
-        sentences = []
-        # The scheme whose signal shrinks most through depth, against the one that keeps it best.
-        ratio = {s: d["act_std_last"] / d["act_std_first"] for s, d in info.items() if d["act_std_first"] > 0}
-        if len(ratio) > 1:
-            lo, hi = min(ratio, key=ratio.get), max(ratio, key=ratio.get)
-            sentences.append(
-                f"From the first to the last {where} layer the activation std is multiplied by "
-                f"{sci(ratio[lo])} with {lo} ({sci(info[lo]['act_std_first'])} to {sci(info[lo]['act_std_last'])}) "
-                f"and by {sci(ratio[hi])} with {hi} ({sci(info[hi]['act_std_first'])} to "
-                f"{sci(info[hi]['act_std_last'])}).")
-        grads = {s: d["grad_first"] for s, d in info.items()}
-        if len(grads) > 1:
-            lo, hi = min(grads, key=grads.get), max(grads, key=grads.get)
-            if grads[lo] > 0:
-                sentences.append(
-                    f"The weight gradient of the first layer is smallest with {lo} (norm {sci(grads[lo])}, "
-                    f"{sci(grads[hi] / grads[lo])} times below {hi}'s {sci(grads[hi])}).")
-            else:
-                sentences.append(f"With {lo} no gradient reaches the first layer (norm 0), against "
-                                 f"{sci(grads[hi])} with {hi}.")
-            f.claim(type="init_order", model=model, schemes=schemes, by="grad_first", lowest=lo, highest=hi)
-        dead = {s: d["dead_max"] for s, d in info.items()}
-        worst = max(dead, key=dead.get)
-        if dead[worst] > 0:
-            sentences.append(f"The largest fraction of units that output zero for every image of the batch "
-                             f"(dead units) in any layer is {pct(dead[worst], 1)}, with {worst}.")
+    """The initialisation comparison with and without BatchNorm: training outcome (cnn_init stage, its
+    'no BN' contrast levels) and the per-layer statistics at initialisation (init_stats.csv)."""
+    stage = {**results["manifest"].get("stages", {}).get("cnn_init", {}),
+             **results["summary"].get("stages", {}).get("cnn_init", {})}
+    contrast = [str(c) for c in stage.get("contrast") or []]
+    rows = [r for r in stage.get("table", []) if str(r["variant"]) in contrast and r.get("val_acc") is not None]
+    out = {"sentences": [], "stats": []}
+    if rows:
+        lo, hi = min(rows, key=lambda r: r["val_acc"]), max(rows, key=lambda r: r["val_acc"])
+        spread = hi["val_acc"] - lo["val_acc"]
+        sd = pooled_sd(rows)
+        noise = None if sd is None else NOISE_Z * sd * math.sqrt(1 / lo["n"] + 1 / hi["n"])
+        f.claim(type="spread", study="cnn_init", variants=[str(r["variant"]) for r in rows],
+                low=str(lo["variant"]), high=str(hi["variant"]), clear=noise is not None and spread > noise)
+        if noise is not None and spread > noise:
+            out["sentences"].append(
+                f"Without BatchNorm the initialisation decides the outcome: {_scheme(hi['variant'])} "
+                f"reached {pct(hi['val_acc'])} and {_scheme(lo['variant'])} only {pct(lo['val_acc'])}, "
+                f"{pts(spread)} points apart against a noise of {pts(noise)}.")
         else:
-            sentences.append("No unit is dead at initialisation under any of these schemes.")
-        out[group] = {"rows": rows, "sentences": sentences}
+            out["sentences"].append(
+                f"Even without BatchNorm the three schemes end within the noise of each other (from "
+                f"{pct(lo['val_acc'])} to {pct(hi['val_acc'])}), so at this depth the network recovers from a "
+                f"poor starting scale during training.")
+    out["stats"] = init_stat_rows(results)
+    out["caption"] = init_caption(results)
     return out
 
 
-def make_curve_facts(results: dict, f: Facts) -> dict:
-    """Train-versus-validation gap and best epoch of each final model (the chosen final run), from curves.csv."""
-    cv = results["curves"]
-    out = {}
-    for model, study in (("mlp", "mlp_final"), ("cnn", "cnn_final")):
-        sub = cv[cv["study"] == study]
-        chosen = results["summary"].get(model, {}).get("key")
-        if chosen is not None and (sub["key"] == chosen).any():
-            sub = sub[sub["key"] == chosen]
-        if sub.empty:
-            out[model] = None
-            continue
-        key = sub["key"].iloc[0]
-        g = sub[sub["key"] == key].sort_values("epoch")
-        best = g.loc[g["val_acc"].astype(float).idxmax()]
-        last = g.iloc[-1]
-        d = {"epochs": int(last["epoch"]), "best_epoch": int(best["epoch"]),
-             "best_val": float(best["val_acc"]), "last_train": float(last["train_acc"]),
-             "last_val": float(last["val_acc"]), "gap": float(last["train_acc"] - last["val_acc"])}
-        for fld, val in (("train_acc", d["last_train"]), ("val_acc", d["last_val"])):
-            f.claim(type="curve", study=study, key=str(key), epoch=d["epochs"], field=fld, value=val)
-        f.claim(type="curve_best", study=study, key=str(key), epoch=d["best_epoch"], value=d["best_val"])
-        over = d["gap"] > 0.02
-        d["sentence"] = (
-            f"Over {d['epochs']} epochs validation accuracy peaks at {pct(d['best_val'])} in epoch "
-            f"{d['best_epoch']}; at the end the model fits its training set to {pct(d['last_train'])} against "
-            f"{pct(d['last_val'])} on validation, a gap of {pts(d['gap'])} points"
-            + (": it fits its training images noticeably better than unseen ones, which is what dropout, "
-               "weight decay and early stopping on validation (best weights restored) hold in check." if over
-               else ", so it does not overfit noticeably at this budget."))
-        out[model] = d
-    return out
+def init_caption(results: dict) -> str:
+    """How much the schemes' last-layer activation spread differs, with and without BatchNorm."""
+    st = results["init"]
+    if st is None or "batchnorm" not in st:
+        return ""
+    st = st[st["model"] == "cnn"]
+    last = st[st["layer"] == st["layer"].max()]
+    fold = {}
+    for bn, g in last.groupby(last["batchnorm"].astype(str).str.lower().isin(["true", "1", "1.0"])):
+        lo = float(g["act_std"].min())
+        fold[bool(bn)] = float(g["act_std"].max()) / lo if lo > 0 else float("inf")
+    if len(fold) < 2:
+        return ""
+    evens = fold[False] > fold[True]
+
+    def times(x):
+        return "by less than half" if x < 1.5 else f"{x:,.0f}-fold" if x >= 20 else f"{x:.2g}-fold"
+    return (f"Across schemes the last convolution's activation spread differs {times(fold[False])} without "
+            f"BatchNorm and {times(fold[True])} with it: "
+            + ("BatchNorm evens out the schemes' starting scale." if evens else
+               "BatchNorm does not even out the schemes' starting scale here."))
 
 
-def config_rows(cfg: dict) -> list[list[str]]:
-    return [[k, fmt_value(v)] for k, v in cfg.items() if k not in ("device",)]
-
-
-def make_final_facts(results: dict, f: Facts) -> dict:
-    s = results["summary"]
-    out = {}
-    for model in ("mlp", "cnn"):
-        m = s[model]
-        for fld in ("val_acc", "test_acc", "test_macro_f1"):
-            f.claim(type="summary", path=[model, fld], value=m[fld])
-        cfg = m.get("config", {})
-        per_class = m.get("per_class", [])
-        finals = m.get("finals") or []
-        if len(finals) > 1:  # the study trained its choice and the module's default; the better val won
-            for x in finals:
-                f.claim(type="final_candidate", model=model, variant=x["variant"], val_acc=x["val_acc"])
-            best = max(finals, key=lambda x: x["val_acc"])
-            f.claim(type="final_choice", model=model, variant=best["variant"])
-            final_sentence = (
-                "Two candidates were trained at full budget: " + "; ".join(
-                    f"{x['variant']} (validation {pct(x['val_acc'])})" for x in finals)
-                + f". The final model is the {best['variant']} one, the higher by validation accuracy.")
-        else:
-            final_sentence = ""
-        out[model] = {
-            "val_acc": pct(m["val_acc"]), "test_acc": pct(m["test_acc"]),
-            "test_macro_f1": f"{m['test_macro_f1']:.4f}",
-            "train_seconds": f"{m.get('train_seconds', float('nan')):.0f}",
-            "train_minutes": f"{m.get('train_seconds', float('nan')) / 60:.1f}",
-            "epochs_run": str(m.get("epochs_run", "–")),
-            "n_params": f"{int(m['n_params']):,}" if m.get("n_params") is not None else "–",
-            "config": config_rows(cfg),
-            "per_class": [[c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}"]
-                          for c in per_class],
-            "final_sentence": final_sentence,
-        }
-        if per_class:
-            worst = min(per_class, key=lambda c: c["recall"])
-            best = max(per_class, key=lambda c: c["recall"])
-            out[model]["class_sentence"] = (f"Recall is highest for {best['class']} ({best['recall']:.3f}) and "
-                                            f"lowest for {worst['class']} ({worst['recall']:.3f}).")
-            f.claim(type="class_extreme", model=model, lowest=worst["class"], highest=best["class"])
-        conf = m.get("confusion")
-        if conf:
-            cm = np.asarray(conf, dtype=float)
-            off = cm.copy()
-            np.fill_diagonal(off, 0)
-            i, j = np.unravel_index(int(off.argmax()), off.shape)
-            names = [c["class"] for c in per_class] if len(per_class) == cm.shape[0] else list(CLASS_NAMES)
-            out[model]["confusion_sentence"] = (f"The most frequent confusion is {names[i]} predicted as "
-                                                f"{names[j]} ({int(cm[i, j])} test images).")
-            f.claim(type="confusion_max", model=model, true=int(i), pred=int(j), count=int(cm[i, j]))
-        # Training hyperparameters in plain words for the "training setup" table.
-        out[model]["hp"] = {k: fmt_value(cfg.get(k)) for k in
-                            ("optimizer", "lr", "head_lr", "momentum", "weight_decay", "schedule",
-                             "warmup_epochs", "epochs", "batch_size", "patience", "augment", "erase",
-                             "label_smoothing", "tta", "standardize")
-                            if k in cfg}
-    diff = s["cnn"]["test_acc"] - s["mlp"]["test_acc"]
-    out["cnn_minus_mlp"] = pts(diff)
-    out["cnn_better"] = bool(diff > 0)
-    f.claim(type="summary_order", better="cnn" if diff > 0 else "mlp")
-    return out
-
-
-# ------------------------------------------------------------------------------------------ CNN layers
-def _cnn_module():
-    try:
-        sys.path.insert(0, str(REPO_DIR))
-        import cnn_torch
-        return cnn_torch
-    except Exception as exc:  # noqa: BLE001 - the report says why the tables are missing
-        return exc
-
-
-def _list(v) -> list[int]:
-    """A list-valued config field as saved in JSON (list) or in the CSVs (space- or comma-joined)."""
-    if isinstance(v, (list, tuple)):
-        return [int(x) for x in v]
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def init_stat_rows(results: dict) -> list[list[str]]:
+    st = results["init"]
+    if st is None or st.empty:
         return []
-    tokens = str(v).replace(",", " ").replace("[", " ").replace("]", " ").split()
-    return [int(float(x)) for x in tokens if x.lower() not in ("none", "nan", "")]
+    st = st[st["model"] == "cnn"]
+    if "batchnorm" not in st:
+        st = st.assign(batchnorm=False)
+    rows = []
+    for (scheme, bn), g in st.groupby([st["scheme"].astype(str), st["batchnorm"]], sort=False):
+        g = g.sort_values("layer")
+        first, last = g.iloc[0], g.iloc[-1]
+        rows.append([name("cnn_init", scheme), "yes" if str(bn).lower() in ("true", "1") else "no",
+                     f"{first['act_std']:.3g}", f"{last['act_std']:.3g}", sci(first["grad_norm"]),
+                     sci(last["grad_norm"]), pct(float(g["dead_frac"].max()), 1)])
+    return rows
 
 
-def _backbone(cnn_torch, cfg: dict):
-    filters = cfg.get("filters", "constant")
-    if isinstance(filters, str) and filters not in ("constant", "double"):
-        filters = _list(filters)
-    return cnn_torch.CNNBackbone(filters, int(cfg["kernel_size"]), str(cfg["pool"]), str(cfg.get("init", "he")),
-                                 1, _bool(cfg.get("batchnorm", False)), int(cfg.get("base_filters", 32)))
+def make_ablation_facts(results: dict, f: Facts) -> dict:
+    abl = results["summary"].get("ablation") or {}
+    stage = {**results["manifest"].get("stages", {}).get(ABLATION, {}),
+             **results["summary"].get("stages", {}).get(ABLATION, {}),
+             **(abl if isinstance(abl, dict) else {"table": abl})}
+    table = [r for r in stage.get("table", []) if r.get("val_acc") is not None and not r.get("diverged")]
+    full = next((r for r in table if str(r["variant"]) == str(stage.get("default", "full recipe"))), None)
+    if full is None or len(table) < 2:
+        return {"rows": stage_rows(ABLATION, stage, None), "sentence": "", "present": bool(table),
+                "sweep": sweep_sentence(results["dir"])}
+    sd = pooled_sd(table)
+    hurt, helped, flat = [], [], []
+    for r in table:
+        if r is full:
+            continue
+        d = r["val_acc"] - full["val_acc"]
+        noise = None if sd is None else NOISE_Z * sd * math.sqrt(1 / r["n"] + 1 / full["n"])
+        what = str(r["variant"]).removeprefix("no ")
+        item = f"{name(ABLATION, what)} ({100 * d:+.2f} points)"
+        (hurt if noise is not None and d < -noise else helped if noise is not None and d > noise else flat).append(item)
+        f.claim(type="ablation", variant=str(r["variant"]), full=str(full["variant"]),
+                effect="hurt" if item in hurt else "helped" if item in helped else "flat")
+    parts = []
+    if hurt:
+        parts.append(f"Removing {_join(hurt)} lowered validation accuracy by more than the noise, so "
+                     f"{'these parts earn' if len(hurt) > 1 else 'this part earns'} their place in the recipe.")
+    if flat:
+        parts.append(f"Removing {_join(flat)} changed it by less than the noise"
+                     f"{' (pooled seed std ' + pts(sd) + ' points)' if sd is not None else ' (one seed: noise unmeasured)'}.")
+    if helped:
+        parts.append(f"Removing {_join(helped)} raised it beyond the noise: at this budget that part of the "
+                     f"recipe costs accuracy.")
+    return {"rows": stage_rows(ABLATION, stage, None), "sentence": " ".join(parts), "present": True,
+            "sweep": sweep_sentence(results["dir"])}
 
 
-def _bool(v) -> bool:
-    return str(v).strip().lower() in ("true", "1", "1.0", "yes")
-
-
-def _head_params(feature_dim: int, hidden: list[int]) -> int:
-    dims = [feature_dim, *hidden, 10]
-    return sum(i * o + o for i, o in zip(dims[:-1], dims[1:]))
-
-
-def cnn_layer_table(cfg: dict) -> dict:
-    """Layers, output shapes and parameter counts of the chosen CNN, by instantiating cnn_torch's backbone
-    and walking its modules with forward hooks (so the table is the real network, not a sketch), followed
-    by the scratch MLP head's layers."""
-    cnn_torch = _cnn_module()
-    if isinstance(cnn_torch, Exception):
-        return {"rows": [], "note": f"cnn_torch could not be imported ({type(cnn_torch).__name__}): no layer table."}
-    import torch
+def sweep_sentence(results_dir: Path) -> str:
+    """Where the recipe came from: the sweep's rows (results/cnn_recipe_sweep.jsonl), on validation only."""
     try:
-        net = _backbone(cnn_torch, cfg)
-    except Exception as exc:  # noqa: BLE001
-        return {"rows": [], "note": f"the backbone could not be built from the saved config ({exc})."}
-    rows, hooks = [], []
+        rows = [json.loads(line) for line in (results_dir / "cnn_recipe_sweep.jsonl").read_text().splitlines()
+                if line.strip()]
+        df = pd.DataFrame(rows)
+        means = df.groupby("name")["val_plain"].agg(["mean", "count"])
+    except (OSError, ValueError, KeyError):
+        return ""
+    best = means["mean"].idxmax()
+    return (f"The recipe itself was chosen before the study by a sweep of {len(means)} training recipes, scored "
+            f"on validation only (benchmarks/cnn_recipe_sweep.py, rows in results/cnn_recipe_sweep.jsonl); "
+            f"the best, named {best} there, reached {pct(means.loc[best, 'mean'])} (mean of "
+            f"{int(means.loc[best, 'count'])} seeds). The ablation below tests each of its parts again inside "
+            f"this study.")
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _uncap(s: str) -> str:
+    return s[:1].lower() + s[1:] if s[1:2].islower() else s
+
+
+def _scheme(v) -> str:
+    """'he, no BN' -> 'He' (the contrast levels of the initialisation stage, named by their scheme)."""
+    return name("cnn_init", str(v).split(",")[0])
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def edge_sentence(results: dict) -> str:
+    """One sentence for every track: the stages whose winner stayed at the edge of its range."""
+    stages = results["manifest"].get("stages", {})
+    edge = [f"{_uncap(text.TITLES.get(s, s))} ({name(s, st.get('winner'))})" for s, st in stages.items()
+            if st.get("edge") and st.get("winner") is not None]
+    over = [f"{name(s, v)} in the {_uncap(text.TITLES.get(s, s))}" for s, st in stages.items()
+            if s != "cnn_init" for v in st.get("contrast") or []]
+    capped = ("" if not over else
+              f" A level whose network costs more than twice the default's multiply-adds per image is trained and "
+              f"shown but cannot win, since its final runs would not fit the time budget: {_join(over)}.")
+    if not edge:
+        return ("No stage's winner stayed at the edge of its range, so every chosen level is bracketed by worse "
+                "ones." + capped)
+    return (f"The chosen level stayed at the edge of its range, even after any extension, for the "
+            f"{_join(edge)}: a better level may lie beyond it." + capped)
+
+
+# ------------------------------------------------------------------------------------------ finals
+def final_facts(results: dict, model: str, f: Facts) -> dict:
+    m = results["summary"][model]
+    for fld in ("val_acc", "test_acc"):
+        f.claim(type="summary", path=[model, fld], value=m[fld])
+    seeds = m.get("seeds") or []
+    lo, hi = (m.get("test_acc_wilson95") or [None, None])[:2]
+    spread = ("one seed only: no spread is reported" if m.get("test_acc_std") is None else
+              f"{pm(m.get('test_acc_mean'), m.get('test_acc_std'))} over {len(seeds)} seeds")
+    return {"val_acc": pct(m["val_acc"]), "test_acc": pct(m["test_acc"]),
+            "wilson": f"{pct(lo)} – {pct(hi)}" if lo is not None else "–",
+            "seeds": spread, "n_seeds": len(seeds), "macro_f1": f"{m['test_macro_f1']:.4f}"
+            if m.get("test_macro_f1") is not None else "–",
+            "n_params": count(m.get("n_params")), "macs": mega(m.get("macs")),
+            "minutes": f"{m['train_seconds'] / 60:.1f}" if m.get("train_seconds") is not None else "–",
+            "epochs": str(m.get("epochs_run", "–")), "kept_sentence": kept_sentence(model, m),
+            "config": [[CONFIG_LABELS.get(k, k.replace("_", " ")), _value(v)]
+                       for k, v in (m.get("config") or {}).items() if k not in ("device", "seed")]}
+
+
+TRAINING_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "epochs", "batch_size",
+                 "patience", "head_lr", "head_epochs", "augment", "erase", "label_smoothing", "tta")
+
+
+def training_rows(s: dict) -> list[list[str]]:
+    """The settings that answer 'learning rate, epochs' for both final models, side by side."""
+    cm, cc = s["mlp"].get("config") or {}, s["cnn"].get("config") or {}
+    return [[CONFIG_LABELS.get(k, k), _value(cm[k]) if k in cm else "–", _value(cc[k]) if k in cc else "–"]
+            for k in TRAINING_KEYS if k in cm or k in cc]
+
+
+CONFIG_LABELS = {"hidden": "hidden widths", "activation": "activation", "dropout": "dropout probability",
+                 "init": "weight initialisation", "optimizer": "optimiser", "lr": "learning rate",
+                 "weight_decay": "weight decay", "schedule": "learning-rate schedule", "warmup_epochs": "warm-up epochs",
+                 "epochs": "epochs", "batch_size": "batch size", "patience": "early-stopping patience (0: off)",
+                 "standardize": "standardise inputs", "filters": "filters per convolution", "base_filters": "base filters",
+                 "kernel_size": "kernel size", "pool": "pooling", "batchnorm": "BatchNorm", "head_mode": "head training",
+                 "head_hidden": "head hidden widths", "head_activation": "head activation",
+                 "head_dropout": "head dropout", "head_lr": "head learning rate", "head_epochs": "head epochs",
+                 "augment": "augmentation (shifts, mirror)", "erase": "random-erasing probability",
+                 "label_smoothing": "label smoothing", "tta": "test-time mirroring", "momentum": "momentum",
+                 "precision": "arithmetic precision", "channels_last": "channels-last memory layout"}
+
+
+def _value(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) if v else "none"
+    return "none" if v is None else name("", v) if isinstance(v, str) else str(v)
+
+
+def kept_sentence(model: str, m: dict) -> str:
+    label = {"mlp": "MLP", "cnn": "CNN"}[model]
+    cands = {c.get("name"): c for c in m.get("candidates") or []}
+    if len(cands) < 2:
+        return (f"For the {label}, the chain of stage winners is the hand-set default configuration, so one "
+                f"candidate was trained at full budget.")
+    chain, default = cands.get("chain"), cands.get("default")
+    if not chain or not default:
+        return ""
+    if m.get("kept") == "chain":
+        return (f"For the {label}, the chain of stage winners reached {pct(chain['val_acc'])} on validation "
+                f"against {pct(default['val_acc'])} for the hand-set default, so the chain was kept: the short "
+                f"grid's choices carried over to the full budget.")
+    return (f"For the {label}, the hand-set default reached {pct(default['val_acc'])} on validation against "
+            f"{pct(chain['val_acc'])} for the chain of stage winners, so the default was kept: the short grid's "
+            f"choices did not carry over to the full budget.")
+
+
+def mcnemar_facts(results: dict, f: Facts) -> list[dict]:
+    out = []
+    for t in results["summary"].get("mcnemar") or []:
+        p = t.get("p_value")
+        if p is None:
+            continue
+        sig = p < 0.05
+        f.claim(type="mcnemar", a=t["a"], b=t["b"], significant=sig)
+        a_better = (t.get("acc_a") or 0) > (t.get("acc_b") or 0)
+        better, other = (t["a"], t["b"]) if a_better else (t["b"], t["a"])
+        a, b = _model_words(t["a"]), _model_words(t["b"])
+        # n01: a wrong and b right; n10: a right and b wrong
+        right_better, right_other = (t["n10"], t["n01"]) if a_better else (t["n01"], t["n10"])
+        s = (f"Of the {t['n01'] + t['n10']} test images where they disagree, the {_model_words(better)} is right "
+             f"on {right_better} and the {_model_words(other)} on {right_other}: a significant difference "
+             f"(p = {p:.2g})."
+             if sig else
+             f"{a} and {b} disagree on {t['n01'] + t['n10']} images, split {t['n01']} to {t['n10']}, which is "
+             f"consistent with chance (p = {p:.2g}): on this test set they are not distinguishable.")
+        out.append({"row": [a, b, pct(t.get("acc_a")), pct(t.get("acc_b")), str(t["n10"]), str(t["n01"]),
+                            f"{p:.2g}"], "sentence": s})
+    return out
+
+
+def _model_words(s: str) -> str:
+    s = str(s)
+    for raw, nice in (("chain", "chain of winners"), ("default", "hand-set default")):
+        s = s.replace(raw, nice)
+    return s.replace("mlp", "MLP").replace("cnn", "CNN")
+
+
+def baseline_facts(results: dict) -> dict:
+    s = results["summary"]
+    rows = [[label, prep, pct(acc, 1)] for _m, label, prep, acc in BASELINES]
+    mlp_ref = next(acc for m, _l, _p, acc in BASELINES if m == "mlp")
+    small = [acc for m, label, _p, acc in BASELINES if m == "cnn" and "ResNet" not in label]
+    ours_mlp, ours_cnn = s["mlp"]["test_acc"], s["cnn"]["test_acc"]
+    sent = (f"Our MLP's {pct(ours_mlp)} is {'above' if ours_mlp > mlp_ref else 'below'} the listed MLP's "
+            f"{pct(mlp_ref, 1)}; our CNN's {pct(ours_cnn)} is "
+            + ("above every listed small CNN" if ours_cnn > max(small) else
+               "below the best listed small CNN" if ours_cnn > min(small) else "below every listed small CNN")
+            + " (those rows were submitted by their authors with their own splits and budgets, so the "
+              "comparison is indicative only).")
+    return {"rows": rows, "sentence": sent}
+
+
+# ------------------------------------------------------------------------------------------ architecture
+def mlp_layer_rows(cfg: dict) -> list[list[str]]:
+    hidden = [int(h) for h in (cfg.get("hidden") or [])]
+    act = name("mlp_activation", cfg.get("activation", "relu"))
+    p = float(cfg.get("dropout") or 0)
+    rows, d_in = [["input (flattened image)", "784", "0"]], 784
+    for i, h in enumerate(hidden, 1):
+        rows.append([f"linear {i}: {d_in} → {h}", str(h), f"{d_in * h + h:,}"])
+        rows.append([act + (f", dropout {p:g}" if p else ""), str(h), "0"])
+        d_in = h
+    rows.append([f"linear {len(hidden) + 1}: {d_in} → 10 (logits)", "10", f"{d_in * 10 + 10:,}"])
+    rows.append(["softmax + cross-entropy (fused)", "10", "0"])
+    return rows
+
+
+def cnn_layer_rows(cfg: dict) -> dict:
+    """Layers of the final CNN by instantiating cnn_torch's backbone from the saved config and running one
+    image through it with forward hooks (so the table is the real network)."""
+    try:
+        import torch
+        import cnn_torch
+        known = {fl.name for fl in __import__("dataclasses").fields(cnn_torch.CNNConfig)}
+        net = cnn_torch.build_backbone(cnn_torch.CNNConfig(**{k: v for k, v in cfg.items() if k in known}))
+    except Exception as exc:  # noqa: BLE001 - the report says why the table is missing
+        return {"rows": [], "note": f"The backbone could not be rebuilt from the saved configuration ({type(exc).__name__})."}
+    rows = []
 
     def hook(mod, _inp, out):
         n = sum(p.numel() for p in mod.parameters(recurse=False))
-        rows.append([type(mod).__name__ + _describe(mod), " × ".join(str(d) for d in tuple(out.shape)[1:]),
-                     f"{n:,}"])
+        rows.append([_describe(mod), " × ".join(str(d) for d in tuple(out.shape)[1:]), f"{n:,}"])
 
-    for mod in net.modules():
-        if len(list(mod.children())) == 0:
-            hooks.append(mod.register_forward_hook(hook))
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
     net.eval()
     with torch.no_grad():
         feats = net(torch.zeros(1, 1, 28, 28))
     for h in hooks:
         h.remove()
-    backbone_total = sum(p.numel() for p in net.parameters())
-    hidden = _list(cfg.get("head_hidden", []))
-    act = str(cfg.get("head_activation", "relu"))
-    p_drop = float(cfg.get("head_dropout", 0.0) or 0.0)
-    dims = [int(feats.shape[1]), *hidden, 10]
-    for k, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
-        last = k == len(dims) - 2
-        extra = "" if last else f", {act}" + (f", dropout {p_drop:g}" if p_drop else "")
-        rows.append([f"MLP head (NumPy): linear {i}→{o}{extra}", str(o), f"{i * o + o:,}"])
-    head_total = _head_params(dims[0], hidden)
-    return {"rows": rows, "feature_dim": str(int(feats.shape[1])), "total": f"{backbone_total:,}",
-            "head_total": f"{head_total:,}", "all_total": f"{backbone_total + head_total:,}", "note": ""}
-
-
-def cnn_variant_table(runs: pd.DataFrame) -> list[list[str]]:
-    """Every distinct architecture the CNN study trained: filters, kernel, pooling, feature size, backbone
-    and head parameters, and multiply-adds of the convolutions per image."""
-    cnn_torch = _cnn_module()
-    if isinstance(cnn_torch, Exception) or runs.empty:
-        return []
-    cols = [c for c in ("filters", "base_filters", "kernel_size", "pool", "batchnorm", "head_hidden") if c in runs]
-    out, seen = [], set()
-    for _, r in runs.iterrows():
-        cfg = {c: r[c] for c in cols}
-        sig = tuple(str(cfg[c]) for c in cols)
-        if sig in seen:
-            continue
-        seen.add(sig)
-        try:
-            net = _backbone(cnn_torch, cfg)
-            hidden = _list(cfg.get("head_hidden", []))
-        except Exception:  # noqa: BLE001 - an architecture the module no longer builds: leave it out
-            continue
-        out.append([str(r["study"]), str(r["variant"]), "-".join(str(c) for c in net.channels),
-                    f"{net.kernel_size}", net.pool, str(net.feature_dim), f"{net.n_params:,}",
-                    f"{_head_params(net.feature_dim, hidden):,}",
-                    f"{net.conv_macs() / 1e6:.1f}" if hasattr(net, "conv_macs") else "–"])
-    return out
+    dims = [int(feats.shape[1]), *[int(h) for h in cfg.get("head_hidden") or []], 10]
+    act = name("mlp_activation", cfg.get("head_activation", "relu"))
+    p = float(cfg.get("head_dropout") or 0)
+    for k, (i, o) in enumerate(zip(dims[:-1], dims[1:]), 1):
+        extra = "" if k == len(dims) - 1 else f", {act}" + (f", dropout {p:g}" if p else "")
+        rows.append([f"scratch MLP head: linear {i} → {o}{extra}", str(o), f"{i * o + o:,}"])
+    return {"rows": rows, "note": "", "feature_dim": str(dims[0]),
+            "total": f"{sum(p.numel() for p in net.parameters()):,}"}
 
 
 def _describe(mod) -> str:
     import torch.nn as nn
     if isinstance(mod, nn.Conv2d):
-        return f" {mod.in_channels}→{mod.out_channels}, {mod.kernel_size[0]}×{mod.kernel_size[1]}, pad {mod.padding[0]}"
+        return f"convolution {mod.in_channels} → {mod.out_channels}, {mod.kernel_size[0]}×{mod.kernel_size[1]}"
     if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
         k = mod.kernel_size if isinstance(mod.kernel_size, int) else mod.kernel_size[0]
-        return f" {k}×{k}"
-    return ""
+        return f"{'max' if isinstance(mod, nn.MaxPool2d) else 'average'} pooling {k}×{k}"
+    nice = {"ReLU": "ReLU", "BatchNorm2d": "BatchNorm", "AdaptiveAvgPool2d": "global average pooling",
+            "Flatten": "flatten", "Dropout": "dropout"}
+    return nice.get(type(mod).__name__, type(mod).__name__)
 
 
-# ------------------------------------------------------------------------------------------ group
-def load_group(path=GROUP_FILE) -> dict:
-    """Group name, members, contributions. Placeholders (and a warning) until filled in; a sum other than
-    100 stops the build."""
-    path = Path(path)
-    data = tomllib.loads(path.read_text()) if path.is_file() else {}
-    members = data.get("member", []) or []
-    name = str(data.get("group_name", "")).strip()
-    filled = bool(name) and bool(members) and all(str(m.get("name", "")).strip() and str(m.get("email", "")).strip()
-                                                  for m in members)
-    contribs = [m.get("contribution") for m in members]
-    given = [c for c in contribs if c is not None]
-    if given:
-        if len(given) != len(contribs):
-            raise ReportError(f"{path}: every member needs a contribution once one is given")
-        total = float(sum(given))
-        if abs(total - 100) > 1e-6:
-            raise ReportError(f"{path}: contributions add up to {total:g}%, not 100%")
-    if not given:
-        filled = False
-    shown = []
-    for i, m in enumerate(members or [{}], 1):
-        shown.append({"name": str(m.get("name", "")).strip() or f"[Member {i} name]",
-                      "email": str(m.get("email", "")).strip() or f"[member{i} email]",
-                      "contribution": f"{m['contribution']:g}%" if m.get("contribution") is not None
-                      else "[contribution %]"})
-    return {"name": name or "[Group name]", "zip_name": name or "group-name", "members": shown,
-            "placeholder": not filled}
+_GRADCHECK: dict = {}  # the checks depend on the code only: run them once per process
 
 
-# ------------------------------------------------------------------------------------------ figures
-# The study's fixed figure names (run_experiments.py's docstring). All are required: the study always
-# makes them, so a missing one means a broken or unfinished results folder.
-FIGURES = {
-    "samples": "class_samples.png",
-    "curves": "learning_curves.png",
-    "compare_mlp": "compare_mlp.png",
-    "compare_cnn": "compare_cnn.png",
-    "init_mlp_init": "init_stats_mlp_init.png",
-    "init_mlp_activation": "init_stats_mlp_activation.png",
-    "init_cnn_init": "init_stats_cnn_init.png",
-    "confusion_mlp": "confusion_mlp.png",
-    "confusion_cnn": "confusion_cnn.png",
-    "per_class": "per_class_accuracy.png",
-    "misclassified_mlp": "misclassified_mlp.png",
-    "misclassified_cnn": "misclassified_cnn.png",
-    "filters": "cnn_filters.png",
-}
-OPTIONAL_FIGURES = ()
+def gradcheck_facts(results_dir: Path) -> dict:
+    """Run the gradient checks (about two seconds), save them to <results>/gradcheck.json, tabulate them."""
+    try:
+        from report import gradcheck
+        if "data" not in _GRADCHECK:
+            _GRADCHECK["data"] = gradcheck.run()
+        data = _GRADCHECK["data"]
+        atomic_write(results_dir / "gradcheck.json", json.dumps(data, indent=1).encode())
+    except Exception as exc:  # noqa: BLE001 - a broken module shows in the report, it does not stop it
+        return {"rows": [], "note": f"The gradient check could not run ({type(exc).__name__}: {exc})."}
+    acts = list(dict.fromkeys(r["activation"] for r in data["rows"]))
+    layers = sorted({r["layer"] for r in data["rows"]})
+    cell = {(r["activation"], r["layer"]): r for r in data["rows"]}
+    rows = [[name("mlp_activation", a)] + [f"{sci(cell[a, layer]['fd'])} / {sci(cell[a, layer]['torch'])}"
+                                           for layer in layers] for a in acts]
+    worst_fd = max(r["fd"] for r in data["rows"])
+    worst_t = max((r["torch"] for r in data["rows"] if r["torch"] is not None), default=None)
+    return {"rows": rows, "layers": [f"Layer {layer}" for layer in layers], "note": "",
+            "shape": data["shape"], "worst_fd": sci(worst_fd), "worst_torch": sci(worst_t),
+            "passes": worst_fd < 1e-6 and (worst_t is None or worst_t < 1e-10)}
 
 
-def find_figures(results: dict) -> dict:
-    fig_dir = results["dir"] / "figures"
-    out = {}
-    for key, name in FIGURES.items():
-        if (fig_dir / name).is_file():
-            out[key] = name
-        elif key not in OPTIONAL_FIGURES:
-            raise ReportError(f"figure {fig_dir / name} is missing: rebuild them with "
-                              f"`python run_experiments.py --plots-only --results-dir {results['dir']}`")
+# ------------------------------------------------------------------------------------------ views, errors
+def view_facts(results: dict) -> dict:
+    """PCA and mistakes summaries that plots.py saved beside the figures (figures/pca.json, mistakes.json)."""
+    fig = results["dir"] / "figures"
+    out = {"pca": "", "mistakes": "", "pca_n": "–"}
+    try:
+        pca = json.loads((fig / "pca.json").read_text())
+        views = pca["views"]
+        out["pca_n"] = count(pca.get("n"))
+        best = max(views, key=lambda v: v["centroid_acc"])
+        out["pca"] = ("In the 2-D projection, assigning each image to the nearest class mean classifies "
+                      + _join([f"{pct(v['centroid_acc'], 0)} correctly from {v['title']}" for v in views])
+                      + f": {best['title']} separate the classes best in two dimensions"
+                        f" (PCA keeps {pct(best['variance'], 0)} of their variance).")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        mis = json.loads((fig / "mistakes.json").read_text())
+        parts = [f"the {m.upper()} makes {v['n_wrong']:,} mistakes, {v['n_confident']:,} of them with "
+                 f"confidence above {pct(v['threshold'], 0)}" for m, v in mis.items()]
+        out["mistakes"] = "On the test set " + " and ".join(parts) + "."
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
     return out
 
 
-# ------------------------------------------------------------------------------------------ facts + check
+def class_facts(results: dict, f: Facts) -> str:
+    s = results["summary"]
+    parts = []
+    for model in ("mlp", "cnn"):
+        pc, conf = s[model].get("per_class"), s[model].get("confusion")
+        if not pc or not conf:
+            continue
+        worst = min(pc, key=lambda c: c["recall"])
+        cm = np.asarray(conf, dtype=float)
+        np.fill_diagonal(cm, -1)
+        i, j = np.unravel_index(int(cm.argmax()), cm.shape)
+        f.claim(type="confusion_max", model=model, true=int(i), pred=int(j))
+        f.claim(type="worst_class", model=model, cls=worst["class"])
+        parts.append(f"the {model.upper()} recognises {worst['class']} least often (recall {worst['recall']:.3f}) "
+                     f"and most often mistakes {CLASS_NAMES[i]} for {CLASS_NAMES[j]} ({int(cm[i, j])} images)")
+    if len(parts) < 2:
+        return {"text": ("On the test set " + "; ".join(parts) + ".") if parts else "", "recall": ""}
+    r_m = [c["recall"] for c in s["mlp"]["per_class"]]
+    r_c = [c["recall"] for c in s["cnn"]["per_class"]]
+    n = sum(c > m for m, c in zip(r_m, r_c))
+    f.claim(type="recall_wins", n=n)
+    return {"text": "On the test set " + "; ".join(parts) + ".",
+            "recall": f"The CNN's recall is higher than the MLP's in {n} of the {len(r_m)} classes."}
+
+
+# ------------------------------------------------------------------------------------------ conclusion
+def _margin(kind: str | None) -> str:
+    return {"default_clear": "by more than the seed noise", "other_clear": "by more than the seed noise",
+            "default_close": "though within the seed noise", "other_close": "though within the seed noise"
+            }.get(kind, "with no noise estimate")
+
+
+def _best(stage: dict | None) -> str:
+    """The level with the best mean validation accuracy (the outcome's, which the stage sentence names)."""
+    return stage["best"] if stage and stage.get("kind") else "not measured"
+
+
+def conclusion_facts(facts: dict, results: dict) -> list[list[str]]:
+    """One sentence per assignment question: [question, sentence, label of the section with the evidence]."""
+    st = {s["id"]: s for s in facts["studies_mlp"] + facts["studies_cnn"]}
+    cfg = results["summary"]["mlp"]["config"]
+    hidden = cfg.get("hidden") or []
+    fm, fc = facts["final"]["mlp"], facts["final"]["cnn"]
+    test = next((t for t in results["summary"].get("mcnemar") or []
+                 if {"mlp", "cnn"} <= {str(t["a"]).lower(), str(t["b"]).lower()} and t.get("p_value") is not None), None)
+    init_bn = st.get("cnn_init") or {}
+    no_bn = facts["init"]["sentences"][0] if facts["init"]["sentences"] else ""
+    return [
+        ["Q2f", f"The MLP settles on {name('mlp_activation', cfg.get('activation'))}, {len(hidden)} hidden "
+                f"layer{'s' if len(hidden) != 1 else ''} of {', '.join(map(str, hidden))} units, dropout "
+                f"{_value(cfg.get('dropout'))} and {name('mlp_optimizer', cfg.get('optimizer'))} at a learning "
+                f"rate of {_value(cfg.get('lr'))}, which reaches {fm['test_acc']} on test ({fm['seeds']}).",
+         "sec-mlp-study"],
+        ["Q3a", f"{_cap(_best(st.get('cnn_pool')))} came first among the pooling methods "
+                f"{_margin((st.get('cnn_pool') or {}).get('kind'))}.", "sec-cnn-study"],
+        ["Q3b", f"The {_best(st.get('cnn_kernel'))} kernel came first "
+                f"{_margin((st.get('cnn_kernel') or {}).get('kind'))}, and at equal multiply-adds the "
+                f"{_best(st.get('cnn_filters'))} filter schedule came first "
+                f"{_margin((st.get('cnn_filters') or {}).get('kind'))}.", "sec-cnn-study"],
+        ["Q3c", f"With BatchNorm {_best(init_bn)} initialisation came first {_margin(init_bn.get('kind'))}"
+                + (f", while without it {no_bn[len('Without BatchNorm '):].rstrip('.')}."
+                   if no_bn.startswith("Without BatchNorm") else
+                   f"; {no_bn[0].lower() + no_bn[1:]}" if no_bn else "; the contrast without BatchNorm was not run."),
+         "sec-init"],
+        ["Q3d", f"The CNN backbone with the scratch MLP as its classifier reaches {fc['test_acc']} on test against "
+                f"{fm['test_acc']} for the MLP on pixels"
+                + (f", a difference McNemar's test puts at p = {test['p_value']:.2g}." if test else "."),
+         "sec-final"],
+    ]
+
+
+# ------------------------------------------------------------------------------------------ design, curves
+def _record(results: dict, key) -> dict:
+    try:
+        rec = json.loads((results["dir"] / "runs" / f"{key}.json").read_text())
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def design_facts(results: dict) -> dict:
+    s, st = results["summary"], results["summary"]["study"]
+    rec = _record(results, s["mlp"]["key"])
+    budget = st.get("grid_budget") or {}
+    words = {"subset": "training images", "n_eval": "validation images", "epochs": "epochs"}
+    rows = [[_cap(k.replace("_", " ").replace("mlp", "MLP").replace("cnn", "CNN")),
+             ", ".join(f"{words.get(kk, kk.replace('_', ' '))}: {'all' if vv is None else _value(vv)}"
+                       for kk, vv in b.items()) if isinstance(b, dict) else _value(b)]
+            for k, b in budget.items()] if isinstance(budget, dict) else []
+    seeds = st.get("seeds") or []
+    return {"quick": st.get("plan") == "quick", "seeds": ", ".join(map(str, seeds)), "n_seeds": len(seeds),
+            "one_seed": len(seeds) < 2, "n_runs": count(st.get("n_runs")), "n_diverged": count(st.get("n_diverged")),
+            "duration": _duration(st.get("seconds") or 0),  # summed run by run: resumes do not split it
+            "workers": str(st.get("workers", 1)), "budget": rows,
+            "n_train": count(rec.get("n_train")), "n_val": count(rec.get("n_val")), "n_test": count(rec.get("n_test")),
+            "versions": ", ".join(f"{k} {v}" for k, v in (st.get("versions") or {}).items()),
+            "finished": str(st.get("finished_at", ""))}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} hours" if seconds >= 5400 else f"{seconds / 60:.0f} minutes" if seconds >= 90 \
+        else f"{seconds:.0f} seconds"
+
+
+def curve_facts(results: dict) -> dict:
+    out = {}
+    for model in ("mlp", "cnn"):
+        hist = _record(results, results["summary"][model]["key"]).get("history") or []
+        if not hist:
+            out[model] = ""
+            continue
+        best = max(hist, key=lambda h: h["val_acc"])
+        last = hist[-1]
+        gap = last["train_acc"] - last["val_acc"]
+        s = (f"The {model.upper()}'s validation accuracy peaks at {pct(best['val_acc'])} in epoch {best['epoch']} of "
+             f"{last['epoch']}; at the end it fits its training images to {pct(last['train_acc'])}, "
+             + (f"{pts(gap)} points above validation, so it overfits mildly, which dropout and weight decay hold in check."
+                if gap > 0.02 else f"{pts(gap)} points above validation, so it does not overfit noticeably."
+                if gap > 0.002 else "no better than validation: at this budget it underfits rather than overfits."))
+        phases = [h.get("phase") for h in hist]
+        start = next((h["epoch"] for p, h in zip(phases, hist[1:]) if h.get("phase") not in (None, p)), None)
+        if start is not None:
+            s += (f" The jump at epoch {start} is where the backbone's training ends and the scratch MLP head starts "
+                  f"training on its frozen features (marked in the figure).")
+        out[model] = s
+    return out
+
+
+# ------------------------------------------------------------------------------------------ group
+def _bad(path, msg):
+    return ReportError(f"{path}: {msg} (see the comments in report/group.toml)")
+
+
+def _contribution(path, i, c) -> float | None:
+    if c is None:
+        return None
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise _bad(path, f"member {i}'s contribution must be a number, got {c!r}")
+    if not math.isfinite(c) or c < 0:
+        raise _bad(path, f"member {i}'s contribution must be a finite percentage >= 0, got {c!r}")
+    return float(c)
+
+
+def load_group(path=GROUP_FILE) -> dict:
+    """Group name, members, contributions. A template (empty fields) gives placeholders; anything invalid
+    (TOML syntax, wrong types, nan or negative contributions, a sum other than 100) raises ReportError."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text()) if path.is_file() else {}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise _bad(path, f"not valid TOML ({exc})") from None
+    name_ = data.get("group_name", "")
+    members = data.get("member", [])
+    if not isinstance(name_, str):
+        raise _bad(path, f"group_name must be a string, got {name_!r}")
+    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise _bad(path, "members must be [[member]] tables")
+    shown, given = [], []
+    for i, m in enumerate(members or [{}], 1):
+        for k in ("name", "email"):
+            if not isinstance(m.get(k, ""), str):
+                raise _bad(path, f"member {i}'s {k} must be a string, got {m.get(k)!r}")
+        c = _contribution(path, i, m.get("contribution"))
+        given.append(c)
+        shown.append({"name": m.get("name", "").strip() or f"[Member {i} name]",
+                      "email": m.get("email", "").strip() or f"[member{i} email]",
+                      "contribution": f"{c:g}%" if c is not None else "[contribution %]"})
+    if any(c is not None for c in given):
+        if any(c is None for c in given):
+            raise _bad(path, "every member needs a contribution once one is given")
+        if abs(sum(given) - 100) > 1e-6:
+            raise _bad(path, f"contributions add up to {sum(given):g}%, not 100%")
+    filled = bool(name_.strip()) and bool(members) and all(c is not None for c in given) and all(
+        m.get("name", "").strip() and m.get("email", "").strip() for m in members)
+    return {"name": name_.strip() or "[Group name]", "zip_name": name_.strip() or "group-name",
+            "members": shown, "placeholder": not filled}
+
+
+# ------------------------------------------------------------------------------------------ figures
+def find_figures(results_dir: Path) -> tuple[dict, list[str]]:
+    """{stem: {"file", "width" (inches)}} for the figures present, and the names of those missing."""
+    import plots
+    fig_dir = results_dir / "figures"
+    present, missing = {}, []
+    for fname, width in plots.FIG_WIDTH_IN.items():
+        if (fig_dir / fname).is_file():
+            present[Path(fname).stem] = {"file": fname, "width": width}
+        else:
+            missing.append(fname)
+    return present, missing
+
+
+# ------------------------------------------------------------------------------------------ all facts
 def make_facts(results: dict, group: dict | None = None) -> dict:
     f = Facts()
-    figures = find_figures(results)
+    figures, missing = find_figures(results["dir"])
     s = results["summary"]
-    st = s["study"]
-    facts = {
-        "group": group or load_group(),
-        "meta": {"quick": bool(st.get("quick", False)), "seeds": ", ".join(str(x) for x in st.get("seeds", [])),
-                 "n_seeds": str(len(st.get("seeds", []))), "device": fmt_value(st.get("device", "cpu")).replace(" × ", ", "),
-                 "study_minutes": f"{float(st.get('seconds', 0)) / 60:.0f}",
-                 "finished_at": str(st.get("finished_at", "")),
-                 "versions": ", ".join(f"{k} {v}" for k, v in (st.get("versions") or {}).items()),
-                 "grid_budget": [[str(k), fmt_value(v)] for k, v in (st.get("grid_budget") or {}).items()]
-                 if isinstance(st.get("grid_budget"), dict) else [["grid", str(st.get("grid_budget", ""))]],
-                 # a run shared by two comparisons (the incumbent level) has a row in each: count it once
-                 "n_runs": str(pd.concat([results["mlp_runs"]["key"], results["cnn_runs"]["key"]]).nunique())},
-        "figures": figures,
-        "studies": make_study_facts(results, f, figures),
-        "init": make_init_facts(results, f),
-        "curves": make_curve_facts(results, f),
-        "final": make_final_facts(results, f),
-        "arch": cnn_layer_table(s["cnn"].get("config", {})),
-        "arch_variants": cnn_variant_table(results["cnn_runs"]),
-        "noise_z": f"{NOISE_Z:g}",
-    }
-    facts["studies_mlp"] = [x for x in facts["studies"] if x["model"] == "mlp"]
-    facts["studies_cnn"] = [x for x in facts["studies"] if x["model"] == "cnn"]
+    facts = {"group": group or load_group(), "design": design_facts(results), "figures": figures,
+             "missing_figures": missing, "noise_z": f"{NOISE_Z:g}",
+             "studies_mlp": make_stage_facts(results, f, MLP_STAGES),
+             "studies_cnn": make_stage_facts(results, f, CNN_STAGES),
+             "edges": edge_sentence(results),
+             "init": make_init_facts(results, f), "ablation": make_ablation_facts(results, f),
+             "final": {m: final_facts(results, m, f) for m in ("mlp", "cnn")},
+             "mcnemar": mcnemar_facts(results, f), "baselines": baseline_facts(results),
+             "curves": curve_facts(results), "views": view_facts(results), "classes": class_facts(results, f),
+             "mlp_layers": mlp_layer_rows(s["mlp"]["config"]), "cnn_layers": cnn_layer_rows(s["cnn"]["config"]),
+             "gradcheck": gradcheck_facts(results["dir"])}
+    facts["training"] = training_rows(s)
+    diff = s["cnn"]["test_acc"] - s["mlp"]["test_acc"]
+    facts["final"]["cnn_minus_mlp"] = pts(abs(diff))
+    facts["final"]["cnn_better"] = bool(diff > 0)
+    f.claim(type="order", better="cnn" if diff > 0 else "mlp")
+    facts["conclusion"] = conclusion_facts(facts, results)
     facts["claims"] = f.claims
     return facts
 
 
-def _close(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    a, b = float(a), float(b)
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
-    return abs(a - b) <= REL_TOL * max(1.0, abs(a), abs(b))
+# ------------------------------------------------------------------------------------------ checks
+# Each checker re-derives one kind of claim from the files (read afresh, with its own small computation)
+# and returns a problem string or None. check_claims runs them all before any PDF is written.
+def _level_stats(runs: pd.DataFrame, study: str) -> pd.DataFrame:
+    df = runs[runs["study"].astype(str) == study]
+    df = df[~df["diverged"].astype(str).str.lower().isin(["true", "1", "1.0"])]
+    g = df.groupby(df["variant"].astype(str))["val_acc"]
+    return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=1), "n": g.count()})
 
 
-def _extreme(values: pd.Series, label: str, which) -> bool:
-    """label holds the max (or min) of values, up to float rounding (exact ties may go either way)."""
-    return label in values.index and _close(values[label], which(values))
+def _noise(st: pd.DataFrame, a: str, b: str) -> float | None:
+    multi = st[(st["n"] > 1) & st["std"].notna()]
+    dof = (multi["n"] - 1).sum()
+    if dof <= 0:
+        return None
+    sd = math.sqrt(((multi["n"] - 1) * multi["std"] ** 2).sum() / dof)
+    return NOISE_Z * sd * math.sqrt(1 / st.loc[a, "n"] + 1 / st.loc[b, "n"])
+
+
+def check_stage(c: dict, files) -> str | None:
+    st = _level_stats(files.runs(), c["study"])
+    st = st[~st.index.isin(c["contrast"])]
+    if c["default"] not in st.index or len(st) < 2:
+        return f"{c['study']}: the runs no longer hold the default {c['default']}"
+    best = c["default"] if st.loc[c["default"], "mean"] >= st["mean"].max() - 1e-9 else st["mean"].idxmax()
+    other = c["default"] if best != c["default"] else st["mean"].drop(c["default"]).idxmax()
+    noise = _noise(st, best, other)
+    gap = st.loc[best, "mean"] - st.loc[other, "mean"]
+    kind = ("default" if best == c["default"] else "other") + (
+        "_clear" if noise is not None and gap > noise else "_close")
+    if (best, kind) != (c["best"], c["kind"]):
+        return f"{c['study']}: the runs give {best} first ({kind}), the report says {c['best']} ({c['kind']})"
+    return None
+
+
+def check_spread(c: dict, files) -> str | None:
+    st = _level_stats(files.runs(), c["study"])
+    st = st[st.index.isin(c["variants"])]
+    lo, hi = st["mean"].idxmin(), st["mean"].idxmax()
+    noise = _noise(st, lo, hi)
+    clear = noise is not None and st.loc[hi, "mean"] - st.loc[lo, "mean"] > noise
+    if (lo, hi, clear) != (c["low"], c["high"], c["clear"]):
+        return f"{c['study']} without BatchNorm: the runs give {lo}..{hi} (clear={clear}), the report says " \
+               f"{c['low']}..{c['high']} (clear={c['clear']})"
+    return None
+
+
+def check_ablation(c: dict, files) -> str | None:
+    st = _level_stats(files.runs(), ABLATION)
+    if c["variant"] not in st.index or c["full"] not in st.index:
+        return f"ablation: {c['variant']} is missing from the runs"
+    d = st.loc[c["variant"], "mean"] - st.loc[c["full"], "mean"]
+    noise = _noise(st, c["variant"], c["full"])
+    effect = "flat" if noise is None or abs(d) <= noise else ("hurt" if d < 0 else "helped")
+    return None if effect == c["effect"] else f"ablation {c['variant']}: the runs say {effect}, the report {c['effect']}"
+
+
+def check_summary(c: dict, files) -> str | None:
+    got = files.summary()
+    for k in c["path"]:
+        got = got[k]
+    ok = abs(float(got) - float(c["value"])) <= REL_TOL * max(1.0, abs(float(got)))
+    return None if ok else f"summary {'.'.join(c['path'])} is {got}, the report says {c['value']}"
+
+
+def check_order(c: dict, files) -> str | None:
+    s = files.summary()
+    better = "cnn" if s["cnn"]["test_acc"] > s["mlp"]["test_acc"] else "mlp"
+    return None if better == c["better"] else f"the better test accuracy is the {better}'s, the report says {c['better']}'s"
+
+
+def check_mcnemar(c: dict, files) -> str | None:
+    t = next((t for t in files.summary().get("mcnemar", []) if (t["a"], t["b"]) == (c["a"], c["b"])), None)
+    if t is None or (t["p_value"] < 0.05) != c["significant"]:
+        return f"McNemar {c['a']} vs {c['b']}: significance differs from the report"
+    return None
+
+
+def check_classes(c: dict, files) -> str | None:
+    m = files.summary()[c["model"]]
+    if c["type"] == "worst_class":
+        worst = min(m["per_class"], key=lambda x: x["recall"])["class"]
+        return None if worst == c["cls"] else f"{c['model']} worst class is {worst}, the report says {c['cls']}"
+    cm = np.asarray(m["confusion"], dtype=float)
+    np.fill_diagonal(cm, -1)
+    i, j = np.unravel_index(int(cm.argmax()), cm.shape)
+    return None if (i, j) == (c["true"], c["pred"]) else f"{c['model']} largest confusion differs from the report"
+
+
+def check_recall_wins(c: dict, files) -> str | None:
+    s = files.summary()
+    n = sum(b["recall"] > a["recall"] for a, b in zip(s["mlp"]["per_class"], s["cnn"]["per_class"]))
+    return None if n == c["n"] else f"the CNN's recall is higher in {n} classes, the report says {c['n']}"
+
+
+CHECKS = {"recall_wins": check_recall_wins, "stage": check_stage, "spread": check_spread, "ablation": check_ablation, "summary": check_summary,
+          "order": check_order, "mcnemar": check_mcnemar, "worst_class": check_classes, "confusion_max": check_classes}
+
+
+class _Files:
+    """The results files, each read once, afresh (not the copies the facts were made from)."""
+
+    def __init__(self, rd: Path):
+        self.rd, self._runs, self._summary = rd, None, None
+
+    def runs(self) -> pd.DataFrame:
+        if self._runs is None:
+            self._runs = pd.concat([pd.read_csv(self.rd / f"{m}_runs.csv") for m in ("mlp", "cnn")])
+        return self._runs
+
+    def summary(self) -> dict:
+        if self._summary is None:
+            self._summary = json.loads((self.rd / "summary.json").read_text())
+        return self._summary
 
 
 def check_claims(results_dir, facts: dict) -> None:
-    """Re-derive every claim in facts["claims"] from the files in results_dir (read afresh, computed
-    here without the helpers that made the facts); raise ContradictionError listing each mismatch."""
-    rd = Path(results_dir)
-    csv = {}
-
-    def table(name):
-        if name not in csv:
-            csv[name] = pd.read_csv(rd / name)
-        return csv[name]
-
-    summary = json.loads((rd / "summary.json").read_text())
-
-    def ok_rows(file, study):
-        df = table(file)
-        df = df[df["study"].astype(str) == study]
-        bad = df["diverged"].astype(str).str.lower().isin(["true", "1", "1.0"])
-        return df[~bad]
-
-    def means(file, study):
-        g = ok_rows(file, study).groupby(df_variant(ok_rows(file, study)))["val_acc"]
-        return g.mean()
-
-    def df_variant(df):
-        return df["variant"].astype(str)
-
+    """Re-derive every claim in facts["claims"]; raise ContradictionError listing the mismatches."""
+    files = _Files(Path(results_dir))
     problems = []
     for c in facts["claims"]:
-        t = c["type"]
-        if t == "agg":
-            df = ok_rows(c["file"], c["study"])
-            v = df[df["variant"].astype(str) == c["variant"]][c["field"]].astype(float).to_numpy()
-            got = {"mean": v.mean() if len(v) else float("nan"), "n": len(v),
-                   "std": v.std(ddof=1) if len(v) > 1 else float("nan")}[c["stat"]]
-            if not _close(got, c["value"]):
-                problems.append(f"{c['study']}/{c['variant']}: {c['stat']} {c['field']} is {got}, report says {c['value']}")
-        elif t == "winner":
-            df = table(c["file"])
-            df = df[df["study"].astype(str) == c["study"]]
-            bad = df["diverged"].astype(str).str.lower().isin(["true", "1", "1.0"])
-            clean = set(df["variant"].astype(str)) - set(df[bad]["variant"].astype(str))
-            m = means(c["file"], c["study"])
-            if clean & set(m.index):
-                m = m[m.index.isin(clean)]
-            if m.empty or not _extreme(m, c["variant"], max):
-                problems.append(f"{c['study']}: best variant is {None if m.empty else m.idxmax()}, "
-                                f"report says {c['variant']}")
-        elif t == "gap_extremes":
-            df = ok_rows(c["file"], c["study"])
-            g = df.groupby(df_variant(df))
-            gap = g["train_acc"].mean() - g["val_acc"].mean()
-            if not (_extreme(gap, c["largest"], max) and _extreme(gap, c["smallest"], min)):
-                problems.append(f"{c['study']}: largest/smallest train-val gap are {gap.idxmax()}/{gap.idxmin()}, "
-                                f"report says {c['largest']}/{c['smallest']}")
-        elif t == "noise":
-            df = ok_rows(c["file"], c["study"])
-            g = df.groupby(df_variant(df))["val_acc"]
-            n, mean, var = g.count(), g.mean(), g.var(ddof=1)
-            dof = (n[n > 1] - 1).sum()
-            gap = mean.get(c["a"], float("nan")) - mean.get(c["b"], float("nan"))
-            if dof > 0:
-                sd = math.sqrt(((n[n > 1] - 1) * var[n > 1]).sum() / dof)
-                beyond = bool(gap > NOISE_Z * sd * math.sqrt(1 / n[c["a"]] + 1 / n[c["b"]]))
-            else:
-                beyond = None
-            if beyond != c["beyond"] or not _close(gap, c["gap"]):
-                problems.append(f"{c['study']}: {c['a']} vs {c['b']} gap {gap} beyond noise={beyond}, "
-                                f"report says gap {c['gap']} beyond noise={c['beyond']}")
-        elif t in ("init", "init_max", "init_order"):
-            st = table("init_stats.csv")
-            st = st[st["model"] == c["model"]]
-            if t == "init":
-                v = st[(st["scheme"].astype(str) == c["scheme"]) & (st["layer"] == c["layer"])][c["field"]]
-                got = float(v.iloc[0]) if len(v) else float("nan")
-                if not _close(got, c["value"]):
-                    problems.append(f"init {c['model']}/{c['scheme']} layer {c['layer']} {c['field']} is {got}, "
-                                    f"report says {c['value']}")
-            elif t == "init_max":
-                got = float(st[st["scheme"].astype(str) == c["scheme"]][c["field"]].max())
-                if not _close(got, c["value"]):
-                    problems.append(f"init {c['model']}/{c['scheme']} max {c['field']} is {got}, report says {c['value']}")
-            else:
-                st = st[st["scheme"].astype(str).isin(c["schemes"])]
-                first = st.sort_values("layer").groupby(st["scheme"].astype(str)).first()["grad_norm"]
-                if not (_extreme(first, c["lowest"], min) and _extreme(first, c["highest"], max)):
-                    problems.append(f"init {c['model']}: first-layer gradient lowest/highest are "
-                                    f"{first.idxmin()}/{first.idxmax()}, report says {c['lowest']}/{c['highest']}")
-        elif t in ("curve", "curve_best"):
-            cv = table("curves.csv")
-            g = cv[(cv["study"] == c["study"]) & (cv["key"].astype(str) == c["key"])]
-            if t == "curve":
-                v = g[g["epoch"] == c["epoch"]][c["field"]]
-                got = float(v.iloc[0]) if len(v) else float("nan")
-                if not _close(got, c["value"]) or int(g["epoch"].max()) != c["epoch"]:
-                    problems.append(f"curves {c['study']} epoch {c['epoch']} {c['field']} is {got}, "
-                                    f"report says {c['value']}")
-            else:
-                got = float(g["val_acc"].max())
-                ep = int(g.loc[g["val_acc"].astype(float).idxmax(), "epoch"])
-                if not _close(got, c["value"]) or ep != c["epoch"]:
-                    problems.append(f"curves {c['study']}: best val {got} at epoch {ep}, report says "
-                                    f"{c['value']} at {c['epoch']}")
-        elif t == "summary":
-            got = summary
-            for k in c["path"]:
-                got = got[k]
-            if not _close(got, c["value"]):
-                problems.append(f"summary {'.'.join(c['path'])} is {got}, report says {c['value']}")
-        elif t in ("final_candidate", "final_choice"):
-            finals = summary[c["model"]].get("finals") or []
-            vals = pd.Series({x["variant"]: x["val_acc"] for x in finals}, dtype=float)
-            if t == "final_candidate" and not (c["variant"] in vals.index and _close(vals[c["variant"]], c["val_acc"])):
-                problems.append(f"{c['model']} final candidate {c['variant']} val_acc is "
-                                f"{vals.get(c['variant'])}, report says {c['val_acc']}")
-            if t == "final_choice" and not _extreme(vals, c["variant"], max):
-                problems.append(f"{c['model']} best final candidate is {vals.idxmax()}, report says {c['variant']}")
-        elif t == "summary_order":
-            better = "cnn" if summary["cnn"]["test_acc"] > summary["mlp"]["test_acc"] else "mlp"
-            if better != c["better"]:
-                problems.append(f"the better test accuracy is the {better}'s, report says the {c['better']}'s")
-        elif t == "class_extreme":
-            pc = summary[c["model"]]["per_class"]
-            recall = pd.Series({x["class"]: x["recall"] for x in pc})
-            lo, hi = recall.idxmin(), recall.idxmax()
-            if not (_extreme(recall, c["lowest"], min) and _extreme(recall, c["highest"], max)):
-                problems.append(f"{c['model']} recall lowest/highest are {lo}/{hi}, report says "
-                                f"{c['lowest']}/{c['highest']}")
-        elif t == "confusion_max":
-            cm = np.asarray(summary[c["model"]]["confusion"], dtype=float)
-            np.fill_diagonal(cm, -1)
-            i, j = np.unravel_index(int(cm.argmax()), cm.shape)
-            if (int(i), int(j), int(cm[i, j])) != (c["true"], c["pred"], c["count"]):
-                problems.append(f"{c['model']} largest confusion is {i}->{j} ({int(cm[i, j])}), report says "
-                                f"{c['true']}->{c['pred']} ({c['count']})")
-        else:
-            problems.append(f"unknown claim type {t}")
+        try:
+            p = CHECKS[c["type"]](c, files)
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            p = f"{c['type']} claim cannot be checked ({type(exc).__name__}: {exc})"
+        if p:
+            problems.append(p)
     if problems:
-        raise ContradictionError(f"{len(problems)} statement(s) contradict {rd}: " + "; ".join(problems[:5]))
+        raise ContradictionError(f"{len(problems)} statement(s) contradict {results_dir}: " + "; ".join(problems[:5]))
 
 
 # ------------------------------------------------------------------------------------------ build
-def compile_pdf(facts: dict, figures_dir: Path, out_pdf: Path, fmt: str = "pdf") -> None:
+
+
+def compile_pdf(facts: dict, figures_dir: Path, out_pdf: Path) -> dict:
     """Compile in a scratch folder holding the source, facts.json and the figures (Typst reads files only
-    under its root). fmt="png" writes one image per page, out_pdf being a "{p}" template (for previews)."""
+    under its root); the PDF replaces out_pdf atomically. Returns the page counts {"body", "total"}."""
     import typst
     with tempfile.TemporaryDirectory(prefix="report-build-") as tmp:
         tmp = Path(tmp)
@@ -836,41 +1003,54 @@ def compile_pdf(facts: dict, figures_dir: Path, out_pdf: Path, fmt: str = "pdf")
         shutil.copy(BIB_SOURCE, tmp / "references.bib")
         (tmp / "facts.json").write_text(json.dumps(facts, indent=1, default=str))
         (tmp / "figures").mkdir()
-        for name in set(facts["figures"].values()):
-            shutil.copy(figures_dir / name, tmp / "figures" / name)
-        out_pdf.parent.mkdir(parents=True, exist_ok=True)
+        for fig in facts["figures"].values():
+            shutil.copy(figures_dir / fig["file"], tmp / "figures" / fig["file"])
         try:
-            typst.compile(str(tmp / "report.typ"), output=str(out_pdf), root=str(tmp), format=fmt,
-                          **({"ppi": 60} if fmt == "png" else {}))
+            pdf = typst.compile(str(tmp / "report.typ"), root=str(tmp))
+            pages = {k: json.loads(typst.query(str(tmp / "report.typ"), f"<{k}>", field="value", one=True,
+                                               root=str(tmp))) for k in ("appendix-page", "last-page")}
         except Exception as exc:  # typst errors are long; the first line says where
             raise ReportError(f"typst could not compile report.typ: {str(exc).strip().splitlines()[0]}") from exc
+    atomic_write(out_pdf, pdf)
+    body = pages["appendix-page"] - 1
+    if body > MAX_BODY_PAGES or pages["last-page"] > MAX_PAGES:
+        print(f"warning: the report has {body} pages before the appendix and {pages['last-page']} in all "
+              f"(limits {MAX_BODY_PAGES} and {MAX_PAGES})", file=sys.stderr)
+    return {"body": body, "total": pages["last-page"]}
 
 
 def default_pdf(results_dir) -> Path:
-    """report/report.pdf for the repository's results/, else <results_dir>/report.pdf, so that a quick or
-    test study never overwrites the committed report."""
+    """report/report.pdf for the repository's results/, else <results_dir>/report.pdf (so that a quick or
+    test study never overwrites the committed report)."""
     rd = Path(results_dir).resolve()
     return REPORT_DIR / "report.pdf" if rd == (REPO_DIR / "results").resolve() else rd / "report.pdf"
 
 
-def build_report(results_dir="results", out_pdf=None, group_file=GROUP_FILE) -> Path:
+def build_report(results_dir="results", out_pdf=None, group_file=GROUP_FILE, facts_out=None) -> Path:
     """Read results_dir, compute the facts, check them against the CSVs, compile the PDF; return its path.
-
-    out_pdf None: report/report.pdf when results_dir is the repository's results/, else
-    <results_dir>/report.pdf."""
+    facts_out: also write facts.json there (tests read it)."""
     results_dir = Path(results_dir)
     out_pdf = Path(out_pdf) if out_pdf is not None else default_pdf(results_dir)
     group = load_group(group_file)
     if group["placeholder"]:
-        print(f"warning: {Path(group_file)} is not filled in (group name, member names, e-mails, "
-              f"contributions): the report shows placeholders", file=sys.stderr)
+        print(f"warning: {group_file} is not filled in (group name, names, e-mails, contributions): "
+              f"the report shows placeholders", file=sys.stderr)
     results = load_results(results_dir)
-    facts = make_facts(results, group)
+    try:
+        facts = make_facts(results, group)
+    except (KeyError, TypeError, AttributeError) as exc:  # a damaged file: say which, in one line
+        raise ReportError(f"{results_dir}'s summary.json, manifest.json or CSVs do not have the expected shape "
+                          f"({type(exc).__name__}: {exc}): rebuild them with `python run_experiments.py "
+                          f"--plots-only --results-dir {results_dir}`") from exc
     check_claims(results_dir, facts)
-    if facts["meta"]["quick"]:
-        print("warning: these are --quick results (tiny subset, 1-2 epochs): the numbers are not the study's",
-              file=sys.stderr)
-    compile_pdf(facts, results_dir / "figures", out_pdf)
+    if facts["missing_figures"]:
+        print(f"warning: figures missing from {results_dir / 'figures'}: {', '.join(facts['missing_figures'])} "
+              f"(redraw them with `python plots.py --results-dir {results_dir}`)", file=sys.stderr)
+    if facts["design"]["quick"]:
+        print("warning: these are --quick results: the numbers are not the study's", file=sys.stderr)
+    facts["pages"] = compile_pdf(facts, results_dir / "figures", out_pdf)
+    if facts_out is not None:
+        atomic_write(Path(facts_out), json.dumps(facts, indent=1, default=str).encode())
     return out_pdf
 
 
@@ -880,9 +1060,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="PDF to write (default: report/report.pdf for results/, "
                                                "else <results-dir>/report.pdf)")
     p.add_argument("--group-file", default=str(GROUP_FILE), help="group details (default: report/group.toml)")
+    p.add_argument("--facts", default=None, help="also write the computed facts.json here")
     args = p.parse_args(argv)
     try:
-        out = build_report(args.results_dir, args.out, args.group_file)
+        out = build_report(args.results_dir, args.out, args.group_file, args.facts)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

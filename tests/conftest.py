@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data once per session, and small synthetic data."""
+"""Shared fixtures: the real data once per session, small synthetic data, a tiny study plan."""
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,16 +22,9 @@ def synthetic_splits() -> preprocessing.Splits:
 
 
 @pytest.fixture(scope="session")
-def quick_study(tmp_path_factory, real_splits):
-    """The whole `--quick` study, run once per session and shared by the study and report tests:
-    (results dir, run_experiments.Study)."""
+def tiny_plan():
+    """The quick plan on a few hundred synthetic images: every stage, two levels each, in seconds."""
     import run_experiments as rx
-    out = tmp_path_factory.mktemp("quick")
-    study = rx.run_study(rx.Options(results_dir=out, quick=True, seeds=rx.QUICK_SEEDS, report=False),
-                         splits=real_splits)
-    return out, study
-
-
-@pytest.fixture(scope="session")
-def quick_results(quick_study) -> Path:
-    return quick_study[0]
+    return dataclasses.replace(
+        rx.QUICK_PLAN, mlp_grid=rx.Budget(300, 200, 1), cnn_grid=rx.Budget(100, 100, 1),
+        mlp_final=rx.Budget(400, 200, 1), cnn_final=rx.Budget(100, 200, 1))

@@ -16,7 +16,6 @@ import preprocessing
 from cnn_torch import CNNBackbone, CNNConfig
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The test models are tiny: one thread beats two (no sync) and keeps a shared machine responsive."""
@@ -43,12 +42,18 @@ def small_splits(n_train: int, n_eval: int, seed: int = 0) -> preprocessing.Spli
     return preprocessing.synthetic_splits(n_train=n_train, n_eval=n_eval, seed=seed)
 
 
+def backbone_of(**kw) -> CNNBackbone:
+    """A backbone of CNNConfig's defaults with the given fields changed."""
+    mean, std = kw.pop("input_mean", 0.0), kw.pop("input_std", 1.0)
+    return CNNBackbone(CNNConfig(**kw), mean, std)
+
+
 # --- architecture --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pool,kernel,filters", list(itertools.product(
     cnn_torch.POOLS, cnn_torch.KERNELS, FILTER_CASES)))
 def test_feature_shape_every_combination(pool, kernel, filters):
     schedule, base, channels = filters
-    net = CNNBackbone(schedule, kernel_size=kernel, pool=pool, base_filters=base)
+    net = backbone_of(filters=schedule, kernel_size=kernel, pool=pool, base_filters=base)
     assert net.channels == channels
     expected_dim = channels[-1] * (1 if pool == "gap" else 3 * 3)  # 28 -> 14 -> 7 -> 3 (or global)
     assert net.feature_dim == expected_dim
@@ -59,7 +64,7 @@ def test_feature_shape_every_combination(pool, kernel, filters):
 @pytest.mark.parametrize("batchnorm", [False, True])
 @pytest.mark.parametrize("pool", cnn_torch.POOLS)
 def test_five_convs_each_followed_by_relu(batchnorm, pool):
-    net = CNNBackbone("constant", pool=pool, batchnorm=batchnorm, base_filters=4)
+    net = backbone_of(filters="constant", pool=pool, batchnorm=batchnorm, base_filters=4)
     all_convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert len(all_convs) == 5
     mods = list(net.layers)
@@ -83,7 +88,7 @@ def test_five_convs_each_followed_by_relu(batchnorm, pool):
 
 def test_pool_variants_share_the_convolutions():
     """Same convolution shapes and compute in all three variants: only the pooling differs."""
-    nets = {p: CNNBackbone("32,32,64,64,128", pool=p) for p in cnn_torch.POOLS}
+    nets = {p: backbone_of(filters="32,32,64,64,128", pool=p) for p in cnn_torch.POOLS}
     shapes = {p: [tuple(m.weight.shape) for m in n.modules() if isinstance(m, nn.Conv2d)] for p, n in nets.items()}
     assert shapes["max"] == shapes["avg"] == shapes["gap"]
     assert len({n.conv_macs() for n in nets.values()}) == 1
@@ -91,7 +96,24 @@ def test_pool_variants_share_the_convolutions():
     assert all(f"| {p} |" in table for p in cnn_torch.POOLS)
 
 
-@pytest.mark.parametrize("spec", ["", "1,2,3", "a,b,c,d,e", "0,8,8,8,8", "tripple"])
+def test_backbone_follows_the_config_defaults():
+    """One set of defaults: the backbone of CNNConfig() is the configured one (filters, BN, xavier)."""
+    d = CNNConfig()
+    net = CNNBackbone(d)
+    assert net.channels == cnn_torch.parse_filters(d.filters, d.base_filters) == [32, 32, 64, 64, 128]
+    assert d.init == "xavier" and net.init == "xavier" and d.kernel_size == net.kernel_size == 3
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == (5 if d.batchnorm else 0)
+    assert cnn_torch.build_backbone(d).feature_dim == net.feature_dim == 128 * 3 * 3
+    assert not hasattr(cnn_torch, "FILTER_SCHEDULES") and not hasattr(cnn_torch, "lr_factor")
+
+
+def test_kernel_size_one_is_a_level():
+    net = backbone_of(kernel_size=1, filters="constant", base_filters=4)
+    assert 1 in cnn_torch.KERNELS and net(torch.rand(2, 1, 28, 28)).shape == (2, net.feature_dim)
+    assert net.conv_macs() == sum(s * s * o * i for s, i, o in zip((28, 28, 14, 14, 7), (1, 4, 4, 4, 4), [4] * 5))
+
+
+@pytest.mark.parametrize("spec", ["", "1,2,3", "a,b,c,d,e", "0,8,8,8,8", "tripple", "8,8,8,8,100000"])
 def test_bad_filter_specs_raise(spec):
     with pytest.raises(ValueError):
         cnn_torch.parse_filters(spec, 8)
@@ -102,7 +124,7 @@ def test_bad_filter_specs_raise(spec):
 def test_init_std_matches_formula(init):
     torch.manual_seed(0)
     k = 5
-    net = CNNBackbone("constant", kernel_size=k, init=init, base_filters=48)
+    net = backbone_of(filters="constant", kernel_size=k, init=init, base_filters=48, batchnorm=False)
     for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
         fan_in = conv.in_channels * k * k
         fan_out = conv.out_channels * k * k
@@ -124,6 +146,28 @@ def test_init_statistics_rows():
         assert all(math.isfinite(v) for v in r.values())
     # N(0, 0.01^2) without BatchNorm shrinks the signal layer after layer: the point of the init study.
     assert rows[-1]["act_std"] < 1e-2 * rows[0]["act_std"]
+    # ... and BatchNorm restores it (the study compares init with and without BN).
+    with_bn = cnn_torch.init_statistics(tiny_config(init="random", batchnorm=True),
+                                        preprocessing.to_images(s.X_train), s.y_train)
+    assert all(0.2 < r["act_std"] < 2.0 and 0.0 <= r["dead_frac"] <= 1.0 for r in with_bn)
+
+
+def test_dead_units_are_exactly_zero_for_every_input(monkeypatch):
+    """A unit is dead when its activation is exactly 0 on every input: a conv whose weights and bias are
+    all negative on non-negative inputs kills every unit of layer 1, and nothing else is called dead."""
+    real_build = cnn_torch.build_backbone
+
+    def build(config, mean, std):
+        net = real_build(config, 0.0, 1.0)  # no standardisation: inputs stay >= 0
+        conv = net.layers[0]
+        with torch.no_grad():
+            conv.weight.abs_().neg_()
+            conv.bias.fill_(-0.1)
+        return net
+    monkeypatch.setattr(cnn_torch, "build_backbone", build)
+    s = small_splits(32, 10)
+    rows = cnn_torch.init_statistics(tiny_config(batchnorm=False), preprocessing.to_images(s.X_train), s.y_train)
+    assert rows[0]["dead_frac"] == 1.0 and rows[0]["act_std"] == 0.0
 
 
 # --- the gradient bridge -------------------------------------------------------------------------------
@@ -146,7 +190,8 @@ def torch_twin_of(head: mlp_scratch.MLP) -> nn.Sequential:
 @pytest.mark.parametrize("batchnorm,pool,smoothing", [(False, "max", 0.0), (True, "gap", 0.0), (True, "avg", 0.1)])
 def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
     torch.manual_seed(0)
-    backbone = CNNBackbone("6,8,8,12,16", pool=pool, batchnorm=batchnorm, input_mean=0.28, input_std=0.35)
+    backbone = backbone_of(filters="6,8,8,12,16", pool=pool, batchnorm=batchnorm, init="he",
+                           input_mean=0.28, input_std=0.35)
     head = mlp_scratch.MLP(backbone.feature_dim, [24], 10, activation="relu", dropout=0.0, seed=1)
     rng = np.random.default_rng(0)
     for k in head.params:  # non-zero biases: zeros would hide a missing term
@@ -157,11 +202,10 @@ def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
     x = torch.rand(16, 1, 28, 28)
     y = rng.integers(0, 10, 16)
 
-    cfg = tiny_config()
-    opt = cnn_torch.make_torch_optimizer(cfg, list(backbone.named_parameters()), 1e-3)
-    head_opt = mlp_scratch.make_optimizer("adamw", 1e-3)
+    cfg = tiny_config(label_smoothing=smoothing, lr=1e-3, head_lr=1e-3)
+    opt = cnn_torch.make_torch_optimizer(cfg, list(backbone.named_parameters()), cfg.lr)
     backbone.train()
-    loss, logits = cnn_torch.joint_step(backbone, head, x, y, opt, head_opt, label_smoothing=smoothing)
+    loss, logits = cnn_torch.train_step(backbone, cnn_torch.ScratchHead(head, cfg), opt, x, y, cfg)
 
     twin_backbone.train()
     twin_logits = twin_head(twin_backbone(x))
@@ -177,6 +221,53 @@ def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
     np.testing.assert_allclose(head.grads["W1"], twin_head[0].weight.grad.numpy().T, rtol=1e-4, atol=1e-6)
     # ... and both optimizers stepped.
     assert not torch.equal(next(backbone.parameters()), next(twin_backbone.parameters()))
+
+
+def test_linear_head_sends_the_same_gradient_as_torch():
+    """Frozen mode's temporary torch head goes through the same bridge: the backbone's grads equal autograd's."""
+    torch.manual_seed(0)
+    cfg = tiny_config(label_smoothing=0.1)
+    backbone = backbone_of(filters="4,4,8,8,8", batchnorm=False, init="he")
+    twin = copy.deepcopy(backbone)
+    head = cnn_torch.LinearHead(cfg, backbone.feature_dim, torch.device("cpu"))
+    twin_linear = copy.deepcopy(head.linear)
+    x, y = torch.rand(8, 1, 28, 28), np.arange(8) % 10
+    loss, _ = cnn_torch.forward_backward(backbone, head, x, y, label_smoothing=0.1)
+    twin_loss = F.cross_entropy(twin_linear(twin(x)), torch.from_numpy(y), label_smoothing=0.1)
+    twin_loss.backward()
+    assert loss == pytest.approx(twin_loss.item(), rel=1e-6)
+    for p, q in zip(backbone.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_onecycle_is_the_shared_cosine_schedule_with_a_quarter_warmup():
+    total = 40
+    onecycle = cnn_torch.lr_scale_schedule(tiny_config(schedule="onecycle"), total)
+    cosine = cnn_torch.lr_scale_schedule(tiny_config(schedule="cosine"), total)
+    reference = mlp_scratch.make_schedule("cosine", 1.0, total, warmup_steps=10)
+    assert [onecycle(t) for t in range(total)] == [reference(t) for t in range(total)]
+    assert [cosine(t) for t in range(total)] == [mlp_scratch.make_schedule("cosine", 1.0, total)(t)
+                                                 for t in range(total)]
+    assert max(range(total), key=onecycle) == 9 and cosine(0) == 1.0
+
+
+def test_training_holds_blas_at_one_thread(monkeypatch):
+    """While train() runs, numpy's BLAS is held at one thread (threadpoolctl), and restored afterwards."""
+    from threadpoolctl import threadpool_info
+    blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    before = blas()
+    assert before, "numpy should load a BLAS that threadpoolctl can see"
+    seen = []
+    real = cnn_torch.ScratchHead.forward_backward
+
+    def spy(self, *a, **kw):
+        seen.append(blas())
+        return real(self, *a, **kw)
+    monkeypatch.setattr(cnn_torch.ScratchHead, "forward_backward", spy)
+    threads = torch.get_num_threads()
+    cnn_torch.train(tiny_config(), small_splits(64, 10))
+    assert seen and all(all(n == 1 for n in t) for t in seen)
+    assert blas() == before and torch.get_num_threads() == threads  # train() leaves torch's count alone
 
 
 # --- augmentation --------------------------------------------------------------------------------------
@@ -270,9 +361,10 @@ def test_training_is_deterministic_and_reports_history():
     assert a.n_params == a.classifier.backbone.n_params + a.classifier.head.n_params
 
 
-def test_bf16_training_runs():
+@pytest.mark.parametrize("head_mode", cnn_torch.HEAD_MODES)
+def test_bf16_training_runs(head_mode):
     s = small_splits(64, 20)
-    result = cnn_torch.train(tiny_config(precision="bf16"), s)
+    result = cnn_torch.train(tiny_config(precision="bf16", channels_last=True, head_mode=head_mode, head_epochs=1), s)
     assert np.isfinite(result.history[0]["train_loss"]) and result.classifier.predict(
         preprocessing.to_images(s.X_val)).shape == (20,)
 
@@ -331,11 +423,136 @@ def test_describe_flag(capsys):
     assert "feature_dim" in capsys.readouterr().out
 
 
-def test_single_threaded_blas_restores_the_thread_count():
-    libs = cnn_torch._openblas_libs()
-    getters = [cnn_torch._openblas_fn(lib, "get_num_threads") for lib in libs]
-    getters = [g for g in getters if g is not None]
-    before = [g() for g in getters]
-    with cnn_torch.single_threaded_blas():
-        assert all(g() == 1 for g in getters)
-    assert [g() for g in getters] == before
+
+
+
+def test_checkpoint_with_a_pickle_is_refused(tmp_path):
+    s = small_splits(64, 10)
+    clf = cnn_torch.train(tiny_config(), s).classifier
+    clf.save(tmp_path / "ck")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "ck" / "backbone.pt")
+    with pytest.raises(Exception) as exc:
+        cnn_torch.load_classifier(tmp_path / "ck")
+    assert "pwned" not in str(exc.value) and not isinstance(exc.value, AssertionError)
+
+
+# --- input validation ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_classifier(tmp_path_factory):
+    s = small_splits(64, 20)
+    clf = cnn_torch.train(tiny_config(), s).classifier
+    path = clf.save(tmp_path_factory.mktemp("clf") / "ck")
+    return clf, cnn_torch.load_classifier(path), preprocessing.to_images(s.X_val)
+
+
+def _bad_images(images):
+    nan = images.copy()
+    nan[0, 0, 3, 3] = np.nan
+    inf = images.copy()
+    inf[1, 0, 0, 0] = np.inf
+    return {"uint8": (images * 255).astype(np.uint8), "int64": (images * 255).astype(np.int64),
+            "0-255 floats": images * 255.0, "negative": images - 0.5, "nan": nan, "inf": inf,
+            "wrong shape": images.reshape(len(images), 2, 392), "one unbatched image": images[0, 0],
+            "3 channels": np.repeat(images, 3, axis=1)}
+
+
+@pytest.mark.parametrize("case", list(_bad_images(np.zeros((4, 1, 28, 28), np.float32))))
+def test_bad_images_are_refused_everywhere(saved_classifier, case):
+    clf, loaded, images = saved_classifier
+    bad = _bad_images(images)[case]
+    calls = [clf.predict, clf.predict_proba, clf.features, clf.logits, loaded.predict,
+             lambda x: cnn_torch.extract_features(clf.backbone, x),
+             lambda x: cnn_torch.evaluate_classifier(clf, x, np.zeros(len(x), np.int64))]
+    for call in calls:
+        for x in (bad, torch.from_numpy(np.ascontiguousarray(bad))):  # numpy arrays and tensors alike
+            with pytest.raises(ValueError, match=r"divide uint8 images by 255"):
+                call(x)
+
+
+def test_good_images_in_every_accepted_shape(saved_classifier):
+    clf, loaded, images = saved_classifier
+    expected = clf.predict(images)
+    for x in (images, images.reshape(len(images), 28, 28), images.reshape(len(images), -1),
+              images.astype(np.float64), torch.from_numpy(images)):
+        np.testing.assert_array_equal(loaded.predict(x), expected)
+    assert clf.features(images[:0]).shape == (0, clf.backbone.feature_dim)
+
+
+# --- the command line: faults give one line and an exit code ------------------------------------------------
+@pytest.mark.parametrize("argv,word", [
+    (["--weight-decay", "inf"], "finite"),
+    (["--weight-decay", "nan"], "finite"),
+    (["--lr", "nan"], "finite"),
+    (["--seed", "-1"], "seed"),
+    (["--base-filters", "100000"], "base_filters"),
+    (["--filters", "8,8,8,8,100000"], "filters"),
+    (["--head-hidden", "10000000000"], "head_hidden"),
+    (["--batch-size", "100000000"], "batch_size"),
+    (["--epochs", "1000000000"], "epochs"),
+])
+def test_absurd_values_are_refused_before_anything_runs(argv, word, capsys, monkeypatch):
+    monkeypatch.setattr(preprocessing, "load_splits", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(SystemExit) as exc:
+        cnn_torch.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert word in err[-1] and "Traceback" not in "".join(err)
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """The CLI on tiny synthetic data: load_splits returns it."""
+    s = small_splits(64, 20)
+    monkeypatch.setattr(preprocessing, "load_splits", lambda *a, **k: s)
+    return s
+
+
+TINY_ARGS = ["--filters", "constant", "--base-filters", "4", "--head-hidden", "16", "--head-mode", "joint",
+             "--epochs", "2", "--batch-size", "32", "--precision", "fp32", "--device", "cpu", "--no-augment",
+             "--erase", "0", "--head-epochs", "1"]
+
+
+@pytest.mark.parametrize("flag", ["--save", "--json"])
+def test_unwritable_outputs_are_refused_before_training(flag, tmp_path, capsys, monkeypatch, fake_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(cnn_torch, "train", lambda *a, **k: pytest.fail("trained before checking the path"))
+    with pytest.raises(SystemExit) as exc:
+        cnn_torch.main(TINY_ARGS + [flag, str(blocker / "sub" / "out.json")])
+    assert exc.value.code == 2
+    assert "cannot write" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_cli_writes_outputs_and_one_line_per_epoch_without_a_terminal(tmp_path, capsys, fake_data):
+    out = tmp_path / "r" / "m.json"
+    assert cnn_torch.main(TINY_ARGS + ["--save", str(tmp_path / "ck"), "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "it/s" not in captured.err  # no progress-bar redraws in a log
+    assert sum(line.startswith("[joint] epoch") for line in captured.out.splitlines()) == 2
+    assert json.loads(out.read_text())["epochs_run"] == 2
+    assert cnn_torch.load_classifier(tmp_path / "ck").predict(preprocessing.to_images(fake_data.X_val)).shape == (20,)
+
+
+def test_diverged_run_prints_one_line_and_exits_3(tmp_path, capsys, fake_data):
+    argv = TINY_ARGS + ["--lr", "1e6", "--head-lr", "1e6", "--optimizer", "sgd", "--json", str(tmp_path / "m.json")]
+    assert cnn_torch.main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0]
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(capsys, monkeypatch, fake_data):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cnn_torch, "train", interrupted)
+    try:
+        code = cnn_torch.main(TINY_ARGS)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0]

@@ -1,5 +1,6 @@
 """Tests of mlp_scratch.py: finite differences and a torch autograd oracle for every layer, the loss and the
-whole network; optimizers against torch.optim; training behaviour; save/load; the command line; no torch."""
+whole network; optimizers against torch.optim; training behaviour; input checks; save/load; the command
+line; no torch in the module. torch_twin here is the one torch copy of the MLP (benchmarks import it)."""
 import ast
 import json
 import math
@@ -11,16 +12,70 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import mlp_scratch as ms
 from mlp_scratch import MLP, MLPConfig, softmax_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
 F64 = np.float64
-TORCH_ACT = {"relu": F.relu, "leaky_relu": lambda h: F.leaky_relu(h, 0.01), "tanh": torch.tanh,
-             "gelu": F.gelu, "sigmoid": torch.sigmoid}
+TORCH_ACT = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(ms.LEAKY_SLOPE), "tanh": nn.Tanh,
+             "gelu": lambda: nn.GELU(approximate="tanh"), "sigmoid": nn.Sigmoid}
 
 
+# ------------------------------------------------------------------------------- the torch twin
+class _Standardize(nn.Module):
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class _FixedMask(nn.Module):
+    """Dropout with the mask our forward drew (0 or 1 / (1 - p_drop))."""
+
+    def __init__(self, mask: np.ndarray):
+        super().__init__()
+        self.mask = torch.from_numpy(mask)
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def torch_twin(model: MLP, masks: list[np.ndarray] | None = None) -> nn.Sequential:
+    """nn.Sequential computing what model does, with copies of its weights and its dtype (torch's Linear
+    stores W transposed). masks: our dropout masks, one per hidden layer, to reproduce a training forward;
+    None: nn.Dropout (random masks; identity in eval mode)."""
+    dtype = torch.float64 if model.dtype == np.float64 else torch.float32
+    mods: list[nn.Module] = []
+    if model.input_mean is not None:
+        mods.append(_Standardize(model.input_mean, model.input_std))
+    dims = [model.in_dim, *model.hidden, model.out_dim]
+    for i in range(len(dims) - 1):
+        lin = nn.Linear(dims[i], dims[i + 1], dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(model.params[f"W{i + 1}"].T.copy()))
+            lin.bias.copy_(torch.from_numpy(model.params[f"b{i + 1}"]))
+        mods.append(lin)
+        if i < len(model.hidden):
+            mods.append(TORCH_ACT[model.activation]())
+            if model.dropout > 0:
+                mods.append(_FixedMask(masks[i]) if masks is not None else nn.Dropout(model.dropout))
+    return nn.Sequential(*mods)
+
+
+def twin_grads(net: nn.Sequential) -> dict[str, np.ndarray]:
+    """The twin's parameter gradients under our names (W transposed back)."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    out = {}
+    for i, lin in enumerate(linears):
+        out[f"W{i + 1}"], out[f"b{i + 1}"] = lin.weight.grad.numpy().T, lin.bias.grad.numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------- helpers
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     """Relative error of two whole tensors: ||a - b|| / (||a|| + ||b||)."""
     a, b = np.asarray(a, F64), np.asarray(b, F64)
@@ -41,6 +96,13 @@ def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return grad
 
 
+def assert_grads(f, analytic: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """The one gradient check: for each name, (x, its analytic gradient) against central differences of the
+    scalar f() in float64, relative error < 1e-6."""
+    for name, (x, grad) in analytic.items():
+        assert rel_error(grad, numeric_grad(f, x)) < 1e-6, name
+
+
 def random_model(hidden, activation="relu", dropout=0.0, in_dim=7, out_dim=5, seed=0, standardize=False):
     """A float64 model with random non-zero biases (zero biases hide bugs)."""
     model = MLP(in_dim, hidden, out_dim, activation, dropout, seed=seed, dtype=F64)
@@ -53,69 +115,64 @@ def random_model(hidden, activation="relu", dropout=0.0, in_dim=7, out_dim=5, se
     return model
 
 
-# ------------------------------------------------------------------------------------------- erf
-def test_erf_matches_math_erf_to_float64_precision():
-    x = np.concatenate([np.linspace(-7, 7, 20001), [0.0, 0.46875, 0.4688, 4.0, 4.0001, 5.99, 6.0, 1e-12, -30]])
-    ref = np.array([math.erf(v) for v in x])
-    rel = np.abs(ms.erf(x) - ref) / np.maximum(np.abs(ref), 1e-300)
-    assert rel.max() < 2e-15
-    assert np.isnan(ms.erf(np.array([np.nan]))[0])
-    x32 = x.astype(np.float32)
-    out32 = ms.erf(x32)
-    assert out32.dtype == np.float32 and np.abs(out32 - [math.erf(float(v)) for v in x32]).max() < 5e-7
-
-
 # ---------------------------------------------------------------------- finite differences (float64)
-LAYERS = {
-    "linear": lambda rng: ms.Linear(4, 3, rng=rng, dtype=F64),
-    "relu": lambda rng: ms.ReLU(), "leaky_relu": lambda rng: ms.LeakyReLU(), "tanh": lambda rng: ms.Tanh(),
-    "sigmoid": lambda rng: ms.Sigmoid(), "gelu": lambda rng: ms.GELU(),
-    "dropout": lambda rng: ms.Dropout(0.4, rng),
-}
-
-
-@pytest.mark.parametrize("name", LAYERS)
-def test_layer_finite_differences(name):
+def layer_case(layer, n_out=None):
+    """Checks layer's dx and parameter grads by finite differences (the loss sum(out * dout))."""
     rng = np.random.default_rng(1)
-    layer = LAYERS[name](rng)
-    if name == "linear":
-        layer.params["b"][...] = rng.normal(0, 1, 3)
     x = rng.normal(0, 1.5, (5, 4))
-    dout = rng.normal(0, 1, (5, 3) if name == "linear" else (5, 4))
+    dout = rng.normal(0, 1, (5, n_out or 4))
 
-    def f():  # sum(out * dout) has gradient dout with respect to out
-        if name == "dropout":
+    def f():
+        if isinstance(layer, ms.Dropout):
             layer.rng = np.random.default_rng(7)  # the same mask on every call
         return float((layer.forward(x, train=True) * dout).sum())
 
     f()
     dx = layer.backward(dout)
-    assert rel_error(dx, numeric_grad(f, x)) < 1e-6
-    for k, p in getattr(layer, "params", {}).items():
-        f()
-        layer.backward(dout)
-        assert rel_error(layer.grads[k].copy(), numeric_grad(f, p)) < 1e-6, k
+    params = getattr(layer, "params", {})
+    assert_grads(f, {"x": (x, dx), **{k: (p, layer.grads[k].copy()) for k, p in params.items()}})
 
 
-def test_loss_finite_differences():
-    rng = np.random.default_rng(2)
-    logits, y = rng.normal(0, 3, (6, 5)), rng.integers(0, 5, 6)
-    _, dlogits = softmax_cross_entropy(logits, y)
-    assert rel_error(dlogits, numeric_grad(lambda: softmax_cross_entropy(logits, y)[0], logits)) < 1e-6
+def _linear():
+    layer = ms.Linear(4, 3, rng=np.random.default_rng(1), dtype=F64)
+    layer.params["b"][...] = np.random.default_rng(2).normal(0, 1, 3)
+    return layer
+
+
+LAYER_CASES = {
+    "linear": lambda: layer_case(_linear(), n_out=3),
+    "relu": lambda: layer_case(ms.ReLU()),
+    "leaky_relu": lambda: layer_case(ms.LeakyReLU()),
+    "tanh": lambda: layer_case(ms.Tanh()),
+    "sigmoid": lambda: layer_case(ms.Sigmoid()),
+    "gelu": lambda: layer_case(ms.GELU()),
+    "dropout": lambda: layer_case(ms.Dropout(0.4, np.random.default_rng(0))),
+}
+
+
+@pytest.mark.parametrize("name", LAYER_CASES)
+def test_layer_finite_differences(name):
+    LAYER_CASES[name]()
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
-def test_loss_with_label_smoothing_matches_finite_differences_and_torch(smoothing):
+def test_loss_matches_finite_differences_and_torch(smoothing):
     rng = np.random.default_rng(3)
     logits, y = rng.normal(0, 3, (6, 5)), rng.integers(0, 5, 6)
     loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=smoothing)
-    numeric = numeric_grad(lambda: softmax_cross_entropy(logits, y, label_smoothing=smoothing)[0], logits)
-    assert rel_error(dlogits, numeric) < 1e-6
+    assert_grads(lambda: softmax_cross_entropy(logits, y, label_smoothing=smoothing)[0], {"logits": (logits, dlogits)})
     z = torch.tensor(logits, requires_grad=True)
     ref = F.cross_entropy(z, torch.tensor(y), label_smoothing=smoothing)
     ref.backward()
     assert loss == pytest.approx(ref.item(), rel=1e-12)
     assert rel_error(dlogits, z.grad.numpy()) < 1e-12
+
+
+def test_softmax_matches_torch():
+    z = np.random.default_rng(4).normal(0, 50, (6, 10))
+    p = ms.softmax(z)
+    np.testing.assert_allclose(p, torch.softmax(torch.tensor(z), dim=1).numpy(), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-14)
 
 
 @pytest.mark.parametrize("activation,hidden,dropout", [
@@ -132,41 +189,29 @@ def test_network_finite_differences(activation, hidden, dropout):
                 layer.rng = np.random.default_rng(11)  # the same dropout masks on every call
         return model.forward(X, train=True)
 
-    def f():
-        return softmax_cross_entropy(forward_fixed_masks(), y)[0]
-
     dX = model.backward(softmax_cross_entropy(forward_fixed_masks(), y)[1])
-    grads = {k: g.copy() for k, g in model.grads.items()}
-    for k, p in model.params.items():
-        assert rel_error(grads[k], numeric_grad(f, p)) < 1e-6, k
-    assert rel_error(dX, numeric_grad(f, X)) < 1e-6
+    grads = {k: (p, model.grads[k].copy()) for k, p in model.params.items()}
+    assert_grads(lambda: softmax_cross_entropy(forward_fixed_masks(), y)[0], {"X": (X, dX), **grads})
 
 
 # ------------------------------------------------------------------------------- torch oracle
 def check_against_torch(model: MLP, X: np.ndarray, y: np.ndarray, train: bool = False) -> None:
-    """Our forward, loss and every gradient against torch autograd on a twin with the same weights and,
-    with train=True, the same dropout masks that our forward drew."""
+    """Our forward, loss and every gradient against torch autograd on torch_twin(model) with, when train,
+    the dropout masks our forward drew."""
     logits = model.forward(X, train=train)
     loss, dlogits = softmax_cross_entropy(logits, y)
     dX = model.backward(dlogits)
-    masks = [layer.mask for layer in model.layers if isinstance(layer, ms.Dropout)]
-
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    masks = [layer.mask for layer in model.layers if isinstance(layer, ms.Dropout)] if train else None
+    net = torch_twin(model, masks).train(train)
     tX = torch.tensor(X, requires_grad=True)
-    h = tX if model.input_mean is None else (tX - model.input_mean) / model.input_std
-    for i in range(len(model.hidden)):
-        h = TORCH_ACT[model.activation](h @ tp[f"W{i + 1}"] + tp[f"b{i + 1}"])
-        if masks and masks[i] is not None:
-            h = h * torch.tensor(masks[i])
-    t_logits = h @ tp[f"W{len(model.hidden) + 1}"] + tp[f"b{len(model.hidden) + 1}"]
+    t_logits = net(tX)
     t_loss = F.cross_entropy(t_logits, torch.tensor(y))
     t_loss.backward()
-
     np.testing.assert_allclose(logits, t_logits.detach().numpy(), rtol=1e-10, atol=1e-12)
     assert loss == pytest.approx(t_loss.item(), rel=1e-12)
     np.testing.assert_allclose(dX, tX.grad.numpy(), rtol=1e-8, atol=1e-12)
-    for k in model.params:
-        np.testing.assert_allclose(model.grads[k], tp[k].grad.numpy(), rtol=1e-8, atol=1e-12, err_msg=k)
+    for k, g in twin_grads(net).items():
+        np.testing.assert_allclose(model.grads[k], g, rtol=1e-8, atol=1e-12, err_msg=k)
 
 
 ORACLE_DATA = np.random.default_rng(4).random((16, 7)), np.random.default_rng(5).integers(0, 5, 16)
@@ -203,7 +248,16 @@ def test_softmax_cross_entropy_huge_logits(dtype):
     np.testing.assert_allclose(dlogits.sum(axis=1), 0, atol=1e-6)
 
 
-# --------------------------------------------------------------------------------------- dropout
+# ------------------------------------------------------------------------------ init, dropout
+@pytest.mark.parametrize("init,std", [("he", math.sqrt(2 / 600)), ("xavier", math.sqrt(2 / 1000)),
+                                      ("random", 0.01)])
+def test_inits_are_normal_with_the_shared_std(init, std):
+    W = MLP(600, [400], 10, init=init).params["W1"].astype(F64)
+    assert W.std() == pytest.approx(std, rel=0.02)
+    kurtosis = ((W - W.mean()) ** 4).mean() / W.var() ** 2
+    assert abs(kurtosis - 3.0) < 0.1  # normal: 3; a uniform init would give 1.8
+
+
 def test_dropout_keeps_expected_activation_and_eval_is_identity():
     layer = ms.Dropout(0.3, np.random.default_rng(0))
     x = np.ones((400, 500), np.float32)
@@ -320,6 +374,69 @@ def test_layer_statistics(synthetic_splits):
     assert all(0 <= s["dead_frac"] <= 1 and s["grad_norm"] > 0 and s["act_std"] > 0 for s in stats)
 
 
+@pytest.mark.parametrize("activation,dead", [("relu", 0.25), ("leaky_relu", 0.0)])
+def test_dead_unit_means_activation_exactly_zero_on_every_input(activation, dead):
+    """Unit 0 of four gets a negative pre-activation on every input: ReLU outputs exactly 0 there (dead);
+    leaky ReLU outputs a small negative number, so that unit is not dead."""
+    model = MLP(3, [4], 2, activation=activation, dtype=F64)
+    model.params["W1"][:, 0] = -1.0
+    model.params["W1"][:, 1:] = 1.0
+    X = np.random.default_rng(0).random((50, 3)) + 0.1
+    assert ms.layer_statistics(model, X, np.zeros(50, int))[0]["dead_frac"] == dead
+
+
+def test_config_validate_names_the_field():
+    assert MLPConfig().validate() == MLPConfig()
+    for bad in (dict(dropout=1.5), dict(hidden=[0]), dict(hidden=[ms.MAX_WIDTH + 1]), dict(lr=math.inf),
+                dict(seed=-1), dict(warmup_epochs=math.nan), dict(optimizer="rmsprop"), dict(epochs=0)):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            MLPConfig(**bad).validate()
+
+
+# ------------------------------------------------------------------------------------ input checks
+def pixel_model() -> MLP:
+    model = MLP(784, [8], 10, input_range=ms.PIXEL_RANGE)
+    model.input_mean, model.input_std = 0.286, 0.353
+    return model
+
+
+X_PIXELS = np.random.default_rng(0).random((6, 784), dtype=np.float32)
+
+
+@pytest.mark.parametrize("make_bad,message", [
+    (lambda X: (X * 255).astype(np.uint8), "divide uint8 images by 255"),
+    (lambda X: X * 255, r"scaled to \[0, 1\].*divide uint8 images by 255"),
+    (lambda X: np.where(np.arange(784) == 3, np.nan, X).astype(np.float32), "NaN"),
+    (lambda X: X.reshape(6, 28, 28), r"shape \(N, 784\)"),
+    (lambda X: X[:, :783], r"shape \(N, 784\)")])
+def test_predict_and_evaluate_refuse_bad_input(make_bad, message):
+    model, X = pixel_model(), make_bad(X_PIXELS)
+    with pytest.raises(ValueError, match=message):
+        model.predict(X)
+    with pytest.raises(ValueError, match=message):
+        ms.evaluate(model, X, np.zeros(6, int))
+
+
+def test_feature_head_takes_values_above_one_but_not_nan():
+    head = MLP(784, [8], 10)  # input_range None: features, not pixels
+    assert head.predict(X_PIXELS * 50).shape == (6,)
+    with pytest.raises(ValueError, match="NaN"):
+        head.predict(np.full((2, 784), np.nan, np.float32))
+
+
+def test_trained_pixel_model_keeps_its_range_through_save(synthetic_splits, tmp_path):
+    s = synthetic_splits
+    with pytest.raises(ValueError, match="255"):
+        ms.train(MLPConfig(**TINY), s.X_train * 255, s.y_train, s.X_val, s.y_val, input_range=ms.PIXEL_RANGE)
+    model = ms.train(MLPConfig(**{**TINY, "epochs": 1}), s.X_train, s.y_train, s.X_val, s.y_val,
+                     input_range=ms.PIXEL_RANGE).model
+    loaded = MLP.load(model.save(tmp_path / "m.npz"))
+    assert loaded.input_range == ms.PIXEL_RANGE
+    with pytest.raises(ValueError, match="255"):
+        loaded.predict(s.X_val * 255)
+
+
 # ---------------------------------------------------------------------------------- save / load
 def test_save_load_round_trip_without_pickle(tmp_path):
     model = random_model([6, 5], "gelu", dropout=0.2, in_dim=784, out_dim=10).astype(np.float32)
@@ -330,23 +447,70 @@ def test_save_load_round_trip_without_pickle(tmp_path):
         assert set(f.files) == set(model.params) | {"meta"}
     loaded = MLP.load(path)
     assert (loaded.activation, loaded.hidden, loaded.dropout) == ("gelu", [6, 5], 0.2)
-    assert (loaded.input_mean, loaded.input_std) == (0.286, 0.353)
+    assert (loaded.input_mean, loaded.input_std, loaded.input_range) == (0.286, 0.353, None)
     X = np.random.default_rng(0).random((20, 784), dtype=np.float32)
     np.testing.assert_array_equal(loaded.forward(X), model.forward(X))
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
     assert loaded.n_params == model.n_params == 784 * 6 + 6 + 6 * 5 + 5 + 5 * 10 + 10
 
 
+def _tampered(tmp_path, **changes) -> Path:
+    """A saved pixel model with some arrays or meta fields replaced."""
+    path = pixel_model().save(tmp_path / "m.npz")
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = {**json.loads(str(arrays["meta"])), **changes.pop("meta", {})}
+    arrays.update(changes, meta=np.array(json.dumps(meta)))
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(W1=np.zeros((784, 9), np.float32)), r"W1 has shape \(784, 9\)"),
+    (dict(b2=np.full(10, np.inf, np.float32)), "b2 holds NaN or infinite"),
+    (dict(meta={"input_std": 0.0}), "std > 0"),
+    (dict(W2=np.array([object()], dtype=object)), "not a model written by MLP.save"),
+    (dict(meta={"input_std": "big"}), "std > 0")])
+def test_load_refuses_damaged_files_naming_them(tmp_path, changes, message):
+    path = _tampered(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as exc:
+        MLP.load(path)
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+
+
 # ---------------------------------------------------------------------------------- command line
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reaching the data loading is a test failure: argument errors must stop before it."""
+    import preprocessing
+
+    def reached(*args, **kwargs):
+        raise AssertionError("argument checks did not stop before loading the data")
+    monkeypatch.setattr(preprocessing, "load_splits", reached)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--dropout", "1.5"], "--dropout"), (["--hidden", "0"], "--hidden"), (["--activation", "foo"], "foo"),
-    (["--lr", "-1"], "--lr"), (["--epochs", "0"], "--epochs"), (["--optimizer", "rmsprop"], "rmsprop")])
-def test_cli_rejects_bad_values(argv, message, capsys):
+    (["--lr", "-1"], "--lr"), (["--epochs", "0"], "--epochs"), (["--optimizer", "rmsprop"], "rmsprop"),
+    (["--seed", "-1"], "--seed"), (["--hidden", "10000000000"], "--hidden"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs"), (["--lr", "nan"], "--lr"),
+    (["--weight-decay", "inf"], "--weight-decay"), (["--epochs", "100000000"], "--epochs")])
+def test_cli_rejects_bad_values(argv, message, capsys, no_data):
     with pytest.raises(SystemExit) as exc:
         ms.main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in err and message in err
+
+
+@pytest.mark.parametrize("flag", ["--save", "--json"])
+def test_cli_refuses_unwritable_output_before_training(flag, tmp_path, capsys, no_data):
+    (tmp_path / "a_file").write_text("")
+    for target in (tmp_path / "a_file" / "out", tmp_path):  # below a file; a directory
+        with pytest.raises(SystemExit) as exc:
+            ms.main([flag, str(target)])
+        assert exc.value.code == 2
+        assert flag in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_cli_data_error_is_one_line(monkeypatch, capsys):
@@ -355,22 +519,45 @@ def test_cli_data_error_is_one_line(monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise preprocessing.DataError("Fashion-MNIST not found in /nowhere")
     monkeypatch.setattr(preprocessing, "load_splits", broken)
-    assert ms.main(["--epochs", "1"]) != 0
+    assert ms.main(["--epochs", "1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: Fashion-MNIST not found in /nowhere"]
+
+
+def test_cli_diverged_run_is_one_line_exit_3(monkeypatch, capsys, synthetic_splits):
+    import preprocessing
+    monkeypatch.setattr(preprocessing, "load_splits", lambda *a, **k: synthetic_splits)
+    argv = ["--hidden", "64", "--optimizer", "sgd", "--lr", "1e8", "--schedule", "constant", "--warmup-epochs", "0",
+            "--epochs", "2", "--no-progress"]
+    assert ms.main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: Fashion-MNIST not found in /nowhere"]
+    assert len(err) == 1 and "diverged" in err[0]
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_ctrl_c_is_one_line_exit_130(monkeypatch, capsys, synthetic_splits):
+    import preprocessing
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(preprocessing, "load_splits", lambda *a, **k: synthetic_splits)
+    monkeypatch.setattr(ms, "train", interrupted)
+    assert ms.main(["--epochs", "1"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0]
+
+
+def test_cli_end_to_end_without_a_terminal_prints_no_bars(tmp_path):
     out = tmp_path / "run.json"
     proc = subprocess.run([sys.executable, "mlp_scratch.py", "--activation", "gelu", "--hidden", "32",
-                           "--epochs", "2", "--batch-size", "64", "--subset", "1000", "--no-progress", "--json", str(out),
+                           "--epochs", "2", "--batch-size", "64", "--subset", "1000", "--json", str(out),
                            "--save", str(tmp_path / "m.npz")], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "epoch   2/2" in proc.stdout and "test acc" in proc.stdout
+    assert "epoch   1/2" in proc.stdout and "epoch   2/2" in proc.stdout and "test acc" in proc.stdout
+    assert proc.stderr == ""  # stderr is a pipe here: no progress bar
     result = json.loads(out.read_text())
     assert result["config"]["activation"] == "gelu" and result["val_acc"] > 0.6
-    assert MLP.load(tmp_path / "m.npz").hidden == [32]
+    loaded = MLP.load(tmp_path / "m.npz")
+    assert loaded.hidden == [32] and loaded.input_range == ms.PIXEL_RANGE
 
 
 # -------------------------------------------------------------------------------------- no torch
@@ -380,8 +567,8 @@ def test_mlp_scratch_imports_no_framework():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    allowed = {"__future__", "argparse", "json", "math", "sys", "time", "dataclasses", "pathlib", "typing",
-               "numpy", "preprocessing", "tqdm"}
+    allowed = {"__future__", "argparse", "json", "math", "sys", "tempfile", "time", "zipfile", "dataclasses",
+               "pathlib", "typing", "numpy", "preprocessing", "tqdm"}
     assert imported <= allowed, imported - allowed
     code = ("import sys, mlp_scratch, preprocessing; mlp_scratch.MLP(4, [3], 2).forward([[0.0] * 4]); "
             "bad = {'torch', 'tensorflow', 'jax', 'autograd'} & {m.split('.')[0] for m in sys.modules}; "

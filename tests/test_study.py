@@ -1,239 +1,281 @@
-"""The study driver (run_experiments.py): one quick study shared by the module, plus small studies that
-are interrupted, resumed, forced to diverge, rebuilt without training and split into shards."""
+"""The study driver (run_experiments.py): its decisions on fake records, and tiny real studies on a local Dask
+cluster and on a scheduler with two worker processes started here."""
 import dataclasses
 import json
-import shutil
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-import cnn_torch
-import mlp_scratch
 import run_experiments as rx
-from preprocessing import to_images
+import study_results
 
-CONTRACT_COLUMNS = ["study", "variant", "seed", "epochs_run", "best_epoch", "train_loss", "train_acc",
-                    "val_loss", "val_acc", "test_loss", "test_acc", "seconds", "sec_per_epoch", "device",
-                    "n_params", "diverged", "key"]
-MODEL_KEYS = ["config", "val_acc", "test_acc", "test_macro_f1", "per_class", "confusion", "train_seconds",
-              "epochs_run", "n_params"]
+REPO = Path(__file__).resolve().parents[1]
 
-# An even smaller plan for the studies that are run more than once here: MLP only, one level per stage.
-TINY_PLAN = dataclasses.replace(rx.QUICK_PLAN, max_levels=1,
-                                mlp_grid=rx.Budget(subset=600, n_eval=300, epochs=1),
-                                mlp_final=rx.Budget(subset=600, n_eval=300, epochs=1))
+
+def _study(out, splits, plan, **kw):
+    opts = rx.Options(results_dir=out, report=False, plots=False, **{"only": "mlp", **kw})
+    return rx.run_study(opts, splits=splits, plan=plan, log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
-def quick(quick_study):
-    """The --quick study, shared with the report tests (tests/conftest.py): (results dir, Study)."""
-    return quick_study
+def mlp_study(tmp_path_factory, synthetic_splits, tiny_plan):
+    out = tmp_path_factory.mktemp("mlp_study")
+    return out, _study(out, synthetic_splits, tiny_plan)
 
 
-def _tiny(out, splits, **kw):
-    opts = rx.Options(results_dir=out, quick=True, seeds=(0, 1), only="mlp", report=False, plots=False)
-    return rx.run_study(opts, splits=splits, plan=TINY_PLAN, **kw)
+def _vals(out: Path) -> dict:
+    return {r["key"]: (r["val_acc"], r.get("test_acc")) for r in study_results.Registry(out).records.values()}
 
 
-def test_quick_study_writes_every_output(quick):
-    out, study = quick
-    assert not study.blocked and study.executed
-    for model, cls in (("mlp", mlp_scratch.MLPConfig), ("cnn", cnn_torch.CNNConfig)):
-        df = pd.read_csv(out / f"{model}_runs.csv")
-        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("seed", "device")]
-        assert set(CONTRACT_COLUMNS + fields) <= set(df.columns)
-        studies = {s.study for s in (rx.MLP_STAGES if model == "mlp" else rx.CNN_STAGES)} | {f"{model}_final"}
-        assert set(df["study"]) == studies
-        grid = df[df["study"] != f"{model}_final"]
-        assert grid.groupby(["study", "variant"])["seed"].nunique().min() == len(rx.QUICK_SEEDS)
-        assert df["val_acc"].between(0, 1).all() and not df["diverged"].any()
-    curves = pd.read_csv(out / "curves.csv")
-    assert list(curves.columns) == rx.CURVE_COLUMNS and len(curves) > 0
-    stats = pd.read_csv(out / "init_stats.csv")
-    assert list(stats.columns) == rx.INIT_STATS_COLUMNS
-    mlp_schemes = {"random", "xavier", "he", "relu", "leaky_relu", "tanh", "gelu", "sigmoid"}
-    assert set(stats[stats.model == "mlp"].scheme) == mlp_schemes
-    assert set(stats[stats.model == "cnn"].scheme) == {"random", "xavier", "he"}
-    assert (stats[stats.model == "cnn"].groupby("scheme").size() == 5).all()  # five conv layers
+# ---------------------------------------------------------------------------------- decisions, no training
 
-    summary = json.loads((out / "summary.json").read_text())
+class FakeEngine:
+    """Answers each run with a validation accuracy from `score(spec)`; trains nothing."""
+
+    def __init__(self, score):
+        self.score, self.asked = score, []
+
+    def run(self, specs, threads=1):
+        self.asked += specs
+        return [{"key": s.key, "val_acc": self.score(s), "diverged": False} for s in specs]
+
+
+def _decide(score, study="mlp_lr"):
+    stage = next(s for s in rx.MLP_STAGES + rx.CNN_STAGES if s.study == study)
+    study_ = rx.Study(FakeEngine(score), rx.FULL_PLAN, only=stage.model)
+    study_.run_stage(stage, rx.start_config(stage.model, rx.FULL_PLAN))
+    return study_.stages[study], study_.engine.asked
+
+
+def test_a_stage_holds_the_default_and_a_level_on_each_side_of_it():
+    stage, asked = _decide(lambda s: 0.8)
+    assert stage["default"] == "0.001" and stage["levels"] == ["0.000333", "0.001", "0.003"]
+    assert stage["winner"] == "0.001" and not stage["extended"] and not stage["edge"]  # a tie keeps the default
+    assert len(asked) == 3 * len(rx.FULL_PLAN.mlp_seeds)
+    assert all(s.role == "grid" and s.budget == rx.FULL_PLAN.mlp_grid for s in asked)
+
+
+def test_a_winner_at_the_edge_gets_one_more_level_beyond_it():
+    stage, _ = _decide(lambda s: s.config["lr"])  # the larger the rate, the better
+    assert stage["levels"] == ["0.000333", "0.001", "0.003", "0.009"]
+    assert stage["extended"] and stage["winner"] == "0.009" and stage["edge"]  # still at the edge: flagged
+    stage, _ = _decide(lambda s: -abs(s.config["lr"] - 0.003))  # best at 0.003, found after one step
+    assert stage["winner"] == "0.003" and stage["extended"] and not stage["edge"]
+
+
+def test_a_level_with_a_diverged_seed_or_a_contrast_level_never_wins():
+    recs = {"a": [{"val_acc": 0.9, "diverged": False}], "b": [{"val_acc": 0.95, "diverged": True}],
+            "c": [{"val_acc": 0.99, "diverged": False}]}
+    assert rx.choose(recs, "a", eligible={"a", "b"}) == "a"
+    stage, _ = _decide(lambda s: 0.5 if s.config["batchnorm"] else 0.9, study="cnn_init")
+    assert stage["winner"] == "xavier" and set(stage["contrast"]) == {"random, no BN", "xavier, no BN", "he, no BN"}
+
+
+def test_filter_shapes_spend_the_same_multiply_adds_as_the_default():
+    cfg = rx.start_config("cnn", rx.FULL_PLAN)
+    target = rx.cnn_macs(cfg)
+    levels = rx._cnn_filter_levels(cfg)
+    assert {lv.variant for lv in levels} == set(rx.FILTER_SHAPES)
+    assert next(lv for lv in levels if lv.changes["filters"] == cfg["filters"])  # the default is a level
+    for lv in levels:
+        assert abs(rx.cnn_macs({**cfg, **lv.changes}) / target - 1) <= 0.10, lv
+
+
+def test_the_grid_starts_at_the_module_defaults_and_keeps_their_recipe():
     for model in ("mlp", "cnn"):
-        assert set(MODEL_KEYS) <= set(summary[model])
-        assert len(summary[model]["per_class"]) == 10 and np.array(summary[model]["confusion"]).shape == (10, 10)
-        assert set(summary[model]["per_class"][0]) == {"class", "precision", "recall", "f1"}
-    assert {"quick", "seconds", "seeds", "device", "finished_at", "versions", "grid_budget"} <= set(summary["study"])
-    assert summary["study"]["quick"] is True and summary["study"]["grid_budget"]["mlp"]
-
-    for name in rx.FIGURES:
-        path = out / "figures" / name
-        assert path.exists() and path.stat().st_size > 5000, name
-    assert not list(out.rglob("*.tmp*"))  # atomic writes leave no temporary files
+        start = rx.start_config(model, rx.FULL_PLAN)
+        assert start == rx.default_config(model)
+        spec = rx.make_spec(model, "x", "y", 1, start, rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN)
+        changed = {k for k in start if spec.config[k] != start[k]}
+        assert changed <= {"seed", "subset", "epochs", "device"}  # the reduced budget only
 
 
-def test_saved_models_load_and_reproduce_the_reported_test_accuracy(quick, real_splits):
-    out, _ = quick
-    summary = json.loads((out / "summary.json").read_text())
-    records = {r["key"]: r for r in rx.Registry(out).records.values()}
-    for model in ("mlp", "cnn"):
-        rec = records[summary[model]["key"]]
-        data = rx._data_for(real_splits, rx.Budget(**rec["budget"]), rec["seed"])
-        if model == "mlp":
-            clf = mlp_scratch.MLP.load(out / "models" / "mlp_best.npz")
-            pred = clf.predict(data.X_test)
-        else:
-            clf = cnn_torch.load_classifier(out / "models" / "cnn_best")
-            pred = clf.predict(to_images(data.X_test))
-        assert pred.shape == data.y_test.shape
-        assert (pred == data.y_test).mean() == pytest.approx(summary[model]["test_acc"], abs=1e-9)
+def test_run_keys_cover_config_budget_and_role_but_not_the_device():
+    base = rx.default_config("cnn")
+    spec = rx.make_spec("cnn", "s", "v", 0, base, rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN)
+    same = rx.make_spec("cnn", "other", "label", 0, {**base, "device": "cuda"}, rx.FULL_PLAN.cnn_grid, "grid",
+                        rx.FULL_PLAN)
+    assert spec.key == same.key
+    for other in (rx.make_spec("cnn", "s", "v", 1, base, rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN),
+                  rx.make_spec("cnn", "s", "v", 0, {**base, "lr": 1e-2}, rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN),
+                  rx.make_spec("cnn", "s", "v", 0, base, rx.FULL_PLAN.cnn_final, "grid", rx.FULL_PLAN),
+                  rx.make_spec("cnn", "s", "v", 0, base, rx.FULL_PLAN.cnn_grid, "final", rx.FULL_PLAN)):
+        assert other.key != spec.key
 
 
-def test_each_stage_keeps_the_level_with_the_best_mean_validation_accuracy(quick):
-    out, _ = quick
-    winners = json.loads((out / "summary.json").read_text())["study"]["winners"]
-    for model in ("mlp", "cnn"):
-        df = pd.read_csv(out / f"{model}_runs.csv", keep_default_na=False)
-        for study, group in df[~df["study"].str.endswith("_final")].groupby("study"):
-            means = group.groupby("variant")["val_acc"].mean()
-            assert means[winners[study]] == pytest.approx(means.max()), study
-
-
-def test_an_interrupted_study_resumes_with_only_the_missing_runs(tmp_path, real_splits, monkeypatch):
-    calls = []
-    real = rx.RUNNERS["mlp"]
-
-    def interrupt_after_four(spec, *a):
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the fifth run
-        calls.append(spec.key)
-        return real(spec, *a)
-
-    monkeypatch.setitem(rx.RUNNERS, "mlp", interrupt_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        _tiny(tmp_path, real_splits)
-    assert {p.stem for p in (tmp_path / "runs").glob("*.json")} == set(calls)
-
-    monkeypatch.setitem(rx.RUNNERS, "mlp", real)
-    study = _tiny(tmp_path, real_splits)
-    assert not set(study.executed) & set(calls)             # nothing finished is trained again
-    assert set(calls) <= set(study.skipped)
-    assert study.executed and not study.blocked
-    again = _tiny(tmp_path, real_splits)                     # a third start has nothing left to do
-    assert again.executed == [] and set(again.skipped) == set(study.executed) | set(calls)
-
-
-@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
-def test_a_diverging_run_is_recorded_and_the_study_goes_on(tmp_path, real_splits, monkeypatch):
-    base = rx._apply(rx.default_config("mlp"), {"optimizer": "sgd", "lr": 1e6, "momentum": 0.9,
-                                                "schedule": "constant", "warmup_epochs": 0.0})
-    blowup = rx.make_spec("mlp", "forced_divergence", "lr 1e6", 0, base, TINY_PLAN.mlp_grid)
-    raising = rx.make_spec("mlp", "forced_divergence", "raises", 0, {**base, "lr": 0.5}, TINY_PLAN.mlp_grid)
-    real = rx.RUNNERS["mlp"]
-
-    def runner(spec, *a):
-        if spec.key == raising.key:
-            raise FloatingPointError("overflow encountered in matmul")
-        return real(spec, *a)
-
-    monkeypatch.setitem(rx.RUNNERS, "mlp", runner)
-    study = _tiny(tmp_path, real_splits, extra_runs=[blowup, raising])
-    recs = rx.Registry(tmp_path).records
-    assert recs[blowup.key]["diverged"] is True
-    assert recs[raising.key]["diverged"] is True and "FloatingPointError" in recs[raising.key]["error"]
-    assert len(study.executed) > 2 and not study.blocked    # the grid and the final still ran
-    df = pd.read_csv(tmp_path / "mlp_runs.csv")
-    assert df.loc[df.key.isin([blowup.key, raising.key]), "diverged"].all()
-    assert not df.loc[df.study == "mlp_final", "diverged"].any()
-
-
-def test_plots_only_rebuilds_tables_and_figures_without_training(quick, tmp_path, monkeypatch):
-    src, _ = quick
-    out = tmp_path / "copy"
-    shutil.copytree(src, out)
-    shutil.rmtree(out / "figures")
-    for name in ("mlp_runs.csv", "cnn_runs.csv", "curves.csv"):
-        (out / name).unlink()
-
-    def no_training(*a, **k):
-        raise AssertionError("--plots-only must not train")
-
-    monkeypatch.setitem(rx.RUNNERS, "mlp", no_training)
-    monkeypatch.setitem(rx.RUNNERS, "cnn", no_training)
-    assert rx.main(["--plots-only", "--results-dir", str(out), "--no-report"]) == 0
-    for name in ("mlp_runs.csv", "cnn_runs.csv", "curves.csv"):
-        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(src / name))
-    assert all((out / "figures" / n).exists() for n in rx.FIGURES)
-    assert json.loads((out / "summary.json").read_text())["study"]["quick"] is True
-
-
-def test_shards_partition_every_stage(real_splits):
-    def specs_of(shard):
-        study = rx.Study(rx.Options(shard=shard, seeds=(0, 1, 2)), real_splits, rx.FULL_PLAN)
-        out = []
-        for model in ("mlp", "cnn"):
-            cfg = study.grid_base(model)
-            for stage in study.stages(model):
-                specs, _ = study.stage_specs(stage, cfg)
-                out.append(([s.key for s in specs], [s.key for s in study.mine(specs)]))
-        return out
-
-    parts = [specs_of((i, 3)) for i in range(3)]
-    for stage_parts in zip(*parts):
-        full = stage_parts[0][0]
-        mine = [set(p[1]) for p in stage_parts]
-        assert sum(len(m) for m in mine) == len(full) and set().union(*mine) == set(full)
-    assert rx.parse_args(["--shard", "1/2"]).shard == (1, 2)
-    with pytest.raises(SystemExit):
-        rx.parse_args(["--shard", "2/2"])
-
-
-def test_run_keys_cover_config_seed_and_budget_but_not_device():
-    cfg = rx.default_config("cnn")
-    b = rx.Budget(1000, 500, 2)
-    key = rx.run_key("cnn", cfg, 0, b)
-    assert rx.run_key("cnn", {**cfg, "device": "cuda"}, 0, b) == key
-    assert rx.run_key("cnn", {**cfg, "kernel_size": cfg["kernel_size"] + 2}, 0, b) != key
-    assert rx.run_key("cnn", cfg, 1, b) != key
-    assert rx.run_key("cnn", cfg, 0, rx.Budget(1000, 500, 3)) != key
-
-
-def test_options_added_later_keep_the_keys_of_runs_that_never_used_them():
-    cfg = rx.default_config("cnn")
-    b = rx.Budget(1000, 500, 2)
-    neutral = rx.KEY_NEUTRAL["cnn"]
-    without = {k: v for k, v in cfg.items() if k not in neutral}
-    assert rx.run_key("cnn", {**cfg, **neutral}, 0, b) == rx.run_key("cnn", without, 0, b)
-    for k, v in neutral.items():
-        changed = 0.5 if isinstance(v, float) else not v
-        assert rx.run_key("cnn", {**cfg, **neutral, k: changed}, 0, b) != rx.run_key("cnn", without, 0, b), k
-    # The grid pins those options at their neutral values, whatever the module's defaults are.
-    assert all(rx.FULL_PLAN.cnn_grid_overrides[k] == v for k, v in neutral.items())
+def test_a_bad_level_stops_the_plan_before_anything_trains():
+    with pytest.raises(study_results.StudyError, match="kernel_size"):
+        rx.make_spec("cnn", "cnn_kernel", "9", 0, {**rx.default_config("cnn"), "kernel_size": 9},
+                     rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN)
 
 
 def test_the_committed_results_are_what_the_code_would_run():
-    """Resuming the full study over the committed results/ trains nothing: every run key the current code
-    asks for, grid and finals, is already there (so the committed numbers come from this code)."""
-    results = rx.REPO_DIR / "results"
-    if not (results / "manifest.json").exists():
-        pytest.skip("no committed full-study results")
-    study = rx.Study(rx.Options(results_dir=results), None, rx.FULL_PLAN, log=lambda *a: None)
-    missing = []
-    study.run_specs = lambda specs: missing.extend(s for s in specs if s.key not in study.registry)
-    chosen = {m: study.run_track(m) for m in ("mlp", "cnn")}
-    for m in ("mlp", "cnn"):
-        missing.extend(s for s in study.final_specs(m, chosen[m]) if s.key not in study.registry)
-    assert not missing, [(s.study, s.variant, s.seed) for s in missing]
+    """Replaying the full study's decisions over the committed results asks for no run that is not there."""
+    registry = study_results.Registry(REPO / "results", log=lambda *a: None)
+
+    class Replay(FakeEngine):
+        def run(self, specs, threads=1):
+            missing = [f"{s.study}/{s.variant}/seed {s.seed}" for s in specs if s.key not in registry]
+            assert not missing, f"the committed results lack {missing[:3]}"
+            return [registry.records[s.key] for s in specs]
+    study = rx.Study(Replay(None), rx.FULL_PLAN)
+    study.run()
+    assert json.loads((REPO / "results" / "manifest.json").read_text())["finals"] == study.finals
 
 
-def test_the_full_plan_fits_the_time_budget(real_splits):
-    """The plan's own estimate (idle 2-core CPU) stays inside the issue's budget of an hour."""
-    study = rx.Study(rx.Options(), real_splits, rx.FULL_PLAN, log=lambda *a: None)
-    assert sum(r[2] for r in study.expected_plan()) < 60 * 60
+# ---------------------------------------------------------------------------------- tiny studies, real workers
+
+def test_a_study_touches_the_test_set_only_in_its_final_runs(mlp_study):
+    out, study = mlp_study
+    records = study_results.Registry(out).records.values()
+    assert study.executed and all(r["plan"] == "quick" for r in records)
+    for r in records:
+        assert ("test_acc" in r) == (r["role"] == "final"), r["study"]
+    finals = study.finals["mlp"]
+    assert len(finals["seeds"]) == len(rx.QUICK_PLAN.mlp_final_seeds)
+    assert {"mlp_final", "mlp_activation", "mlp_lr"} <= {r["study"] for r in records}
 
 
-def test_study_seconds_count_each_run_once(quick):
-    """A run shared by two stages is listed under both, but its time is spent once."""
-    out, _ = quick
-    summary = json.loads((out / "summary.json").read_text())
-    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
-    assert summary["study"]["seconds"] == pytest.approx(sum(r["seconds"] for r in runs))
+def test_a_second_start_trains_nothing(mlp_study, synthetic_splits, tiny_plan):
+    out, first = mlp_study
+    again = _study(out, synthetic_splits, tiny_plan)
+    assert again.executed == [] and again.finals == first.finals
+
+
+def test_a_study_resumes_after_losing_runs_and_a_final_model(mlp_study, synthetic_splits, tiny_plan, tmp_path):
+    out, first = mlp_study
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    runs = sorted((copy / "runs").glob("*.json"))
+    runs[0].unlink()
+    runs[1].write_text("[]")  # damaged: set aside and retrained
+    final = study_results.Registry(copy).records[first.finals["mlp"]["chain"]]
+    (copy / final["model_file"]).unlink()
+    again = _study(copy, synthetic_splits, tiny_plan)
+    assert sorted(again.executed) == sorted([runs[0].stem, runs[1].stem, final["key"]])
+    assert (copy / "runs" / f"{runs[1].name}.bad").exists()
+    assert _vals(copy) == _vals(out)  # the same numbers again
+
+
+def test_an_unavailable_device_stops_with_one_line_and_records_nothing(tmp_path):
+    proc = _run_cli("--quick", "--only", "cnn", "--device", "cuda:7", "--no-report", "--results-dir", str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--device cuda:7" in proc.stderr
+    assert not list(tmp_path.glob("runs/*.json"))
+
+
+@pytest.mark.parametrize("args", [["--seeds", "-1"], ["--seeds", "99999999999"], ["--final-seeds", "a"],
+                                  ["--workers", "0"]])
+def test_bad_flags_get_one_line(args, tmp_path):
+    proc = _run_cli(*args, "--results-dir", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_an_unwritable_results_folder_stops_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = _run_cli("--quick", "--no-report", "--results-dir", str(blocker / "sub"))
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot write to") and "Traceback" not in proc.stderr
+
+
+def test_a_second_study_on_the_same_folder_is_refused(tmp_path, synthetic_splits, tiny_plan):
+    with study_results.ResultsLock(tmp_path):
+        with pytest.raises(study_results.StudyError, match=f"pid {os.getpid()}"):
+            _study(tmp_path, synthetic_splits, tiny_plan)
+
+
+def test_ctrl_c_stops_with_one_line_and_the_study_resumes(tmp_path):
+    proc = subprocess.Popen([sys.executable, "run_experiments.py", "--quick", "--no-report", "--only", "mlp",
+                             "--results-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("runs/*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "run the same command again to resume" in err
+    assert list(tmp_path.glob("runs/*.json"))
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "run_experiments.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A real scheduler and two single-threaded workers on 127.0.0.1, as `dask scheduler` / `dask worker`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_": "None"}
+    python_m = [sys.executable, "-m"]
+    procs = [subprocess.Popen([*python_m, "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(1.0)
+    procs += [subprocess.Popen([*python_m, "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                "--no-dashboard", "--memory-limit", "0"], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    from distributed import Client
+    with Client(address, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+    yield address
+    for p in procs:
+        p.kill()  # nothing of theirs needs to outlive the tests
+        p.wait(timeout=30)
+
+
+def test_a_study_on_a_dask_scheduler_gives_the_local_records(dask_cluster, mlp_study, synthetic_splits,
+                                                              tiny_plan, tmp_path):
+    out, _ = mlp_study
+    remote = _study(tmp_path, synthetic_splits, tiny_plan, scheduler=dask_cluster)
+    assert remote.executed and _vals(tmp_path) == _vals(out)
+
+
+def test_a_worker_killed_mid_study_costs_only_its_run(dask_cluster, mlp_study, synthetic_splits, tiny_plan,
+                                                      tmp_path):
+    from distributed import Client
+    with Client(dask_cluster) as client:
+        victim = next(iter(client.run(os.getpid).values()))
+
+    def kill_after_first_record():
+        deadline = time.time() + 60
+        while not list(tmp_path.glob("runs/*.json")) and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+    killer = threading.Thread(target=kill_after_first_record)
+    killer.start()
+    _study(tmp_path, synthetic_splits, tiny_plan, scheduler=dask_cluster)
+    killer.join()
+    with pytest.raises(ProcessLookupError):
+        os.kill(victim, 0)
+    assert _vals(tmp_path) == _vals(mlp_study[0])  # complete, and the same numbers
+
+
+def test_both_tracks_with_one_seed_build_every_output(tmp_path, synthetic_splits, tiny_plan):
+    plan = dataclasses.replace(tiny_plan, mlp_seeds=(0,), cnn_seeds=(0,), mlp_final_seeds=(0,))
+    study = rx.run_study(rx.Options(results_dir=tmp_path, report=False, plots=False), splits=synthetic_splits,
+                         plan=plan, log=lambda *a: None)
+    summary = study_results.loads((tmp_path / "summary.json").read_text())
+    assert set(study.finals) == {"mlp", "cnn"} and summary["mlp"]["test_acc_std"] is None
+    assert {"cnn_ablation", "cnn_init", "mlp_lr"} <= set(summary["stages"])
+    stats = (tmp_path / "init_stats.csv").read_text()
+    assert "cnn,he,True" in stats and "cnn,he,False" in stats
+    assert np.isfinite(summary["cnn"]["test_acc"])
+
+
+def test_a_level_over_the_compute_cap_is_shown_but_cannot_win():
+    stage, asked = _decide(lambda s: s.config["hidden"][0] / 1e4, study="mlp_width")  # wider is better
+    assert stage["levels"] == ["512", "1024", "2048"] and stage["contrast"] == ["2048"]
+    assert stage["winner"] == "1024" and not stage["extended"]  # no level past one that cannot win
+    assert {s.variant for s in asked} == {"512", "1024", "2048"}
