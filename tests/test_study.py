@@ -191,7 +191,7 @@ def test_a_second_study_on_the_same_folder_is_refused(tmp_path, synthetic_splits
             _study(tmp_path, synthetic_splits, tiny_plan)
 
 
-def test_ctrl_c_stops_with_one_line_and_the_study_resumes(tmp_path):
+def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_runs(tmp_path):
     proc = subprocess.Popen([sys.executable, "run_experiments.py", "--quick", "--no-report", "--only", "mlp",
                              "--results-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
