@@ -407,8 +407,9 @@ def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> d
 class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
-    def __init__(self, client, splits: Splits, registry, *, device: str, log=print):
-        self.client, self.registry, self.device, self.log = client, registry, device, log
+    def __init__(self, client, splits: Splits, registry, *, device: str, log=None):
+        self.client, self.registry, self.device = client, registry, device
+        self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
         self.lock = threading.Lock()
         self.executed: list[str] = []
@@ -432,7 +433,10 @@ class Engine:
                 self.registry.add(record, files)
                 self.executed.append(record["key"])
                 self.bar.update(1)
-                self.bar.write(_run_line(record))
+                if self.bar.disable:
+                    self.log(_run_line(record))
+                else:
+                    self.bar.write(_run_line(record))
         return [self.registry.records[s.key] for s in specs]
 
 
@@ -504,8 +508,8 @@ def incumbent_variant(levels: list[Level], cfg: dict) -> str:
 class Study:
     """The tracks' stages and finals; every decision is re-derived from the saved runs."""
 
-    def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None, log=print):
-        self.engine, self.plan, self.log = engine, plan, log
+    def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None):
+        self.engine, self.plan = engine, plan
         self.tracks = [m for m in ("mlp", "cnn") if only in (None, m)]
         self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
         self.runs: list[dict] = []            # manifest rows, in order
@@ -759,9 +763,9 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
         client, cluster = start_client(opts.workers, opts.scheduler)
         engine = None
         try:
-            engine = Engine(client, splits, registry, device=device, log=log)
+            engine = Engine(client, splits, registry, device=device, log=None if log is print else log)
             final_seeds = opts.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not opts.quick else None)
-            study = Study(engine, plan, only=opts.only, final_seeds=final_seeds, log=log)
+            study = Study(engine, plan, only=opts.only, final_seeds=final_seeds)
             study.executed = engine.executed
             try:
                 study.run()

@@ -39,8 +39,8 @@ def timed(splits, specs, workers: int, threads: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
         client, cluster = rx.start_client(workers, None)
         try:
-            engine = rx.Engine(client, splits, study_results.Registry(out, log=lambda *a: None), device="cpu")
-            engine.bar.write = lambda *a: None
+            engine = rx.Engine(client, splits, study_results.Registry(out, log=lambda *a: None), device="cpu",
+                               log=lambda *a: None)
             t0 = time.perf_counter()
             records = engine.run(specs, threads)
             seconds = time.perf_counter() - t0
