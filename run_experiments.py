@@ -15,8 +15,11 @@ Design (issue "the study decides the models"):
 - The CNN's filter shapes are scaled to the incumbent's multiply-adds (within 10%); pooling variants share the
   head; joint and frozen heads train the backbone for the same epochs. Initialisation is compared with
   BatchNorm (the candidates) and without it (a contrast that cannot win).
-- A stage's winner is the level with the best mean validation accuracy over seeds (a level with a diverged
-  seed cannot win; the incumbent keeps its place on a tie). The test set is never evaluated in the grid.
+- A stage's winner is the incumbent unless another level beats its mean validation accuracy over seeds by
+  more than the seed noise (2 standard errors of the difference, the std pooled over the stage's levels):
+  the default is the prior and a change needs evidence. A level with a diverged seed cannot win, nor can a
+  level whose grid runs take more than 1.1x the module default's seconds (its final would not fit the 3- and
+  15-minute budgets here). The test set is never evaluated in the grid.
 - The final model of each track is the chain of stage winners, at full budget. Where it differs from the module
   default, the default is trained beside it (seed 0 each) and the better on validation is kept; the kept
   candidate then trains with more seeds (MLP: 3; CNN: --final-seeds). Only final runs touch the test set.
@@ -80,13 +83,21 @@ class Plan:
     mlp_final_seeds: tuple[int, ...] = (0, 1, 2)
     cnn_final_seeds: tuple[int, ...] = (0,)
     init_images: int = 256                          # images behind the statistics at initialisation
+    # A level whose grid runs take more than time_cap times as long as the module default's (mean wall
+    # seconds over seeds, same budget and workers) is trained and shown but cannot win: the defaults' finals
+    # take about 2.6 min (MLP, one core) and 14.4 min (CNN, both cores) here, against budgets of 3 and 15.
+    # Measured seconds, not multiply-adds: at equal multiply-adds the CNN's doubling filters train 1.36x as
+    # long. None (the quick plan, whose tiny runs are mostly overhead): no cap.
+    time_cap: float | None = 1.1
     overrides: dict = field(default_factory=dict)   # quick only: {"mlp": {...}, "cnn": {...}} on every run
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)
 
 
 FULL_PLAN = Plan(
     "full",
-    mlp_grid=Budget(subset=20000, n_eval=None, epochs=6),
+    # The MLP grid keeps the final's 20 epochs on 10k images: at 6 epochs (20k images) no dropout won and
+    # lost at full budget, because overfitting only shows over the final's epochs.
+    mlp_grid=Budget(subset=10000, n_eval=None, epochs=None),
     cnn_grid=Budget(subset=8000, n_eval=None, epochs=3),
     mlp_final=Budget(subset=None, n_eval=None, epochs=None),
     cnn_final=Budget(subset=None, n_eval=None, epochs=None),
@@ -99,6 +110,7 @@ QUICK_PLAN = Plan(
     mlp_final=Budget(subset=2000, n_eval=1000, epochs=2),
     cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
     mlp_seeds=(0, 1), cnn_seeds=(0, 1), mlp_final_seeds=(0, 1), cnn_final_seeds=(0,), init_images=32,
+    time_cap=None,
     overrides={"mlp": {"hidden": [64, 64]},
                "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}},
     max_levels=2)
@@ -152,7 +164,7 @@ def _width(cfg, key="hidden"):
 
 MLP_DEPTH = _ladder(lambda c: [0, 1, 2, 3, 4, 5], lambda c: len(c["hidden"]),
                     lambda d, c: {"hidden": [_width(c) or 1024] * d})
-MLP_WIDTH = _ladder(lambda c: [128, 256, 512, 1024, 2048, 4096], _width,
+MLP_WIDTH = _ladder(lambda c: [128, 256, 512, 768, 1024, 1536, 2048, 4096], _width,
                     lambda w, c: {"hidden": [w] * max(len(c["hidden"]), 1)})
 MLP_DROPOUT = _ladder(lambda c: [0.0, 0.1, 0.3, 0.5, 0.7], lambda c: c["dropout"], lambda p, c: {"dropout": p})
 MLP_LR = _ladder(lambda c: [float(f"{c['lr'] * 3.0 ** k:.3g}") for k in range(-3, 4)], lambda c: c["lr"],
@@ -188,11 +200,6 @@ def _cnn_init_levels(cfg):
     contrast = [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in INITS]
     return with_bn + contrast
 
-
-# A level whose network costs more than this many times the module default's multiply-adds per image is
-# trained and shown, but cannot win: its final run (3 seeds of the MLP, the CNN's 26 epochs) would not fit the
-# 3- and 15-minute budgets on the 2-core CPU.
-COMPUTE_CAP = 2.0
 
 ABLATION = {"full recipe": {}, "no BatchNorm": {"batchnorm": False}, "no augmentation": {"augment": False},
             "no erasing": {"erase": 0.0}, "no label smoothing": {"label_smoothing": 0.0},
@@ -407,17 +414,19 @@ def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> d
 class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
-    def __init__(self, client, splits: Splits, registry, *, device: str, log=None):
-        self.client, self.registry, self.device = client, registry, device
+    def __init__(self, client, splits: Splits, registry, *, device: str, threads: int = 1, log=None):
+        self.client, self.registry, self.device, self.threads = client, registry, device, threads
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
         self.lock = threading.Lock()
         self.executed: list[str] = []
         self.bar = _progress()
 
-    def run(self, specs: list[RunSpec], threads: int = 1) -> list[dict]:
-        """Every spec's record, training those not yet done (all at once; this call waits for them)."""
+    def run(self, specs: list[RunSpec], threads: int | None = None) -> list[dict]:
+        """Every spec's record, training those not yet done (all at once; this call waits for them), each on
+        `threads` BLAS and torch threads (default: the engine's)."""
         from distributed import as_completed
+        threads = threads or self.threads
         todo = {s.key: s for s in specs if s.key not in self.registry}
         with self.lock:
             self.bar.total += len(todo)
@@ -483,18 +492,33 @@ def start_client(workers: int, scheduler: str | None):
 # ----------------------------------------------------------------------------------------- the study
 
 def choose(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]) -> str:
-    """The eligible level with the best mean validation accuracy; a level with a diverged seed cannot win
-    and the incumbent keeps its place on a tie."""
-    def score(v):
-        recs = by_variant[v]
-        if v not in eligible or any(r["diverged"] or r["val_acc"] is None for r in recs):
-            return -math.inf
-        return float(np.mean([r["val_acc"] for r in recs]))
-    best = incumbent
-    for v in by_variant:
-        if score(v) > score(best) + 1e-12:
-            best = v
-    return best
+    """The incumbent, unless an eligible level beats its mean validation accuracy by more than the seed noise
+    (study_results.noise_margin, from the std pooled over the stage's eligible levels): then the best such
+    level. A level with a diverged seed is not eligible. With one seed a run (no noise estimate) the best
+    mean wins; the incumbent keeps its place on a tie."""
+    accs = {v: [r["val_acc"] for r in recs] for v, recs in by_variant.items()
+            if v in eligible and recs and not any(r["diverged"] or r["val_acc"] is None for r in recs)}
+    if not accs:
+        return incumbent
+    mean = {v: float(np.mean(a)) for v, a in accs.items()}
+    best = max(mean, key=lambda v: (mean[v], v == incumbent))
+    if incumbent not in accs or best == incumbent:
+        return best
+    sd = study_results.pooled_sd([(len(a), np.std(a, ddof=1) if len(a) > 1 else None) for a in accs.values()])
+    margin = study_results.noise_margin(sd, len(accs[best]), len(accs[incumbent])) or 1e-12
+    return best if mean[best] - mean[incumbent] > margin else incumbent
+
+
+def time_ratios(by_variant: dict[str, list[dict]], reference: list[dict]) -> dict[str, float]:
+    """Each level's mean wall seconds over the reference runs' (levels or references without times: left out)."""
+    ref = _mean([r.get("seconds") for r in reference])
+    means = {v: _mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
+    return {v: m / ref for v, m in means.items() if m and ref}
+
+
+def over_time_cap(by_variant: dict[str, list[dict]], reference: list[dict], cap: float | None) -> set[str]:
+    """The levels whose runs took more than `cap` times the reference runs' mean wall seconds."""
+    return set() if cap is None else {v for v, r in time_ratios(by_variant, reference).items() if r > cap}
 
 
 def _matches(level: Level, cfg: dict) -> bool:
@@ -515,6 +539,7 @@ class Study:
         self.runs: list[dict] = []            # manifest rows, in order
         self.stages: dict[str, dict] = {}     # manifest stages
         self.finals: dict[str, dict] = {}
+        self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time cap's yardstick
         self.grid_done = threading.Barrier(len(self.tracks) + ("cnn" in self.tracks))
 
     def spec(self, stage: Stage, level: Level, seed: int, cfg: dict) -> RunSpec:
@@ -544,30 +569,33 @@ class Study:
         own = incumbent_variant(levels, cfg)
         if self.plan.max_levels:
             levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
-        levels = [self.affordable(stage.model, lv, cfg) for lv in levels]
         by_variant = self.run_levels(stage, levels, cfg)
-        winner = choose(by_variant, own, {lv.variant for lv in levels if lv.eligible})
+        winner, capped = self.decide(stage, levels, by_variant, own, cfg)
         extended = False
-        if stage.beyond and not self.plan.max_levels and winner in (levels[0].variant, levels[-1].variant):
+        if stage.beyond and not self.plan.max_levels and winner in (levels[0].variant, levels[-1].variant) \
+                and winner != own:
             extra = stage.beyond(cfg, -1 if winner == levels[0].variant else 1)
             if extra is not None and extra.variant not in by_variant:
-                extra = self.affordable(stage.model, extra, cfg)
                 levels = [extra, *levels] if winner == levels[0].variant else [*levels, extra]
                 by_variant.update(self.run_levels(stage, [extra], cfg))
-                winner, extended = choose(by_variant, own, {lv.variant for lv in levels if lv.eligible}), True
+                (winner, capped), extended = self.decide(stage, levels, by_variant, own, cfg), True
         self.stages[stage.study] = {
             "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
             "winner": winner, "levels": [lv.variant for lv in levels], "extended": extended,
-            "contrast": [lv.variant for lv in levels if not lv.eligible],
+            "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
+            "time_capped": [lv.variant for lv in levels if lv.variant in capped],
+            "time_ratio": {v: round(r, 3) for v, r in
+                           time_ratios(by_variant, self.reference.get(stage.model, [])).items()},
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
         return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
 
-    def affordable(self, model: str, level: Level, cfg: dict) -> Level:
-        """The level, or a contrast that cannot win if its network costs more than COMPUTE_CAP times the
-        module default's multiply-adds per image: its final run would not fit the time budget."""
-        macs = mlp_macs if model == "mlp" else cnn_macs
-        over = macs(apply(cfg, level.changes)) > COMPUTE_CAP * macs(start_config(model, self.plan))
-        return dataclasses.replace(level, eligible=False) if over else level
+    def decide(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
+        """(winner, levels over the time cap): the time cap is measured against the module default's runs."""
+        if cfg == start_config(stage.model, self.plan):
+            self.reference.setdefault(stage.model, by_variant[own])
+        capped = over_time_cap(by_variant, self.reference.get(stage.model, []), self.plan.time_cap)
+        eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
+        return choose(by_variant, own, eligible | {own}), capped
 
     def run_track(self, model: str) -> None:
         cfg = start_config(model, self.plan)
@@ -587,7 +615,7 @@ class Study:
         """The chain of winners and (if different) the module default, seed 0 each; the better on validation
         is kept and trained with the remaining final seeds."""
         budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
-        threads = 1 if model == "mlp" else (os.cpu_count() or 1)
+        threads = None if model == "mlp" else (os.cpu_count() or 1)
         study = f"{model}_final"
         candidates = {"chain": chain, "default": start_config(model, self.plan)}
         seeds = self.final_seeds[model]
@@ -605,8 +633,8 @@ class Study:
         self.finals[model] = {"chain": recs[0]["key"], "default": recs[1]["key"] if len(recs) > 1 else None,
                               "kept": kept, "seeds": [chosen["key"]] + [r["key"] for r in rest]}
 
-    def _run_final(self, specs: list[RunSpec], threads: int) -> list[dict]:
-        if threads == 1:
+    def _run_final(self, specs: list[RunSpec], threads: int | None) -> list[dict]:
+        if threads is None:  # side by side, like grid runs
             recs = self.engine.run(specs)
         else:  # whole-machine runs, one at a time
             recs = [self.engine.run([s], threads)[0] for s in specs]
@@ -622,6 +650,7 @@ class Study:
 
     def manifest(self) -> dict:
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
+                "time_cap": self.plan.time_cap,
                 "runs": self.runs, "stages": self.stages, "finals": self.finals}
 
 
@@ -736,6 +765,7 @@ class Options:
     final_seeds: tuple[int, ...] | None = None  # CNN final seeds; None: the plan's (1 on a CPU, 3 on a GPU)
     only: str | None = None
     workers: int = 2
+    threads: int = 1                            # BLAS and torch threads of each run (CNN finals: every core)
     scheduler: str | None = None
     device: str = "cpu"
     report: bool = True
@@ -763,7 +793,8 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
         client, cluster = start_client(opts.workers, opts.scheduler)
         engine = None
         try:
-            engine = Engine(client, splits, registry, device=device, log=None if log is print else log)
+            engine = Engine(client, splits, registry, device=device, threads=opts.threads,
+                            log=None if log is print else log)
             final_seeds = opts.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not opts.quick else None)
             study = Study(engine, plan, only=opts.only, final_seeds=final_seeds)
             study.executed = engine.executed
@@ -778,7 +809,9 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
             if cluster is not None:
                 cluster.close()
         wall = time.perf_counter() - t0
-        study_results.rebuild_outputs(results_dir, splits, plots=opts.plots, log=log, wall_seconds=wall,
+        # A resume that trained nothing keeps the wall time of the invocation that did.
+        study_results.rebuild_outputs(results_dir, splits, plots=opts.plots, log=log,
+                                      wall_seconds=wall if engine.executed else None,
                                       workers=opts.workers if not opts.scheduler else opts.scheduler)
     log(f"Study done in {wall / 60:.1f} min: {len(engine.executed)} runs trained; results in {results_dir}")
     return study
@@ -804,11 +837,17 @@ def _seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _workers(text: str) -> int:
-    n = int(text) if text.isdigit() else 0
-    if not 1 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"expected a whole number of workers in 1..256, got {text!r}")
-    return n
+def _count(what: str, most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of `what` in 1..most."""
+    def parse(text: str) -> int:
+        n = int(text) if text.isdigit() else 0
+        if not 1 <= n <= most:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what} in 1..{most}, got {text!r}")
+        return n
+    return parse
+
+
+_workers, _threads = _count("workers", 256), _count("threads", 1024)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -826,6 +865,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=_workers, default=2,
                    help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
                         "benchmarks/bench_workers.py)")
+    p.add_argument("--threads", type=_threads, default=1,
+                   help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores "
+                        "(default: 1; final CNN runs take every core)")
     p.add_argument("--scheduler", default=None,
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
@@ -837,7 +879,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     opts = Options(results_dir=Path(args.results_dir), quick=args.quick, seeds=args.seeds,
-                   final_seeds=args.final_seeds, only=args.only, workers=args.workers, scheduler=args.scheduler,
+                   final_seeds=args.final_seeds, only=args.only, workers=args.workers, threads=args.threads,
+                   scheduler=args.scheduler,
                    device=args.device, report=not args.no_report)
     try:
         check_writable(opts.results_dir)

@@ -396,6 +396,22 @@ def mcnemar(pred_a, pred_b, y) -> dict:
     return {"n01": n01, "n10": n10, "p_value": float(p)}
 
 
+NOISE_Z = 2.0  # a gap is "more than the noise" when it exceeds 2 standard errors of the difference
+
+
+def pooled_sd(groups) -> float | None:
+    """Seed-to-seed std of validation accuracy pooled over (n, std) groups; groups of one seed (std None)
+    add nothing. None when no group has two seeds."""
+    groups = [(n, sd) for n, sd in groups if n > 1 and sd is not None]
+    dof = sum(n - 1 for n, _ in groups)
+    return math.sqrt(sum((n - 1) * sd ** 2 for n, sd in groups) / dof) if dof else None
+
+
+def noise_margin(sd: float | None, n_a: int, n_b: int) -> float | None:
+    """NOISE_Z standard errors of the difference between two means of n_a and n_b seeds."""
+    return None if sd is None else NOISE_Z * sd * math.sqrt(1 / n_a + 1 / n_b)
+
+
 def _mean(vals) -> float | None:
     return float(np.mean(vals)) if vals else None
 

@@ -34,11 +34,11 @@ GROUP_FILE = REPORT_DIR / "group.toml"
 
 sys.path.insert(0, str(REPO_DIR))  # the scripts live at the repository root
 from preprocessing import CLASS_NAMES  # noqa: E402
-from study_results import atomic_write  # noqa: E402
+from study_results import NOISE_Z, atomic_write, noise_margin  # noqa: E402
+import study_results  # noqa: E402
 from report import text  # noqa: E402
 from report.text import name  # noqa: E402
 
-NOISE_Z = 2.0   # a gap is "more than the noise" when it exceeds 2 standard errors of the difference
 REL_TOL = 1e-9
 MAX_BODY_PAGES, MAX_PAGES = 12, 16  # the assignment's report: pages before the appendix, and in all
 MLP_STAGES = ("mlp_activation", "mlp_depth", "mlp_width", "mlp_dropout", "mlp_optimizer", "mlp_lr")
@@ -163,10 +163,8 @@ class Outcome:
 
 
 def pooled_sd(rows: list[dict]) -> float | None:
-    """Seed-to-seed std of validation accuracy, pooled over the levels run with 2+ seeds."""
-    num = sum((r["n"] - 1) * r["val_acc_std"] ** 2 for r in rows if r["n"] > 1 and r["val_acc_std"] is not None)
-    dof = sum(r["n"] - 1 for r in rows if r["n"] > 1 and r["val_acc_std"] is not None)
-    return math.sqrt(num / dof) if dof > 0 else None
+    """Seed-to-seed std of validation accuracy, pooled over the table rows run with 2+ seeds."""
+    return study_results.pooled_sd((r["n"], r["val_acc_std"]) for r in rows)
 
 
 def _as_float(v) -> float | None:
@@ -190,7 +188,7 @@ def outcome(study: str, stage: dict, contrast=()) -> Outcome | None:
     other = default if best != default else str(next(r for r in ranked if str(r["variant"]) != default)["variant"])
     sd = pooled_sd(ok)
     gap = by[best]["val_acc"] - by[other]["val_acc"]
-    noise = None if sd is None else NOISE_Z * sd * math.sqrt(1 / by[best]["n"] + 1 / by[other]["n"])
+    noise = noise_margin(sd, by[best]["n"], by[other]["n"])
     clear = noise is not None and gap > noise
     kind = ("default" if best == default else "other") + ("_clear" if clear else "_close")
     worst = str(ranked[-1]["variant"])
@@ -222,6 +220,20 @@ class Facts:
         self.claims.append(kw)
 
 
+def capped_note(study: str, stage: dict, o: Outcome) -> str:
+    """' 3 layers (87.54%) scored above the default but took 1.6 times its seconds, over the time cap.' for
+    the time-capped levels that beat the default's mean; '' when none did."""
+    by = {str(r["variant"]): r for r in stage.get("table", []) if r.get("val_acc") is not None}
+    ratio = stage.get("time_ratio") or {}
+    base = by.get(o.raw["default"], {}).get("val_acc")
+    above = [v for v in stage.get("time_capped") or [] if base is not None and by.get(v, {}).get("val_acc", 0) > base]
+    if not above:
+        return ""
+    parts = [f"{name(study, v)} ({pct(by[v]['val_acc'])}, {ratio[v]:.3f} times the default's seconds)"
+             if v in ratio else f"{name(study, v)} ({pct(by[v]['val_acc'])})" for v in above]
+    return f" Above the default but over the time cap: {_join(parts)}."
+
+
 def stage_rows(study: str, stage: dict, winner: str | None) -> list[list[str]]:
     rows = []
     for r in stage.get("table", []):
@@ -247,9 +259,11 @@ def make_stage_facts(results: dict, f: Facts, studies) -> list[dict]:
         winner = str(stage.get("winner")) if stage.get("winner") is not None else None
         entry = {"id": study, "title": text.TITLES.get(study, study.replace("_", " ")),
                  "rows": stage_rows(study, stage, winner), "sentence": "", "kind": None,
-                 "edge": bool(stage.get("edge")), "extended": bool(stage.get("extended"))}
+                 "edge": bool(stage.get("edge")), "extended": bool(stage.get("extended")),
+                 "capped": bool(stage.get("time_capped"))}
         if o is not None:
             entry["sentence"], entry["kind"], entry["best"] = _cap(text.stage_sentence(study, o)), o.kind, o.best
+            entry["sentence"] += capped_note(study, stage, o)
             f.claim(type="stage", study=study, contrast=contrast, **o.raw)
         entry["winner"] = name(study, winner) if winner else ""
         out.append(entry)
@@ -268,7 +282,7 @@ def make_init_facts(results: dict, f: Facts) -> dict:
         lo, hi = min(rows, key=lambda r: r["val_acc"]), max(rows, key=lambda r: r["val_acc"])
         spread = hi["val_acc"] - lo["val_acc"]
         sd = pooled_sd(rows)
-        noise = None if sd is None else NOISE_Z * sd * math.sqrt(1 / lo["n"] + 1 / hi["n"])
+        noise = noise_margin(sd, lo["n"], hi["n"])
         f.claim(type="spread", study="cnn_init", variants=[str(r["variant"]) for r in rows],
                 low=str(lo["variant"]), high=str(hi["variant"]), clear=noise is not None and spread > noise)
         if noise is not None and spread > noise:
@@ -342,7 +356,7 @@ def make_ablation_facts(results: dict, f: Facts) -> dict:
         if r is full:
             continue
         d = r["val_acc"] - full["val_acc"]
-        noise = None if sd is None else NOISE_Z * sd * math.sqrt(1 / r["n"] + 1 / full["n"])
+        noise = noise_margin(sd, r["n"], full["n"])
         what = str(r["variant"]).removeprefix("no ")
         item = f"{name(ABLATION, what)} ({100 * d:+.2f} points)"
         (hurt if noise is not None and d < -noise else helped if noise is not None and d > noise else flat).append(item)
@@ -351,7 +365,7 @@ def make_ablation_facts(results: dict, f: Facts) -> dict:
     parts = []
     if hurt:
         parts.append(f"Removing {_join(hurt)} lowered validation accuracy by more than the noise, so "
-                     f"{'these parts earn' if len(hurt) > 1 else 'this part earns'} their place in the recipe.")
+                     f"{'these parts earn their' if len(hurt) > 1 else 'this part earns its'} place in the recipe.")
     if flat:
         parts.append(f"Removing {_join(flat)} changed it by less than the noise"
                      f"{' (pooled seed std ' + pts(sd) + ' points)' if sd is not None else ' (one seed: noise unmeasured)'}.")
@@ -402,10 +416,8 @@ def edge_sentence(results: dict) -> str:
     edge = [f"{_uncap(text.TITLES.get(s, s))} ({name(s, st.get('winner'))})" for s, st in stages.items()
             if st.get("edge") and st.get("winner") is not None]
     over = [f"{name(s, v)} in the {_uncap(text.TITLES.get(s, s))}" for s, st in stages.items()
-            if s != "cnn_init" for v in st.get("contrast") or []]
-    capped = ("" if not over else
-              f" A level whose network costs more than twice the default's multiply-adds per image is trained and "
-              f"shown but cannot win, since its final runs would not fit the time budget: {_join(over)}.")
+            for v in st.get("time_capped") or []]
+    capped = "" if not over else f" Over the time cap, shown but not eligible: {_join(over)}."
     if not edge:
         return ("No stage's winner stayed at the edge of its range, so every chosen level is bracketed by worse "
                 "ones." + capped)
@@ -678,6 +690,10 @@ def _best(stage: dict | None) -> str:
     return stage["best"] if stage and stage.get("kind") else "not measured"
 
 
+def _within_cap(stage: dict | None) -> str:
+    return " of the levels within the time cap" if stage and stage.get("capped") else ""
+
+
 def conclusion_facts(facts: dict, results: dict) -> list[list[str]]:
     """One sentence per assignment question: [question, sentence, label of the section with the evidence]."""
     st = {s["id"]: s for s in facts["studies_mlp"] + facts["studies_cnn"]}
@@ -696,9 +712,9 @@ def conclusion_facts(facts: dict, results: dict) -> list[list[str]]:
          "sec-mlp-study"],
         ["Q3a", f"{_cap(_best(st.get('cnn_pool')))} came first among the pooling methods "
                 f"{_margin((st.get('cnn_pool') or {}).get('kind'))}.", "sec-cnn-study"],
-        ["Q3b", f"The {_best(st.get('cnn_kernel'))} kernel came first "
+        ["Q3b", f"The {_best(st.get('cnn_kernel'))} kernel came first{_within_cap(st.get('cnn_kernel'))} "
                 f"{_margin((st.get('cnn_kernel') or {}).get('kind'))}, and at equal multiply-adds the "
-                f"{_best(st.get('cnn_filters'))} filter schedule came first "
+                f"{_best(st.get('cnn_filters'))} filter schedule came first{_within_cap(st.get('cnn_filters'))} "
                 f"{_margin((st.get('cnn_filters') or {}).get('kind'))}.", "sec-cnn-study"],
         ["Q3c", f"With BatchNorm {_best(init_bn)} initialisation came first {_margin(init_bn.get('kind'))}"
                 + (f", while without it {no_bn[len('Without BatchNorm '):].rstrip('.')}."
@@ -731,10 +747,14 @@ def design_facts(results: dict) -> dict:
                        for kk, vv in b.items()) if isinstance(b, dict) else _value(b)]
             for k, b in budget.items()] if isinstance(budget, dict) else []
     seeds = st.get("seeds") or []
-    return {"quick": st.get("plan") == "quick", "seeds": ", ".join(map(str, seeds)), "n_seeds": len(seeds),
+    by_track = results["manifest"].get("seeds")
+    seed_text = "; ".join(f"{m.upper()} {', '.join(map(str, v))}" for m, v in by_track.items()) \
+        if isinstance(by_track, dict) else ", ".join(map(str, seeds))
+    return {"quick": st.get("plan") == "quick", "seeds": seed_text, "n_seeds": len(seeds),
             "one_seed": len(seeds) < 2, "n_runs": count(st.get("n_runs")), "n_diverged": count(st.get("n_diverged")),
             "duration": _duration(st.get("seconds") or 0),  # summed run by run: resumes do not split it
             "workers": str(st.get("workers", 1)), "budget": rows,
+            "time_cap": f"{results['manifest']['time_cap']:g}" if results["manifest"].get("time_cap") else "",
             "n_train": count(rec.get("n_train")), "n_val": count(rec.get("n_val")), "n_test": count(rec.get("n_test")),
             "versions": ", ".join(f"{k} {v}" for k, v in (st.get("versions") or {}).items()),
             "finished": str(st.get("finished_at", ""))}

@@ -470,3 +470,24 @@ def test_zip_holds_what_the_report_cites(tmp_path, built):
         "benchmarks/bench.py", "results/mlp_runs.csv", "results/summary.json", "results/manifest.json",
         "results/gradcheck.json", "results/cnn_recipe_sweep.jsonl"))
     assert names == expected
+
+
+def test_levels_over_the_time_cap_and_edges_are_named():
+    stages = {"mlp_width": {"edge": False, "winner": "1024", "time_capped": ["1536"]},
+              "mlp_lr": {"edge": True, "winner": "0.009", "time_capped": []}}
+    text = build.edge_sentence({"manifest": {"stages": stages, "time_cap": 1.1}})
+    assert "Over the time cap, shown but not eligible: 1536 in the units per hidden layer." in text
+    assert "learning rate (0.009)" in text
+    quiet = build.edge_sentence({"manifest": {"stages": {"mlp_lr": {"edge": False, "winner": "0.001"}}}})
+    assert "bracketed by worse ones." in quiet and "time cap" not in quiet
+
+
+def test_a_capped_level_above_the_default_is_named_in_its_stage():
+    from types import SimpleNamespace
+    stage = {"table": [{"variant": "1024", "val_acc": 0.875}, {"variant": "1536", "val_acc": 0.877},
+                       {"variant": "2048", "val_acc": 0.870}],
+             "time_capped": ["1536", "2048"], "time_ratio": {"1024": 1.0, "1536": 1.893, "2048": 3.4}}
+    note = build.capped_note("mlp_width", stage, SimpleNamespace(raw={"default": "1024"}))
+    assert note == " Above the default but over the time cap: 1536 (87.70%, 1.893 times the default's seconds)."
+    assert build.capped_note("mlp_width", {**stage, "time_capped": ["2048"]},
+                             SimpleNamespace(raw={"default": "1024"})) == ""  # below the default: not named

@@ -38,19 +38,21 @@ def _vals(out: Path) -> dict:
 # ---------------------------------------------------------------------------------- decisions, no training
 
 class FakeEngine:
-    """Answers each run with a validation accuracy from `score(spec)`; trains nothing."""
+    """Answers each run with a validation accuracy from `score(spec)` and wall seconds from `seconds(spec)`
+    (default: 10 s); trains nothing."""
 
-    def __init__(self, score):
-        self.score, self.asked = score, []
+    def __init__(self, score, seconds=None):
+        self.score, self.seconds, self.asked = score, seconds or (lambda s: 10.0), []
 
     def run(self, specs, threads=1):
         self.asked += specs
-        return [{"key": s.key, "val_acc": self.score(s), "diverged": False} for s in specs]
+        return [{"key": s.key, "val_acc": self.score(s), "diverged": False, "seconds": self.seconds(s)}
+                for s in specs]
 
 
-def _decide(score, study="mlp_lr"):
+def _decide(score, study="mlp_lr", seconds=None):
     stage = next(s for s in rx.MLP_STAGES + rx.CNN_STAGES if s.study == study)
-    study_ = rx.Study(FakeEngine(score), rx.FULL_PLAN, only=stage.model)
+    study_ = rx.Study(FakeEngine(score, seconds), rx.FULL_PLAN, only=stage.model)
     study_.run_stage(stage, rx.start_config(stage.model, rx.FULL_PLAN))
     return study_.stages[study], study_.engine.asked
 
@@ -64,11 +66,27 @@ def test_a_stage_holds_the_default_and_a_level_on_each_side_of_it():
 
 
 def test_a_winner_at_the_edge_gets_one_more_level_beyond_it():
-    stage, _ = _decide(lambda s: s.config["lr"])  # the larger the rate, the better
+    stage, _ = _decide(lambda s: s.config["lr"] * 10)  # the larger the rate, the better
     assert stage["levels"] == ["0.000333", "0.001", "0.003", "0.009"]
     assert stage["extended"] and stage["winner"] == "0.009" and stage["edge"]  # still at the edge: flagged
     stage, _ = _decide(lambda s: -abs(s.config["lr"] - 0.003))  # best at 0.003, found after one step
     assert stage["winner"] == "0.003" and stage["extended"] and not stage["edge"]
+
+
+def _seeded(means: dict, spread: float):
+    """Records of levels with these mean accuracies, seeds at mean -/+ spread."""
+    return {v: [{"val_acc": m - spread, "diverged": False}, {"val_acc": m + spread, "diverged": False}]
+            for v, m in means.items()}
+
+
+def test_a_level_replaces_the_incumbent_only_by_more_than_the_seed_noise():
+    levels = {"a": 0.900, "b": 0.903, "c": 0.899}
+    # seed std 0.0028 (spread 0.002): noise = 2 * 0.0028 * sqrt(1/2 + 1/2) = 0.0057 > 0.003
+    assert rx.choose(_seeded(levels, 0.002), "a", eligible=set(levels)) == "a"
+    # seed std 0.00014: the same 0.3-point gap is now clear
+    assert rx.choose(_seeded(levels, 0.0001), "a", eligible=set(levels)) == "b"
+    one_seed = {v: [{"val_acc": m, "diverged": False}] for v, m in levels.items()}
+    assert rx.choose(one_seed, "a", eligible=set(levels)) == "b"  # no noise estimate: the best mean
 
 
 def test_a_level_with_a_diverged_seed_or_a_contrast_level_never_wins():
@@ -146,8 +164,10 @@ def test_a_study_touches_the_test_set_only_in_its_final_runs(mlp_study):
 
 def test_a_second_start_trains_nothing(mlp_study, synthetic_splits, tiny_plan):
     out, first = mlp_study
+    wall = study_results.loads((out / "summary.json").read_text())["study"]["wall_seconds"]
     again = _study(out, synthetic_splits, tiny_plan)
     assert again.executed == [] and again.finals == first.finals
+    assert study_results.loads((out / "summary.json").read_text())["study"]["wall_seconds"] == wall  # kept
 
 
 def test_a_study_resumes_after_losing_runs_and_a_final_model(mlp_study, synthetic_splits, tiny_plan, tmp_path):
@@ -172,7 +192,7 @@ def test_an_unavailable_device_stops_with_one_line_and_records_nothing(tmp_path)
 
 
 @pytest.mark.parametrize("args", [["--seeds", "-1"], ["--seeds", "99999999999"], ["--final-seeds", "a"],
-                                  ["--workers", "0"]])
+                                  ["--workers", "0"], ["--threads", "0"], ["--threads", "x"]])
 def test_bad_flags_get_one_line(args, tmp_path):
     proc = _run_cli(*args, "--results-dir", str(tmp_path / "r"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
@@ -274,8 +294,14 @@ def test_both_tracks_with_one_seed_build_every_output(tmp_path, synthetic_splits
     assert np.isfinite(summary["cnn"]["test_acc"])
 
 
-def test_a_level_over_the_compute_cap_is_shown_but_cannot_win():
-    stage, asked = _decide(lambda s: s.config["hidden"][0] / 1e4, study="mlp_width")  # wider is better
-    assert stage["levels"] == ["512", "1024", "2048"] and stage["contrast"] == ["2048"]
-    assert stage["winner"] == "1024" and not stage["extended"]  # no level past one that cannot win
-    assert {s.variant for s in asked} == {"512", "1024", "2048"}
+def test_a_level_slower_than_the_time_cap_is_shown_but_cannot_win():
+    def seconds(spec):  # wall time in proportion to the multiply-adds
+        return rx.mlp_macs(spec.config) / 1e5
+    stage, asked = _decide(lambda s: s.config["hidden"][0] / 1e4, study="mlp_width", seconds=seconds)
+    assert stage["levels"] == ["768", "1024", "1536"] and stage["contrast"] == ["1536"]
+    assert stage["time_capped"] == ["1536"] and stage["winner"] == "1024" and not stage["extended"]
+    assert {s.variant for s in asked} == {"768", "1024", "1536"}
+    stage, _ = _decide(lambda s: -s.config["hidden"][0] / 1e4, study="mlp_width", seconds=seconds)
+    assert stage["winner"] == "512" and stage["extended"] and stage["time_capped"] == ["1536"]  # faster is fine
+    assert rx.over_time_cap({"a": [{"seconds": 11.5}], "b": [{"seconds": 10.5}]}, [{"seconds": 10.0}], 1.1) == {"a"}
+    assert rx.over_time_cap({"a": [{"seconds": 99.0}]}, [{"seconds": 10.0}], None) == set()  # no cap
