@@ -221,8 +221,8 @@ class Facts:
 
 
 def capped_note(study: str, stage: dict, o: Outcome) -> str:
-    """' 3 layers (87.54%) scored above the default but took 1.6 times its seconds, over the time cap.' for
-    the time-capped levels that beat the default's mean; '' when none did."""
+    """' Above the default but over the time cap: 3 layers (87.54%, 1.600 times the default's seconds).' for
+    the time-capped levels whose mean beat the default's; '' when none did."""
     by = {str(r["variant"]): r for r in stage.get("table", []) if r.get("val_acc") is not None}
     ratio = stage.get("time_ratio") or {}
     base = by.get(o.raw["default"], {}).get("val_acc")
