@@ -220,17 +220,24 @@ class Facts:
         self.claims.append(kw)
 
 
+def _capped(stage: dict) -> list[str]:
+    """The stage's levels over the time cap (none if the manifest's list is missing or damaged)."""
+    capped = stage.get("time_capped")
+    return [str(v) for v in capped] if isinstance(capped, list) else []
+
+
 def capped_note(study: str, stage: dict, o: Outcome) -> str:
     """' Above the default but over the time cap: 3 layers (87.54%, 1.600 times the default's seconds).' for
     the time-capped levels whose mean beat the default's; '' when none did."""
     by = {str(r["variant"]): r for r in stage.get("table", []) if r.get("val_acc") is not None}
-    ratio = stage.get("time_ratio") or {}
+    ratio = stage.get("time_ratio") if isinstance(stage.get("time_ratio"), dict) else {}
     base = by.get(o.raw["default"], {}).get("val_acc")
-    above = [v for v in stage.get("time_capped") or [] if base is not None and by.get(v, {}).get("val_acc", 0) > base]
+    above = [v for v in _capped(stage) if base is not None and by.get(v, {}).get("val_acc", 0) > base]
     if not above:
         return ""
     parts = [f"{name(study, v)} ({pct(by[v]['val_acc'])}, {ratio[v]:.3f} times the default's seconds)"
-             if v in ratio else f"{name(study, v)} ({pct(by[v]['val_acc'])})" for v in above]
+             if isinstance(ratio.get(v), (int, float)) else f"{name(study, v)} ({pct(by[v]['val_acc'])})"
+             for v in above]
     return f" Above the default but over the time cap: {_join(parts)}."
 
 
@@ -260,7 +267,7 @@ def make_stage_facts(results: dict, f: Facts, studies) -> list[dict]:
         entry = {"id": study, "title": text.TITLES.get(study, study.replace("_", " ")),
                  "rows": stage_rows(study, stage, winner), "sentence": "", "kind": None,
                  "edge": bool(stage.get("edge")), "extended": bool(stage.get("extended")),
-                 "capped": bool(stage.get("time_capped"))}
+                 "capped": bool(_capped(stage))}
         if o is not None:
             entry["sentence"], entry["kind"], entry["best"] = _cap(text.stage_sentence(study, o)), o.kind, o.best
             entry["sentence"] += capped_note(study, stage, o)
@@ -416,7 +423,7 @@ def edge_sentence(results: dict) -> str:
     edge = [f"{_uncap(text.TITLES.get(s, s))} ({name(s, st.get('winner'))})" for s, st in stages.items()
             if st.get("edge") and st.get("winner") is not None]
     over = [f"{name(s, v)} in the {_uncap(text.TITLES.get(s, s))}" for s, st in stages.items()
-            for v in st.get("time_capped") or []]
+            for v in _capped(st)]
     capped = "" if not over else f" Over the time cap, shown but not eligible: {_join(over)}."
     if not edge:
         return ("No stage's winner stayed at the edge of its range, so every chosen level is bracketed by worse "
@@ -754,7 +761,7 @@ def design_facts(results: dict) -> dict:
             "one_seed": len(seeds) < 2, "n_runs": count(st.get("n_runs")), "n_diverged": count(st.get("n_diverged")),
             "duration": _duration(st.get("seconds") or 0),  # summed run by run: resumes do not split it
             "workers": str(st.get("workers", 1)), "budget": rows,
-            "time_cap": f"{results['manifest']['time_cap']:g}" if results["manifest"].get("time_cap") else "",
+            "time_cap": f"{cap:g}" if isinstance(cap := results["manifest"].get("time_cap"), (int, float)) else "",
             "n_train": count(rec.get("n_train")), "n_val": count(rec.get("n_val")), "n_test": count(rec.get("n_test")),
             "versions": ", ".join(f"{k} {v}" for k, v in (st.get("versions") or {}).items()),
             "finished": str(st.get("finished_at", ""))}

@@ -491,3 +491,7 @@ def test_a_capped_level_above_the_default_is_named_in_its_stage():
     assert note == " Above the default but over the time cap: 1536 (87.70%, 1.893 times the default's seconds)."
     assert build.capped_note("mlp_width", {**stage, "time_capped": ["2048"]},
                              SimpleNamespace(raw={"default": "1024"})) == ""  # below the default: not named
+    damaged = {**stage, "time_capped": "1536", "time_ratio": "fast"}
+    assert build.capped_note("mlp_width", damaged, SimpleNamespace(raw={"default": "1024"})) == ""
+    assert build.capped_note("mlp_width", {**stage, "time_ratio": {"1536": "x"}},
+                             SimpleNamespace(raw={"default": "1024"})) == " Above the default but over the time cap: 1536 (87.70%)."
