@@ -484,9 +484,11 @@ def make_torch_optimizer(config: CNNConfig, params: list[tuple[str, nn.Parameter
               {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)  # as mlp_scratch's "sgd"
+    # On a GPU one fused kernel updates every tensor: a step of this small net is bound by kernel launches.
+    fused = bool(params) and params[0][1].is_cuda
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)  # coupled L2 weight decay; AdamW's is decoupled
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, fused=fused)  # coupled L2 weight decay; AdamW's is decoupled
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def lr_scale_schedule(config: CNNConfig, total_steps: int) -> Callable[[int], float]:
@@ -504,13 +506,15 @@ class ScratchHead:
         self.optimizer = mlp_scratch.make_optimizer(config.optimizer, config.head_lr, config.momentum,
                                                     config.weight_decay)
 
-    def forward_backward(self, features: torch.Tensor, y: np.ndarray,
-                         label_smoothing: float) -> tuple[float, np.ndarray, torch.Tensor]:
-        """features (B, F) detached -> (loss, logits (B, 10), dL/dfeatures (B, F)); fills mlp.grads."""
+    def forward_backward(self, features: torch.Tensor, y: torch.Tensor,
+                         label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features (B, F) detached, y (B,) -> (loss, logits (B, 10), dL/dfeatures (B, F)) as tensors on the
+        features' device; fills mlp.grads."""
         logits = self.mlp.forward(features.cpu().numpy(), train=True)
-        loss, dlogits = mlp_scratch.softmax_cross_entropy(logits, y, label_smoothing)  # hand-written
+        loss, dlogits = mlp_scratch.softmax_cross_entropy(logits, y.cpu().numpy(), label_smoothing)  # by hand
         dfeatures = self.mlp.backward(dlogits)
-        return loss, logits, torch.from_numpy(np.ascontiguousarray(dfeatures, np.float32)).to(features.device)
+        return (torch.tensor(loss, dtype=torch.float64), torch.from_numpy(logits).to(features.device),
+                torch.from_numpy(np.ascontiguousarray(dfeatures, np.float32)).to(features.device))
 
     def step(self, lr_scale: float) -> None:
         self.optimizer.lr = self.base_lr * lr_scale
@@ -538,10 +542,10 @@ class LinearHead(ScratchHead):
     def forward_backward(self, features, y, label_smoothing):
         features.requires_grad_(True)
         logits = self.linear(features)                                         # (B, 10)
-        loss = F.cross_entropy(logits, torch.from_numpy(y).to(features.device), label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        return loss.item(), logits.detach().cpu().numpy(), features.grad
+        return loss.detach(), logits.detach(), features.grad
 
     def step(self, lr_scale: float) -> None:
         for g in self.optimizer.param_groups:
@@ -559,11 +563,12 @@ class LinearHead(ScratchHead):
         self.linear.load_state_dict(state)
 
 
-def forward_backward(backbone: CNNBackbone, head: ScratchHead, x: torch.Tensor, y: np.ndarray,
-                     precision: str = "fp32", label_smoothing: float = 0.0) -> tuple[float, np.ndarray]:
+def forward_backward(backbone: CNNBackbone, head: ScratchHead, x: torch.Tensor, y: torch.Tensor,
+                     precision: str = "fp32", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradient bridge: torch computes the features, the head the loss and dL/dfeatures, and
     features.backward(dL/dfeatures) continues the chain rule into the backbone exactly as if the head were a
-    torch module. Fills the backbone's .grad and the head's grads; returns (loss, logits (B, 10))."""
+    torch module. Fills the backbone's .grad and the head's grads; returns (loss, logits (B, 10)) as tensors on
+    x's device (y (B,) int64, on any device): reading them waits for a GPU, so the caller decides when."""
     with _autocast(x.device, precision):
         features = backbone(x).float()                                   # (B, F), autograd graph kept
     loss, logits, dfeatures = head.forward_backward(features.detach(), y, label_smoothing)
@@ -573,7 +578,7 @@ def forward_backward(backbone: CNNBackbone, head: ScratchHead, x: torch.Tensor, 
 
 
 def train_step(backbone: CNNBackbone, head: ScratchHead, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: np.ndarray, config: CNNConfig, lr_scale: float = 1.0) -> tuple[float, np.ndarray]:
+               y: torch.Tensor, config: CNNConfig, lr_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One step at lr_scale x the peak rates: forward_backward, then both optimizers step. (loss, logits)."""
     for g in optimizer.param_groups:
         g["lr"] = config.lr * lr_scale
@@ -584,16 +589,21 @@ def train_step(backbone: CNNBackbone, head: ScratchHead, optimizer: torch.optim.
 
 
 def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, optimizer, X: torch.Tensor,
-                y: np.ndarray, lr_scale_at: Callable[[int], float], step0: int, gen: torch.Generator,
+                y: torch.Tensor, lr_scale_at: Callable[[int], float], step0: int, gen: torch.Generator,
                 shuffle_gen: torch.Generator, bar=None) -> dict:
-    """One pass over X (N, 1, 28, 28) on the device, y (N,) in a fresh order, augmented.
-    Returns {"loss", "acc"} (running means, train mode), "steps" and "diverged" (a non-finite loss)."""
+    """One pass over X (N, 1, 28, 28) and y (N,), both on the device, in a fresh order, augmented.
+    Returns {"loss", "acc"} (running means, train mode), "steps" and "diverged" (a non-finite loss).
+
+    The running sums stay on the device, read once at the end: a GPU never waits for the host mid-epoch. A
+    non-finite loss is therefore caught at the end of its epoch (NaN weights stay NaN, so nothing is missed)."""
     backbone.train()
-    order = torch.randperm(len(X), generator=shuffle_gen)  # on the CPU: the same order on every device
-    loss_sum, correct, steps = 0.0, 0, 0
+    order = torch.randperm(len(X), generator=shuffle_gen).to(X.device)  # drawn on the CPU: same on every device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=X.device)
+    correct = torch.zeros((), dtype=torch.int64, device=X.device)
+    steps = 0
     for start in range(0, len(X), config.batch_size):
         idx = order[start:start + config.batch_size]
-        x, yb = X[idx.to(X.device)], y[idx.numpy()]
+        x, yb = X[idx], y[idx]
         if config.augment:
             x = augment_batch(x, gen)
         if config.erase:
@@ -602,15 +612,16 @@ def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, opt
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(backbone, head, optimizer, x, yb, config, lr_scale_at(step0 + steps))
         steps += 1
-        if not math.isfinite(loss):
-            return {"loss": float("nan"), "acc": float("nan"), "steps": steps, "diverged": True}
-        loss_sum += loss * len(idx)
-        correct += int((logits.argmax(axis=1) == yb).sum())
+        loss_sum += loss.double() * len(idx)
+        correct += (logits.argmax(dim=1) == yb).sum()
         if bar is not None:
             bar.update(1)
             if steps % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / (start + len(idx)):.4f}", refresh=False)
-    return {"loss": loss_sum / len(X), "acc": correct / len(X), "steps": steps, "diverged": False}
+                bar.set_postfix(loss=f"{loss_sum.item() / (start + len(idx)):.4f}", refresh=False)
+    loss = loss_sum.item() / len(X)
+    if not math.isfinite(loss):
+        return {"loss": float("nan"), "acc": float("nan"), "steps": steps, "diverged": True}
+    return {"loss": loss, "acc": correct.item() / len(X), "steps": steps, "diverged": False}
 
 
 def evaluate(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, X: torch.Tensor, y: np.ndarray,
@@ -630,8 +641,9 @@ def evaluate(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, X: tor
 
 def fit(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, data: dict, device: torch.device, *,
         progress: bool, log: Callable[[str], None], phase: str) -> dict:
-    """config.epochs of train_epoch + evaluate on data {"X", "y", "X_val", "y_val"}; the weights of the epoch
-    with the best val accuracy are restored. Returns {"history", "best_epoch", "epochs_run", "diverged"}."""
+    """config.epochs of train_epoch + evaluate on data {"X", "y_device", "X_val", "y_val"} (training tensors on
+    the device, validation labels in numpy); the weights of the epoch with the best val accuracy are restored.
+    Returns {"history", "best_epoch", "epochs_run", "diverged"}."""
     optimizer = make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
     steps_per_epoch = math.ceil(len(data["X"]) / config.batch_size)
     lr_scale_at = lr_scale_schedule(config, steps_per_epoch * config.epochs)
@@ -642,7 +654,7 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, data: dict,
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         bar = _progress_bar(progress, steps_per_epoch, f"{phase} epoch {epoch}/{config.epochs}")
-        stats = train_epoch(config, backbone, head, optimizer, data["X"], data["y"], lr_scale_at, step, gen,
+        stats = train_epoch(config, backbone, head, optimizer, data["X"], data["y_device"], lr_scale_at, step, gen,
                             shuffle_gen, bar)
         if bar is not None:
             bar.close()
@@ -706,7 +718,8 @@ def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[
         backbone = backbone.to(memory_format=torch.channels_last)
     # The whole dataset as tensors on the device: indexing a tensor per batch costs far less than a
     # DataLoader's per-sample collation on a CPU.
-    data = {"X": check_images(splits.X_train).to(device), "y": np.ascontiguousarray(splits.y_train, np.int64),
+    y = np.ascontiguousarray(splits.y_train, np.int64)
+    data = {"X": check_images(splits.X_train).to(device), "y": y, "y_device": torch.from_numpy(y).to(device),
             "X_val": check_images(splits.X_val).to(device), "y_val": np.ascontiguousarray(splits.y_val, np.int64)}
     if config.head_mode == "joint":
         head = build_head(config, backbone.feature_dim)
@@ -765,7 +778,7 @@ def init_statistics(config: CNNConfig, images, y) -> list[dict]:
     hooks = [m.register_forward_hook(lambda mod, inp, out: acts.append(out.detach()))
              for m in backbone.layers if isinstance(m, nn.ReLU)]
     try:
-        forward_backward(backbone, head, x, y)
+        forward_backward(backbone, head, x, torch.from_numpy(y))
     finally:
         for h in hooks:
             h.remove()

@@ -418,6 +418,7 @@ class Engine:
         self.client, self.registry, self.device, self.threads = client, registry, device, threads
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
+        self.cores = sum(client.nthreads().values())  # the cluster's worker threads, all machines together
         self.lock = threading.Lock()
         self.executed: list[str] = []
         self.bar = _progress()
@@ -504,7 +505,7 @@ def choose(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]
     best = max(mean, key=lambda v: (mean[v], v == incumbent))
     if incumbent not in accs or best == incumbent:
         return best
-    sd = study_results.pooled_sd([(len(a), np.std(a, ddof=1) if len(a) > 1 else None) for a in accs.values()])
+    sd = study_results.pooled_sd([(len(a), study_results.sample_std(a)) for a in accs.values()])
     margin = study_results.noise_margin(sd, len(accs[best]), len(accs[incumbent])) or 1e-12
     return best if mean[best] - mean[incumbent] > margin else incumbent
 
@@ -601,21 +602,22 @@ class Study:
         cfg = start_config(model, self.plan)
         for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
             cfg = self.run_stage(stage, cfg)
-        if model == "cnn":
-            self.grid_done.wait()  # the CNN finals take the whole machine: wait for the other tracks' runs
-        self.run_finals(model, cfg)
-        if model == "mlp":
+        # On a CPU the CNN finals take the whole machine, after the other tracks' runs; on a GPU they go at once.
+        whole_machine = model == "cnn" and self.engine.device == "cpu"
+        if whole_machine:
+            self.grid_done.wait()
+        self.run_finals(model, cfg, whole_machine)
+        if not whole_machine:
             self.grid_done.wait()
 
     def run_ablation(self) -> None:
         self.run_stage(ABLATION_STAGE, start_config("cnn", self.plan))
         self.grid_done.wait()
 
-    def run_finals(self, model: str, chain: dict) -> None:
+    def run_finals(self, model: str, chain: dict, whole_machine: bool = False) -> None:
         """The chain of winners and (if different) the module default, seed 0 each; the better on validation
-        is kept and trained with the remaining final seeds."""
+        is kept and trained with the remaining final seeds. whole_machine: one at a time on every core."""
         budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
-        threads = None if model == "mlp" else (os.cpu_count() or 1)
         study = f"{model}_final"
         candidates = {"chain": chain, "default": start_config(model, self.plan)}
         seeds = self.final_seeds[model]
@@ -623,21 +625,25 @@ class Study:
         def specs(name, seed_list):
             return [make_spec(model, study, f"{name} of winners" if name == "chain" else "module default", seed,
                               candidates[name], budget, "final", self.plan) for seed in seed_list]
-        first = specs("chain", seeds[:1])
-        if first[0].key != specs("default", seeds[:1])[0].key:
-            first += specs("default", seeds[:1])
-        recs = self._run_final(first, threads)
-        kept = "chain" if len(recs) == 1 or _val(recs[0]) >= _val(recs[1]) else "default"
-        rest = self._run_final(specs(kept, seeds[1:]), threads)
-        chosen = recs[0 if kept == "chain" else 1]
-        self.finals[model] = {"chain": recs[0]["key"], "default": recs[1]["key"] if len(recs) > 1 else None,
-                              "kept": kept, "seeds": [chosen["key"]] + [r["key"] for r in rest]}
+        if specs("chain", seeds[:1])[0].key == specs("default", seeds[:1])[0].key:  # nothing to choose
+            recs = self._run_final(specs("chain", seeds), whole_machine)
+            self.finals[model] = {"chain": recs[0]["key"], "default": None, "kept": "chain",
+                                  "seeds": [r["key"] for r in recs]}
+            return
+        recs = self._run_final(specs("chain", seeds[:1]) + specs("default", seeds[:1]), whole_machine)
+        kept = "chain" if _val(recs[0]) >= _val(recs[1]) else "default"
+        rest = self._run_final(specs(kept, seeds[1:]), whole_machine)
+        self.finals[model] = {"chain": recs[0]["key"], "default": recs[1]["key"], "kept": kept,
+                              "seeds": [recs[0 if kept == "chain" else 1]["key"]] + [r["key"] for r in rest]}
 
-    def _run_final(self, specs: list[RunSpec], threads: int | None) -> list[dict]:
-        if threads is None:  # side by side, like grid runs
+    def _run_final(self, specs: list[RunSpec], whole_machine: bool) -> list[dict]:
+        if whole_machine:  # one at a time on every core
+            recs = [self.engine.run([s], os.cpu_count() or 1)[0] for s in specs]
+        elif specs and specs[0].model == "mlp" and self.engine.device != "cpu":
+            # With the CNN on a GPU, the CPU's cores are the MLP finals' once its grid is done: they share them.
+            recs = self.engine.run(specs, max(self.engine.threads, self.engine.cores // len(specs)))
+        else:  # side by side, like grid runs
             recs = self.engine.run(specs)
-        else:  # whole-machine runs, one at a time
-            recs = [self.engine.run([s], threads)[0] for s in specs]
         self.runs += [{"model": s.model, "study": s.study, "variant": s.variant, "seed": s.seed, "key": s.key,
                        "role": s.role} for s in specs]
         return recs
@@ -765,7 +771,7 @@ class Options:
     final_seeds: tuple[int, ...] | None = None  # CNN final seeds; None: the plan's (1 on a CPU, 3 on a GPU)
     only: str | None = None
     workers: int = 2
-    threads: int = 1                            # BLAS and torch threads of each run (CNN finals: every core)
+    threads: int = 1                            # BLAS and torch threads of each run (CPU CNN finals: every core)
     scheduler: str | None = None
     device: str = "cpu"
     report: bool = True

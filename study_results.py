@@ -416,7 +416,7 @@ def _mean(vals) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def _std(vals) -> float | None:
+def sample_std(vals) -> float | None:
     """Sample std (ddof=1); None for fewer than two values (one seed has no spread), never NaN."""
     return float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
 
@@ -437,7 +437,7 @@ def study_table(records: list[dict], study: str, levels: list[str] | None = None
         row = {"variant": variant, "n": len(recs)}
         for m in ("val_acc", "train_acc"):
             vals = [r[m] for r in ok if r.get(m) is not None]
-            row[m], row[m + "_std"] = _mean(vals), _std(vals)
+            row[m], row[m + "_std"] = _mean(vals), sample_std(vals)
         for m in ("n_params", "macs", "seconds", "sec_per_epoch"):
             row[m] = _mean([r[m] for r in recs if r.get(m) is not None])
         for m in ("n_params", "macs"):
@@ -620,7 +620,7 @@ def _model_summary(c: dict) -> dict:
         "test_acc_wilson95": _wilson_of(rec),
         "seeds": [{"seed": r["seed"], "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
                    "test_acc_wilson95": _wilson_of(r)} for r in c["seeds"]],
-        "test_acc_mean": _mean(seed_accs), "test_acc_std": _std(seed_accs),
+        "test_acc_mean": _mean(seed_accs), "test_acc_std": sample_std(seed_accs),
         "candidates": [{"name": name, "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
                         "test_acc_wilson95": _wilson_of(r), "config": r["config"]}
                        for name, r in c["runs"].items()],
@@ -636,6 +636,15 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return v
+
+
+def _grid_seeds(manifest: dict, recs: list[dict]) -> dict[str, list[int]]:
+    """The grid's seeds per track: the manifest's, else those of the saved grid runs."""
+    seeds = manifest.get("seeds")
+    if isinstance(seeds, dict) and all(isinstance(v, list) for v in seeds.values()):
+        return seeds
+    return {m: sorted({r["seed"] for r in recs if r["role"] == "grid" and r["model"] == m})
+            for m in ("mlp", "cnn") if any(r["role"] == "grid" and r["model"] == m for r in recs)}
 
 
 def _plan_of(records: list[dict], manifest: dict, log: Callable) -> str | None:
@@ -712,8 +721,7 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
     finished = [r["finished_at"] for r in recs if isinstance(r.get("finished_at"), str)]
     summary["study"] = {
         "plan": _plan_of(recs, manifest, log),
-        "seeds": (manifest["seeds"] if isinstance(manifest.get("seeds"), list) else
-                  sorted({r["seed"] for r in recs if r["role"] == "grid"})),
+        "seeds": _grid_seeds(manifest, recs),
         "grid_budget": _budgets(recs),
         "n_runs": len(recs), "n_diverged": sum(bool(r["diverged"]) for r in recs),
         "seconds": float(sum(r.get("seconds") or 0.0 for r in recs)),

@@ -39,7 +39,8 @@ VARIANT_FILTERS = ((None, None), ("constant", 32), ("double", 8))
 def make_data(n: int, seed: int = 0) -> dict:
     """Random images and labels: speed does not depend on the pixel values."""
     g = torch.Generator().manual_seed(seed)
-    return {"X": torch.rand(n, 1, 28, 28, generator=g), "y": torch.randint(0, 10, (n,), generator=g).numpy(),
+    y = torch.randint(0, 10, (n,), generator=g)
+    return {"X": torch.rand(n, 1, 28, 28, generator=g), "y": y.numpy(), "y_device": y,
             "X_val": torch.rand(16, 1, 28, 28, generator=g), "y_val": np.zeros(16, dtype=np.int64)}
 
 
@@ -62,7 +63,7 @@ def bare_epoch_seconds(config: CNNConfig, data: dict) -> float:
         backbone = backbone.to(memory_format=torch.channels_last)
     head = cnn_torch.ScratchHead(cnn_torch.build_head(config, backbone.feature_dim), config)
     opt = cnn_torch.make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
-    X, y = data["X"], data["y"]
+    X, y = data["X"], data["y_device"]
     batches = [(X[i:i + config.batch_size], y[i:i + config.batch_size]) for i in range(0, len(X), config.batch_size)]
     if config.channels_last:
         batches = [(x.contiguous(memory_format=torch.channels_last), t) for x, t in batches]
@@ -87,7 +88,7 @@ def torch_twin_epoch_seconds(config: CNNConfig, data: dict) -> float:
     head = nn.Sequential(*layers)
     params = list(backbone.named_parameters()) + list(head.named_parameters())
     opt = cnn_torch.make_torch_optimizer(config, params, config.lr)
-    X, y = data["X"], torch.from_numpy(data["y"])
+    X, y = data["X"], data["y_device"]
     batches = [(X[i:i + config.batch_size], y[i:i + config.batch_size]) for i in range(0, len(X), config.batch_size)]
     if config.channels_last:
         batches = [(x.contiguous(memory_format=torch.channels_last), t) for x, t in batches]

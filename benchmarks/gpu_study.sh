@@ -17,7 +17,8 @@ echo "cores: $(nproc); workers: $workers x $threads thread(s)"
 TIMEFORMAT='wall: %R s'
 
 echo "== one final CNN (cnn_torch.py, default configuration, full budget)"
-time "$py" cnn_torch.py --device cuda --no-progress --json "$out/cnn_final.json" | { grep -E "^done|epoch +(1|26)/" || true; }
+time "$py" cnn_torch.py --device cuda --no-progress --json "$out/cnn_final.json" > "$out/cnn_final.log"
+grep -E "epoch +1/|^done" "$out/cnn_final.log"
 
 echo "== the whole study (run_experiments.py --device cuda --no-report)"
 time "$py" run_experiments.py --device cuda --workers "$workers" --threads "$threads" \

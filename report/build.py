@@ -753,12 +753,12 @@ def design_facts(results: dict) -> dict:
              ", ".join(f"{words.get(kk, kk.replace('_', ' '))}: {'all' if vv is None else _value(vv)}"
                        for kk, vv in b.items()) if isinstance(b, dict) else _value(b)]
             for k, b in budget.items()] if isinstance(budget, dict) else []
-    seeds = st.get("seeds") or []
-    by_track = results["manifest"].get("seeds")
-    seed_text = "; ".join(f"{m.upper()} {', '.join(map(str, v))}" for m, v in by_track.items()) \
-        if isinstance(by_track, dict) else ", ".join(map(str, seeds))
-    return {"quick": st.get("plan") == "quick", "seeds": seed_text, "n_seeds": len(seeds),
-            "one_seed": len(seeds) < 2, "n_runs": count(st.get("n_runs")), "n_diverged": count(st.get("n_diverged")),
+    by_track = st.get("seeds") if isinstance(st.get("seeds"), dict) else {"": st.get("seeds") or []}
+    by_track = {m: v for m, v in by_track.items() if isinstance(v, list) and v}
+    seed_text = "; ".join(f"{m.upper()} {', '.join(map(str, v))}".strip() for m, v in by_track.items())
+    fewest = min((len(v) for v in by_track.values()), default=0)
+    return {"quick": st.get("plan") == "quick", "seeds": seed_text, "n_seeds": fewest,
+            "one_seed": fewest < 2, "n_runs": count(st.get("n_runs")), "n_diverged": count(st.get("n_diverged")),
             "duration": _duration(st.get("seconds") or 0),  # summed run by run: resumes do not split it
             "workers": str(st.get("workers", 1)), "budget": rows,
             "time_cap": f"{cap:g}" if isinstance(cap := results["manifest"].get("time_cap"), (int, float)) else "",

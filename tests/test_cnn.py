@@ -205,15 +205,16 @@ def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
     cfg = tiny_config(label_smoothing=smoothing, lr=1e-3, head_lr=1e-3)
     opt = cnn_torch.make_torch_optimizer(cfg, list(backbone.named_parameters()), cfg.lr)
     backbone.train()
-    loss, logits = cnn_torch.train_step(backbone, cnn_torch.ScratchHead(head, cfg), opt, x, y, cfg)
+    loss, logits = cnn_torch.train_step(backbone, cnn_torch.ScratchHead(head, cfg), opt, x, torch.from_numpy(y),
+                                        cfg)
 
     twin_backbone.train()
     twin_logits = twin_head(twin_backbone(x))
     twin_loss = F.cross_entropy(twin_logits, torch.from_numpy(y), label_smoothing=smoothing)
     twin_loss.backward()
 
-    assert loss == pytest.approx(twin_loss.item(), rel=1e-5)
-    np.testing.assert_allclose(logits, twin_logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert loss.item() == pytest.approx(twin_loss.item(), rel=1e-5)
+    np.testing.assert_allclose(logits.numpy(), twin_logits.detach().numpy(), rtol=1e-4, atol=1e-5)
     for (name, p), (_, q) in zip(backbone.named_parameters(), twin_backbone.named_parameters()):
         scale = q.grad.abs().max().item()
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
@@ -232,10 +233,10 @@ def test_linear_head_sends_the_same_gradient_as_torch():
     head = cnn_torch.LinearHead(cfg, backbone.feature_dim, torch.device("cpu"))
     twin_linear = copy.deepcopy(head.linear)
     x, y = torch.rand(8, 1, 28, 28), np.arange(8) % 10
-    loss, _ = cnn_torch.forward_backward(backbone, head, x, y, label_smoothing=0.1)
+    loss, _ = cnn_torch.forward_backward(backbone, head, x, torch.from_numpy(y), label_smoothing=0.1)
     twin_loss = F.cross_entropy(twin_linear(twin(x)), torch.from_numpy(y), label_smoothing=0.1)
     twin_loss.backward()
-    assert loss == pytest.approx(twin_loss.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(twin_loss.item(), rel=1e-6)
     for p, q in zip(backbone.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 

@@ -287,7 +287,7 @@ def build_study(results, *, mlp_seeds=(0, 1, 2), with_default=True, plan="quick"
         {"models/runs/cchain0/backbone.pt": b"cnn", "models/runs/cchain0/config.json": b"{}"})
     manifest = {
         "plan": "full",  # deliberately wrong: the plan comes from the records
-        "seeds": [0, 1], "runs": runs,
+        "seeds": {"mlp": [0, 1], "cnn": [0]}, "runs": runs,
         "stages": {"mlp_width": {"model": "mlp", "factor": "hidden", "ordered": True, "default": "256",
                                  "winner": "256", "levels": ["128", "256"], "contrast": [],
                                  "extended": False, "edge": True},
@@ -336,7 +336,7 @@ def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     assert [r["variant"] for r in on_disk["ablation"]] == ["full recipe", "no batchnorm"]
     st = on_disk["study"]
     assert st["plan"] == "quick" and st["wall_seconds"] == 12.5 and st["workers"] == 2
-    assert st["seeds"] == [0, 1] and st["n_runs"] == 13
+    assert st["seeds"] == {"mlp": [0, 1], "cnn": [0]} and st["n_runs"] == 13
     # CSVs: runs without test columns; finals with them
     for model in ("mlp", "cnn"):
         rows = read_csv(tmp_path / f"{model}_runs.csv")

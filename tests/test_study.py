@@ -41,11 +41,13 @@ class FakeEngine:
     """Answers each run with a validation accuracy from `score(spec)` and wall seconds from `seconds(spec)`
     (default: 10 s); trains nothing."""
 
-    def __init__(self, score, seconds=None):
+    def __init__(self, score, seconds=None, device="cpu", cores=2):
         self.score, self.seconds, self.asked = score, seconds or (lambda s: 10.0), []
+        self.device, self.cores, self.threads, self.calls = device, cores, 1, []
 
-    def run(self, specs, threads=1):
+    def run(self, specs, threads=None):
         self.asked += specs
+        self.calls.append(([(s.variant, s.seed) for s in specs], threads))
         return [{"key": s.key, "val_acc": self.score(s), "diverged": False, "seconds": self.seconds(s)}
                 for s in specs]
 
@@ -95,6 +97,36 @@ def test_a_level_with_a_diverged_seed_or_a_contrast_level_never_wins():
     assert rx.choose(recs, "a", eligible={"a", "b"}) == "a"
     stage, _ = _decide(lambda s: 0.5 if s.config["batchnorm"] else 0.9, study="cnn_init")
     assert stage["winner"] == "xavier" and set(stage["contrast"]) == {"random, no BN", "xavier, no BN", "he, no BN"}
+
+
+def _finals(model, chain, device="cpu", cores=2, score=lambda s: 0.9):
+    engine = FakeEngine(score, device=device, cores=cores)
+    study_ = rx.Study(engine, rx.FULL_PLAN, only=model)
+    study_.run_finals(model, chain, whole_machine=model == "cnn" and device == "cpu")
+    return study_.finals[model], engine.calls
+
+
+def test_finals_with_nothing_to_choose_train_every_seed_at_once():
+    mlp = rx.start_config("mlp", rx.FULL_PLAN)
+    finals, calls = _finals("mlp", mlp)
+    assert calls == [([("chain of winners", s) for s in rx.FULL_PLAN.mlp_seeds], None)]  # side by side
+    assert finals["kept"] == "chain" and finals["default"] is None and len(finals["seeds"]) == 3
+    # A CNN final on a CPU takes every core, one run at a time.
+    _, calls = _finals("cnn", rx.start_config("cnn", rx.FULL_PLAN))
+    assert calls == [([("chain of winners", 0)], os.cpu_count() or 1)]
+
+
+def test_on_a_gpu_machine_the_mlp_finals_share_the_cpu_cores():
+    _, calls = _finals("mlp", rx.start_config("mlp", rx.FULL_PLAN), device="cuda", cores=16)
+    assert calls == [([("chain of winners", s) for s in rx.FULL_PLAN.mlp_seeds], 16 // 3)]
+
+
+def test_a_chain_that_differs_from_the_default_is_trained_beside_it_and_the_better_kept():
+    chain = {**rx.start_config("mlp", rx.FULL_PLAN), "lr": 0.003}
+    finals, calls = _finals("mlp", chain, score=lambda s: 0.9 if s.variant == "module default" else 0.8)
+    assert calls[0] == ([("chain of winners", 0), ("module default", 0)], None)
+    assert calls[1] == ([("module default", s) for s in rx.FULL_PLAN.mlp_seeds[1:]], None)
+    assert finals["kept"] == "default" and finals["default"] == finals["seeds"][0] != finals["chain"]
 
 
 def test_filter_shapes_spend_the_same_multiply_adds_as_the_default():
