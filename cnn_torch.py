@@ -121,10 +121,11 @@ class CNNConfig:
 
     def validate(self) -> None:
         """ValueError with a one-line message for any invalid field."""
-        finite = all(math.isfinite(v) for v in (self.lr, self.head_lr, self.momentum, self.weight_decay,
-                                                 self.head_dropout, self.erase, self.label_smoothing))
+        reals = ("lr", "head_lr", "momentum", "weight_decay", "head_dropout", "erase", "label_smoothing")
+        not_finite = [f"{k} must be a finite number, got {getattr(self, k)}" for k in reals
+                      if not math.isfinite(getattr(self, k))]
         checks = [
-            (finite, "lr, head_lr, momentum, weight_decay, head_dropout, erase and label_smoothing must be finite"),
+            (not not_finite, not_finite[0] if not_finite else ""),
             (1 <= self.base_filters <= MAX_FILTERS,
              f"base_filters must be in [1, {MAX_FILTERS}], got {self.base_filters}"),
             (self.kernel_size in KERNELS, f"kernel_size must be one of {KERNELS}, got {self.kernel_size}"),
@@ -817,9 +818,9 @@ def describe(config: CNNConfig | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     d = CNNConfig()
-    p = argparse.ArgumentParser(description="Train the 5-conv CNN backbone with the scratch MLP head "
-                                            "(Fashion-MNIST, assignment Q3). Defaults = the chosen configuration.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = preprocessing.ArgumentParser(description="Train the 5-conv CNN backbone with the scratch MLP head "
+                                                 "(Fashion-MNIST, assignment Q3). Defaults = the chosen configuration.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--filters", default=d.filters, help="'constant', 'double' or five comma-separated counts")
     a("--base-filters", type=int, default=d.base_filters, help="first-layer count for constant/double")
@@ -855,9 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--subset", type=int, default=d.subset, help="train on this many images (stratified); val/test whole")
     a("--device", default=d.device, help="auto, cpu, cuda[:i] or mps")
     a("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    a("--data-dir", default=None, help="folder with the Fashion-MNIST files (see preprocessing.py)")
-    a("--save", default=None, help="write the trained classifier to this directory")
-    a("--json", default=None, help="write final metrics and the full config to this JSON file")
+    path = preprocessing.path_arg
+    a("--data-dir", type=path, default=None, help="folder with the Fashion-MNIST files (see preprocessing.py)")
+    a("--save", type=path, default=None, help="write the trained classifier to this directory")
+    a("--json", type=path, default=None, help="write final metrics and the full config to this JSON file")
     a("--no-progress", action="store_true", help="no progress bar (the per-epoch lines remain)")
     a("--describe", action="store_true", help="print the pooling-variant table and exit")
     return p
@@ -905,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cnn_torch.py: interrupted; nothing was saved", file=sys.stderr)
         return 130
+    except (MemoryError, torch.OutOfMemoryError) as e:  # numpy's (the scratch head) and the GPU's
+        print(f"cnn_torch.py: error: out of memory ({str(e).splitlines()[0]}): use fewer or narrower filters "
+              f"or --head-hidden layers, or a smaller --batch-size", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace, config: CNNConfig) -> int:

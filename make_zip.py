@@ -9,7 +9,6 @@ Never the data, a virtual environment, caches, run records, saved models or figu
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_DIR))
 
+from preprocessing import ArgumentParser  # noqa: E402
 from report.build import GROUP_FILE, ReportError, load_group  # noqa: E402
 
 REPORT_SOURCES = ("report/*.py", "report/report.typ", "report/group.toml", "report/references.bib")
@@ -82,7 +82,7 @@ def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Pat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Build <group_name>.zip for submission.")
+    p = ArgumentParser(description="Build <group_name>.zip for submission.")
     p.add_argument("--group-file", default=str(GROUP_FILE), help="group details (default: report/group.toml)")
     p.add_argument("--out-dir", default=str(REPO_DIR), help="where to write the zip (default: the repository root)")
     args = p.parse_args(argv)

@@ -663,9 +663,10 @@ def _finite_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from preprocessing import ArgumentParser, path_arg  # the shared data module (numpy only)
     d = MLPConfig()
-    p = argparse.ArgumentParser(description="Train the numpy MLP on Fashion-MNIST; defaults are the chosen "
-                                "configuration.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Train the numpy MLP on Fashion-MNIST; defaults are the chosen configuration.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden", type=int, nargs="*", default=d.hidden,
                    help=f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)")
     p.add_argument("--activation", choices=ACTIVATIONS, default=d.activation, help="hidden activation")
@@ -684,10 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standardise the input with the training pixel mean and std")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (>= 0)")
     p.add_argument("--subset", type=int, default=d.subset, help="train on N training images (quick runs)")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=path_arg, default=None,
                    help="folder with the Fashion-MNIST files (None: searched for as preprocessing.py does)")
-    p.add_argument("--save", default=None, help="write the trained model to this .npz")
-    p.add_argument("--json", default=None, help="write final metrics and the full config to this JSON file")
+    p.add_argument("--save", type=path_arg, default=None, help="write the trained model to this .npz")
+    p.add_argument("--json", type=path_arg, default=None,
+                   help="write final metrics and the full config to this JSON file")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (there is none anyway unless stderr is a terminal)")
     return p
@@ -744,8 +746,8 @@ def run(args: argparse.Namespace, config: MLPConfig) -> int:
         result = train(config, splits.X_train, splits.y_train, splits.X_val, splits.y_val, progress=progress,
                        log=log, input_range=PIXEL_RANGE)
     if result.diverged:
-        print(f"error: training diverged (non-finite loss after {result.epochs_run} epochs): try a lower --lr",
-              file=sys.stderr)
+        print(f"error: training diverged (non-finite loss after {result.epochs_run} epochs): try a lower --lr "
+              f"or --weight-decay", file=sys.stderr)
         return 3
     model = result.model
     val, test = evaluate(model, splits.X_val, splits.y_val), evaluate(model, splits.X_test, splits.y_test)
@@ -773,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): nothing was saved", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        print(f"error: out of memory ({e}): use fewer or narrower --hidden layers or a smaller --batch-size",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

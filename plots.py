@@ -9,7 +9,6 @@ drawn (a missing model, no data) prints one warning line and the others are stil
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing import CLASS_NAMES, NUM_CLASSES
+from preprocessing import CLASS_NAMES, NUM_CLASSES, ArgumentParser
 from study_results import atomic_write
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
@@ -470,7 +469,7 @@ def load_records(results_dir: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Redraw every figure from saved results (no training).")
+    p = ArgumentParser(description="Redraw every figure from saved results (no training).")
     p.add_argument("--results-dir", default="results", help="the study's output folder (default: results)")
     p.add_argument("--no-data", action="store_true", help="skip the figures that need the images")
     args = p.parse_args(argv)

@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def read_idx_file(path: Path, spec: IdxFile, verify: bool = True) -> np.ndarray:
             raw = f.read()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: damaged compressed data
         raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
     array = parse_idx(raw, spec, str(path))
     if verify and hashlib.sha256(raw).hexdigest() != spec.sha256:
@@ -320,9 +321,25 @@ def summary(splits: Splits, folder: Path) -> str:
     return "\n".join(lines)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line, `prog: error: <what> (see --help)`, exit status 2,
+    not the whole usage block. Every script's command line uses it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def path_arg(text: str) -> str:
+    """argparse type of every path flag: an empty path (a variable that expanded to nothing) would silently
+    mean the current folder or no path at all, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
-    parser.add_argument("--data-dir", default=None,
+    parser = ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
+    parser.add_argument("--data-dir", type=path_arg, default=None,
                         help="folder with the four IDX files (default: $FASHION_MNIST_DIR, "
                              "./data/fashion-mnist, /usr/share/datasets/fashion-mnist, else download)")
     parser.add_argument("--split", choices=SPLITS, default="official",

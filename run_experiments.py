@@ -418,27 +418,37 @@ class Engine:
         self.client, self.registry, self.device, self.threads = client, registry, device, threads
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
-        self.cores = sum(client.nthreads().values())  # the cluster's worker threads, all machines together
         self.lock = threading.Lock()
+        self.in_flight: dict[str, object] = {}  # run key -> its future, submitted and not yet written
+        self.submitted = 0
         self.executed: list[str] = []
         self.bar = _progress()
 
-    def run(self, specs: list[RunSpec], threads: int | None = None) -> list[dict]:
-        """Every spec's record, training those not yet done (all at once; this call waits for them), each on
-        `threads` BLAS and torch threads (default: the engine's)."""
-        from distributed import as_completed
+    def start(self, specs: list[RunSpec], threads: int | None = None) -> list:
+        """Submit the specs neither done nor in flight, each on `threads` BLAS and torch threads (default: the
+        engine's), without waiting; returns the futures of the specs not done yet. A run in flight is never
+        submitted twice: a later call for it waits on the same future."""
         threads = threads or self.threads
-        todo = {s.key: s for s in specs if s.key not in self.registry}
         with self.lock:
-            self.bar.total += len(todo)
+            for s in specs:
+                if s.key not in self.registry and s.key not in self.in_flight:
+                    # A Dask key of its own per submission: a run cancelled and asked for again is a new task.
+                    self.submitted += 1
+                    self.in_flight[s.key] = self.client.submit(
+                        run_on_worker, s, self.splits, threads, self.device,
+                        key=f"run-{s.key}-{s.plan}-{self.submitted}", pure=False, retries=1)
+                    self.bar.total += 1
             self.bar.refresh()
-        futures = [self.client.submit(run_on_worker, s, self.splits, threads, self.device,
-                                      key=f"run-{s.key}-{s.plan}", pure=False, retries=1)
-                   for s in todo.values()]
-        for future in as_completed(futures):
+            return list({s.key: self.in_flight[s.key] for s in specs if s.key in self.in_flight}.values())
+
+    def run(self, specs: list[RunSpec], threads: int | None = None) -> list[dict]:
+        """Every spec's record, training those not yet done (all at once; this call waits for them)."""
+        from distributed import as_completed
+        for future in as_completed(self.start(specs, threads)):
             record, files = future.result()
             with self.lock:
-                if record["key"] in self.registry:  # another track asked for the same run at the same time
+                self.in_flight.pop(record["key"], None)
+                if record["key"] in self.registry:  # collected first by another call waiting on the same run
                     continue
                 self.registry.add(record, files)
                 self.executed.append(record["key"])
@@ -448,6 +458,14 @@ class Engine:
                 else:
                     self.bar.write(_run_line(record))
         return [self.registry.records[s.key] for s in specs]
+
+    def cancel(self, specs: list[RunSpec]) -> None:
+        """Drop the specs' runs still in flight: started early, then not needed."""
+        with self.lock:
+            futures = [self.in_flight.pop(s.key) for s in specs if s.key in self.in_flight]
+            self.bar.total -= len(futures)
+        if futures:
+            self.client.cancel(futures)
 
 
 def _progress():
@@ -470,15 +488,32 @@ def _run_line(rec: dict) -> str:
 WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
+def _connect(scheduler: str, client_class, seconds: float = 30.0):
+    """A client of the scheduler at `scheduler`. Anything that is not a Dask scheduler answering within
+    `seconds` (a bad address, a closed port, another server on that port, which can leave the handshake
+    waiting forever) is a StudyError."""
+    result: dict = {}
+
+    def connect():
+        try:
+            result["client"] = client_class(scheduler, timeout="20s")
+        except Exception as e:  # noqa: BLE001 -- whatever went wrong, it is not a scheduler we can use
+            result["error"] = f"{e.__class__.__name__}: {e}"
+    thread = threading.Thread(target=connect, daemon=True)  # a stuck handshake dies with the process
+    thread.start()
+    thread.join(seconds)
+    if "client" in result:
+        return result["client"]
+    why = result.get("error", f"no Dask handshake within {seconds:.0f} s (is it a Dask scheduler?)")
+    raise StudyError(f"cannot reach the Dask scheduler at {scheduler}: {why.splitlines()[0]}")
+
+
 def start_client(workers: int, scheduler: str | None):
     """A client of an existing cluster (--scheduler) or of a new local one of single-threaded workers."""
     import dask
     from distributed import Client, LocalCluster
     if scheduler:
-        try:
-            return Client(scheduler, timeout="20s"), None
-        except OSError as e:
-            raise StudyError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        return _connect(scheduler, Client), None
     # The workers ignore Ctrl-C (inherited across exec): the driver alone handles it and shuts them down.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -598,8 +633,21 @@ class Study:
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
         return choose(by_variant, own, eligible | {own}), capped
 
+    def finals_early(self, model: str) -> bool:
+        """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP
+        finals are always needed (as the final, or as the candidate beside the chain of winners), so there they
+        start with the track, and every seed of both candidates trains at once."""
+        return model == "mlp" and self.engine.device != "cpu"
+
+    def final_specs(self, model: str, name: str, cfg: dict, seeds) -> list[RunSpec]:
+        budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
+        variant = "chain of winners" if name == "chain" else "module default"
+        return [make_spec(model, f"{model}_final", variant, seed, cfg, budget, "final", self.plan) for seed in seeds]
+
     def run_track(self, model: str) -> None:
         cfg = start_config(model, self.plan)
+        if self.finals_early(model):
+            self.engine.start(self.final_specs(model, "default", cfg, self.final_seeds[model]))
         for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
             cfg = self.run_stage(stage, cfg)
         # On a CPU the CNN finals take the whole machine, after the other tracks' runs; on a GPU they go at once.
@@ -617,31 +665,26 @@ class Study:
     def run_finals(self, model: str, chain: dict, whole_machine: bool = False) -> None:
         """The chain of winners and (if different) the module default, seed 0 each; the better on validation
         is kept and trained with the remaining final seeds. whole_machine: one at a time on every core."""
-        budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
-        study = f"{model}_final"
-        candidates = {"chain": chain, "default": start_config(model, self.plan)}
         seeds = self.final_seeds[model]
-
-        def specs(name, seed_list):
-            return [make_spec(model, study, f"{name} of winners" if name == "chain" else "module default", seed,
-                              candidates[name], budget, "final", self.plan) for seed in seed_list]
-        if specs("chain", seeds[:1])[0].key == specs("default", seeds[:1])[0].key:  # nothing to choose
-            recs = self._run_final(specs("chain", seeds), whole_machine)
+        candidates = {"chain": chain, "default": start_config(model, self.plan)}
+        spec = {name: self.final_specs(model, name, cfg, seeds) for name, cfg in candidates.items()}
+        if spec["chain"][0].key == spec["default"][0].key:  # nothing to choose
+            recs = self._run_final(spec["chain"], whole_machine)
             self.finals[model] = {"chain": recs[0]["key"], "default": None, "kept": "chain",
                                   "seeds": [r["key"] for r in recs]}
             return
-        recs = self._run_final(specs("chain", seeds[:1]) + specs("default", seeds[:1]), whole_machine)
+        if self.finals_early(model):
+            self.engine.start(spec["chain"] + spec["default"])
+        recs = self._run_final([spec["chain"][0], spec["default"][0]], whole_machine)
         kept = "chain" if _val(recs[0]) >= _val(recs[1]) else "default"
-        rest = self._run_final(specs(kept, seeds[1:]), whole_machine)
+        self.engine.cancel(spec["default" if kept == "chain" else "chain"][1:])
+        rest = self._run_final(spec[kept][1:], whole_machine)
         self.finals[model] = {"chain": recs[0]["key"], "default": recs[1]["key"], "kept": kept,
                               "seeds": [recs[0 if kept == "chain" else 1]["key"]] + [r["key"] for r in rest]}
 
     def _run_final(self, specs: list[RunSpec], whole_machine: bool) -> list[dict]:
         if whole_machine:  # one at a time on every core
             recs = [self.engine.run([s], os.cpu_count() or 1)[0] for s in specs]
-        elif specs and specs[0].model == "mlp" and self.engine.device != "cpu":
-            # With the CNN on a GPU, the CPU's cores are the MLP finals' once its grid is done: they share them.
-            recs = self.engine.run(specs, max(self.engine.threads, self.engine.cores // len(specs)))
         else:  # side by side, like grid runs
             recs = self.engine.run(specs)
         self.runs += [{"model": s.model, "study": s.study, "variant": s.variant, "seed": s.seed, "key": s.key,
@@ -794,11 +837,11 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
     device = _check_device(opts.device)
     with study_results.ResultsLock(results_dir):
         registry = study_results.Registry(results_dir, log=log)
-        if not (results_dir / "init_stats.csv").exists():  # they depend on the code and the data only
-            write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
-        client, cluster = start_client(opts.workers, opts.scheduler)
+        client, cluster = start_client(opts.workers, opts.scheduler)  # first: a bad --scheduler fails fast
         engine = None
         try:
+            if not (results_dir / "init_stats.csv").exists():  # they depend on the code and the data only
+                write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
             engine = Engine(client, splits, registry, device=device, threads=opts.threads,
                             log=None if log is print else log)
             final_seeds = opts.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not opts.quick else None)
@@ -857,12 +900,13 @@ _workers, _threads = _count("workers", 256), _count("threads", 1024)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = preprocessing.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the whole pipeline on a small subset (default: off)")
     p.add_argument("--plots-only", action="store_true",
                    help="rebuild CSVs, summary.json and figures from <results-dir>/runs without training")
-    p.add_argument("--results-dir", default="results", help="output folder (default: results)")
+    p.add_argument("--results-dir", type=preprocessing.path_arg, default="results",
+                   help="output folder (default: results)")
     p.add_argument("--seeds", type=_seed_list, default=None,
                    help="seeds of every grid level (default: MLP 0,1,2 and CNN 0,1)")
     p.add_argument("--final-seeds", type=_seed_list, default=None,
@@ -878,7 +922,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
     p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: preprocessing's search)")
+    p.add_argument("--data-dir", type=preprocessing.path_arg, default=None,
+                   help="Fashion-MNIST folder (default: preprocessing's search)")
     return p.parse_args(argv)
 
 

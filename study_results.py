@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from preprocessing import NUM_CLASSES
+
 
 class StudyError(Exception):
     """A user-facing error (a folder in use, unreadable results): the driver prints `error: <msg>`, exits 1."""
@@ -198,6 +200,14 @@ def _num_or_none(v) -> bool:
     return v is None or _is_num(v)
 
 
+def _fraction_or_none(v) -> bool:
+    return v is None or (_is_num(v) and 0 <= v <= 1)
+
+
+def _nonneg_or_none(v) -> bool:
+    return v is None or (_is_num(v) and v >= 0)
+
+
 # Required keys of every record and their check (the team contract lists the whole record).
 REQUIRED: dict[str, Callable] = {
     "key": lambda v: isinstance(v, str) and v != "" and "/" not in v and not v.startswith("."),
@@ -207,19 +217,21 @@ REQUIRED: dict[str, Callable] = {
     "seed": lambda v: _is_int(v) and v >= 0,
     "role": lambda v: v in ROLES,
     "config": lambda v: isinstance(v, dict),
-    "val_acc": _num_or_none,
+    "val_acc": _fraction_or_none,
     "diverged": lambda v: isinstance(v, bool),
 }
-# Keys that may be missing or null, but when present must have this type.
+# Keys that may be missing or null, but when present must have this type and range.
 OPTIONAL: dict[str, Callable] = {
-    **{k: _num_or_none for k in ("train_acc", "train_loss", "val_loss", "test_acc", "test_loss",
-                                 "test_macro_f1", "seconds", "sec_per_epoch", "n_params", "macs",
-                                 "epochs_run", "best_epoch", "n_train", "n_val", "n_test", "threads")},
+    **{k: _fraction_or_none for k in ("train_acc", "test_acc", "test_macro_f1")},
+    **{k: _num_or_none for k in ("train_loss", "val_loss", "test_loss")},  # a diverged run's may be huge
+    **{k: _nonneg_or_none for k in ("seconds", "sec_per_epoch", "n_params", "macs", "epochs_run", "best_epoch",
+                                    "n_train", "n_val", "n_test", "threads")},
     "final": lambda v: v is None or isinstance(v, bool),
     "plan": lambda v: v is None or v in ("full", "quick"),
     "budget": lambda v: v is None or isinstance(v, dict),
     "history": lambda v: v is None or (isinstance(v, list) and all(isinstance(h, dict) for h in v)),
-    "test_pred": lambda v: v is None or (isinstance(v, list) and all(_is_int(p) for p in v)),
+    "test_pred": lambda v: v is None or (isinstance(v, list) and all(_is_int(p) and 0 <= p < NUM_CLASSES
+                                                                     for p in v)),
     "model_file": lambda v: v is None or (isinstance(v, str) and not os.path.isabs(v) and ".." not in v),
     "model_files": lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
     "error": lambda v: v is None or isinstance(v, str),
@@ -243,6 +255,8 @@ def record_problem(rec) -> str | None:
         need = [k for k in ("model_file", "test_acc", "test_pred") if rec.get(k) is None]
         if need:
             return "a final run without " + ", ".join(need)
+        if rec.get("n_test") is not None and len(rec["test_pred"]) != rec["n_test"]:
+            return f"{len(rec['test_pred'])} test predictions for {rec['n_test']} test images"
     return None
 
 
@@ -310,6 +324,8 @@ class Registry:
             except OSError as e:
                 self.log(f"warning: cannot read run record {p}: {e.strerror}; its run counts as not done")
                 continue
+            if problem is None and rec["key"] != p.stem:  # a copy under another name: not the run it names
+                problem = f"it holds run {rec['key']}, not {p.stem}"
             if problem is not None:
                 dest = set_aside(p)
                 where = f"set aside as {dest.name}" if dest else "could not be renamed"
@@ -874,6 +890,9 @@ def rebuild_outputs(results_dir, splits=None, *, plots: bool = True, log: Callab
     results_dir = Path(results_dir)
     registry = Registry(results_dir, log=log)
     manifest = load_manifest(results_dir, log)
+    if manifest.get("runs") and not registry.records:  # e.g. runs/ lost: rebuilding would empty every output
+        raise StudyError(f"{registry.dir} holds none of the {len(manifest['runs'])} runs that manifest.json "
+                         f"lists: nothing to rebuild from, so the tables, summary and figures are left as they are")
     rows = study_records(registry.records, manifest)
     write_tables(results_dir, rows, registry.records, manifest)
     copy_best_models(results_dir, registry.records, manifest, log)

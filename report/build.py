@@ -13,7 +13,6 @@ and are saved to <results>/gradcheck.json. Group details come from report/group.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -33,7 +32,7 @@ BIB_SOURCE = REPORT_DIR / "references.bib"
 GROUP_FILE = REPORT_DIR / "group.toml"
 
 sys.path.insert(0, str(REPO_DIR))  # the scripts live at the repository root
-from preprocessing import CLASS_NAMES  # noqa: E402
+from preprocessing import CLASS_NAMES, ArgumentParser, path_arg  # noqa: E402
 from study_results import NOISE_Z, atomic_write, noise_margin  # noqa: E402
 import study_results  # noqa: E402
 from report import text  # noqa: E402
@@ -121,6 +120,24 @@ def _csv(path: Path, needed=()) -> pd.DataFrame:
     return df
 
 
+def _final_problem(m) -> str | None:
+    """Why a final model's entry of summary.json cannot be reported (one phrase), or None."""
+    if not isinstance(m, dict):
+        return "is not an object"
+    missing = [k for k in ("test_acc", "val_acc", "config", "key") if k not in m]
+    if missing:
+        return f"has no {', '.join(map(repr, missing))}"
+    bad = [k for k in ("test_acc", "val_acc") if not (isinstance(m[k], (int, float)) and 0 <= m[k] <= 1)]
+    if bad:
+        return f"has {' and '.join(bad)} outside [0, 1] or not a number"
+    conf, n = m.get("confusion"), len(CLASS_NAMES)
+    if conf is not None and not (isinstance(conf, list) and len(conf) == n and all(
+            isinstance(row, list) and len(row) == n and all(isinstance(c, int) and c >= 0 for c in row)
+            for row in conf)):
+        return f"has a confusion matrix that is not {n} x {n} counts"
+    return None
+
+
 def load_results(results_dir) -> dict:
     """Read every results file the report needs; a missing or damaged one stops with a one-line message."""
     rd = Path(results_dir)
@@ -129,11 +146,10 @@ def load_results(results_dir) -> dict:
                           f"`python run_experiments.py --quick --results-dir {rd}`) first")
     summary = _json(rd / "summary.json", ("mlp", "cnn", "study"))
     for model in ("mlp", "cnn"):
-        for k in ("test_acc", "val_acc", "config", "key"):
-            if k not in summary[model]:
-                raise ReportError(f"{rd / 'summary.json'}: {model} has no '{k}'")
-        if not isinstance(summary[model]["test_acc"], (int, float)):
-            raise ReportError(f"{rd / 'summary.json'}: {model}.test_acc is not a number")
+        problem = _final_problem(summary[model])
+        if problem:
+            raise ReportError(f"{rd / 'summary.json'}: {model} {problem}: rebuild it with "
+                              f"`python run_experiments.py --plots-only`")
     cols = ("study", "variant", "seed", "val_acc", "diverged")
     runs = pd.concat([_csv(rd / f"{m}_runs.csv", cols) for m in ("mlp", "cnn")], ignore_index=True)
     init = _csv(rd / "init_stats.csv") if (rd / "init_stats.csv").is_file() else None
@@ -157,6 +173,7 @@ class Outcome:
     noise: str
     worst: str
     worst_acc: str
+    worst_train: str   # the last level's training accuracy ('–' when not recorded)
     up: bool           # ordered factors: the level compared with the default is the larger one
     cost: str          # the first level's multiply-adds relative to the second's, in words
     raw: dict          # the same in raw variants and floats, for the claims
@@ -197,6 +214,7 @@ def outcome(study: str, stage: dict, contrast=()) -> Outcome | None:
                    pct(by[best]["val_acc"]), pct(by[other]["val_acc"]), pts(gap),
                    f"{pts(noise)} points" if noise is not None else "not measured with one seed",
                    name(study, worst), pct(by[worst]["val_acc"]),
+                   pct(by[worst].get("train_acc")),
                    a is not None and b is not None and a > b, _cost(by[best].get("macs"), by[other].get("macs")),
                    {"best": best, "default": default, "other": other, "kind": kind, "gap": gap})
 
@@ -248,7 +266,7 @@ def stage_rows(study: str, stage: dict, winner: str | None) -> list[list[str]]:
         mark = (" (default)" if v == str(stage.get("default")) else "") + (" ✓" if v == winner else "")
         acc = "diverged" if r.get("diverged") or r.get("val_acc") is None else pm(r["val_acc"], r.get("val_acc_std"))
         rows.append([name(study, v) + mark, str(r.get("n", "–")), acc,
-                     pct(r.get("train_acc")) if r.get("train_acc") is not None else "–",
+                     pct(r.get("train_acc")),
                      mega(r.get("n_params")), mega(r.get("macs")),
                      f"{r['seconds']:.3g}" if r.get("seconds") is not None else "–"])
     return rows
@@ -323,7 +341,8 @@ def init_caption(results: dict) -> str:
     evens = fold[False] > fold[True]
 
     def times(x):
-        return "by less than half" if x < 1.5 else f"{x:,.0f}-fold" if x >= 20 else f"{x:.2g}-fold"
+        return ("by less than 1%" if x < 1.01 else f"by only {100 * (x - 1):.0f}%" if x < 1.5
+                else f"{x:,.0f}-fold" if x >= 20 else f"{x:.2g}-fold")
     return (f"Across schemes the last convolution's activation spread differs {times(fold[False])} without "
             f"BatchNorm and {times(fold[True])} with it: "
             + ("BatchNorm evens out the schemes' starting scale." if evens else
@@ -358,7 +377,7 @@ def make_ablation_facts(results: dict, f: Facts) -> dict:
         return {"rows": stage_rows(ABLATION, stage, None), "sentence": "", "present": bool(table),
                 "sweep": sweep_sentence(results["dir"])}
     sd = pooled_sd(table)
-    hurt, helped, flat = [], [], []
+    hurt, helped, flat, flat_train = [], [], [], []
     for r in table:
         if r is full:
             continue
@@ -367,6 +386,8 @@ def make_ablation_facts(results: dict, f: Facts) -> dict:
         what = str(r["variant"]).removeprefix("no ")
         item = f"{name(ABLATION, what)} ({100 * d:+.2f} points)"
         (hurt if noise is not None and d < -noise else helped if noise is not None and d > noise else flat).append(item)
+        if item in flat:
+            flat_train.append(r.get("train_acc"))
         f.claim(type="ablation", variant=str(r["variant"]), full=str(full["variant"]),
                 effect="hurt" if item in hurt else "helped" if item in helped else "flat")
     parts = []
@@ -376,11 +397,25 @@ def make_ablation_facts(results: dict, f: Facts) -> dict:
     if flat:
         parts.append(f"Removing {_join(flat)} changed it by less than the noise"
                      f"{' (pooled seed std ' + pts(sd) + ' points)' if sd is not None else ' (one seed: noise unmeasured)'}.")
+        parts.append(_fit_cost_sentence(full.get("train_acc"), flat_train))
     if helped:
         parts.append(f"Removing {_join(helped)} raised it beyond the noise: at this budget that part of the "
                      f"recipe costs accuracy.")
     return {"rows": stage_rows(ABLATION, stage, None), "sentence": " ".join(parts), "present": True,
             "sweep": sweep_sentence(results["dir"])}
+
+
+def _fit_cost_sentence(full_train: float | None, removed_train: list) -> str:
+    """When every removal that left validation within the noise raised training accuracy, say what that shows:
+    those parts regularise, which costs fit at the ablation's budget without showing on validation."""
+    if full_train is None or not removed_train or any(t is None or t <= full_train for t in removed_train):
+        return ""
+    lo, hi = min(removed_train), max(removed_train)
+    span = pct(lo) if len(removed_train) == 1 else f"{pct(lo)} – {pct(hi)}"
+    each = "Each of those removals" if len(removed_train) > 1 else "That removal"
+    return (f"{each} raised training accuracy ({pct(full_train)} with the full recipe, {span} without): these "
+            f"parts regularise, which at the ablation's short budget costs fit without yet showing on validation. "
+            f"The study keeps the full recipe because no removal beat it by more than the noise.")
 
 
 def sweep_sentence(results_dir: Path) -> str:
@@ -426,8 +461,8 @@ def edge_sentence(results: dict) -> str:
             for v in _capped(st)]
     capped = "" if not over else f" Over the time cap, shown but not eligible: {_join(over)}."
     if not edge:
-        return ("No stage's winner stayed at the edge of its range, so every chosen level is bracketed by worse "
-                "ones." + capped)
+        return ("No stage's winner stayed at the edge of its range: every chosen level of an ordered factor was "
+                "tried against a level on each side of it." + capped)
     return (f"The chosen level stayed at the edge of its range, even after any extension, for the "
             f"{_join(edge)}: a better level may lie beyond it." + capped)
 
@@ -447,7 +482,7 @@ def final_facts(results: dict, model: str, f: Facts) -> dict:
             if m.get("test_macro_f1") is not None else "–",
             "n_params": count(m.get("n_params")), "macs": mega(m.get("macs")),
             "minutes": f"{m['train_seconds'] / 60:.1f}" if m.get("train_seconds") is not None else "–",
-            "epochs": str(m.get("epochs_run", "–")), "kept_sentence": kept_sentence(model, m),
+            "epochs": str(m.get("epochs_run", "–")),
             "config": [[CONFIG_LABELS.get(k, k.replace("_", " ")), _value(v)]
                        for k, v in (m.get("config") or {}).items() if k not in ("device", "seed")]}
 
@@ -486,12 +521,9 @@ def _value(v) -> str:
     return "none" if v is None else name("", v) if isinstance(v, str) else str(v)
 
 
-def kept_sentence(model: str, m: dict) -> str:
-    label = {"mlp": "MLP", "cnn": "CNN"}[model]
+def _kept_one(label: str, m: dict) -> str:
+    """Which of the two full-budget candidates (chain of winners, hand-set default) was kept, and why."""
     cands = {c.get("name"): c for c in m.get("candidates") or []}
-    if len(cands) < 2:
-        return (f"For the {label}, the chain of stage winners is the hand-set default configuration, so one "
-                f"candidate was trained at full budget.")
     chain, default = cands.get("chain"), cands.get("default")
     if not chain or not default:
         return ""
@@ -502,6 +534,18 @@ def kept_sentence(model: str, m: dict) -> str:
     return (f"For the {label}, the hand-set default reached {pct(default['val_acc'])} on validation against "
             f"{pct(chain['val_acc'])} for the chain of stage winners, so the default was kept: the short grid's "
             f"choices did not carry over to the full budget.")
+
+
+def kept_sentence(summary: dict) -> str:
+    """How each track's final model was picked; the tracks whose chain is the default share one sentence."""
+    labels = {"mlp": "MLP", "cnn": "CNN"}
+    single = [labels[m] for m in labels if len(summary[m].get("candidates") or []) < 2]
+    parts = [_kept_one(labels[m], summary[m]) for m in labels if labels[m] not in single]
+    if single:
+        which = "both tracks" if len(single) == 2 else f"the {single[0]}"
+        parts.insert(0, f"For {which}, the chain of stage winners is the hand-set default configuration, so one "
+                        f"candidate{' per track' if len(single) == 2 else ''} was trained at full budget.")
+    return " ".join(p for p in parts if p)
 
 
 def mcnemar_facts(results: dict, f: Facts) -> list[dict]:
@@ -772,6 +816,19 @@ def _duration(seconds: float) -> str:
         else f"{seconds:.0f} seconds"
 
 
+def _fit_words(gap: float, epochs_after_peak: int) -> str:
+    """What the final train-validation gap and the epochs trained after the validation peak say about fit."""
+    if gap <= 0.002:
+        return "no better than validation: at this budget it underfits rather than overfits."
+    if gap <= 0.02:
+        return f"{pts(gap)} points above validation, so it does not overfit noticeably."
+    if epochs_after_peak <= 1:
+        return (f"{pts(gap)} points above validation; with the validation peak this close to the end, the gap "
+                f"has not yet cost validation accuracy.")
+    return (f"{pts(gap)} points above validation, and validation accuracy peaked {epochs_after_peak} epochs "
+            f"before the end: the later epochs overfit, and the saved weights are those of the peak.")
+
+
 def curve_facts(results: dict) -> dict:
     out = {}
     for model in ("mlp", "cnn"):
@@ -784,9 +841,7 @@ def curve_facts(results: dict) -> dict:
         gap = last["train_acc"] - last["val_acc"]
         s = (f"The {model.upper()}'s validation accuracy peaks at {pct(best['val_acc'])} in epoch {best['epoch']} of "
              f"{last['epoch']}; at the end it fits its training images to {pct(last['train_acc'])}, "
-             + (f"{pts(gap)} points above validation, so it overfits mildly, which dropout and weight decay hold in check."
-                if gap > 0.02 else f"{pts(gap)} points above validation, so it does not overfit noticeably."
-                if gap > 0.002 else "no better than validation: at this budget it underfits rather than overfits."))
+             + _fit_words(gap, last["epoch"] - best["epoch"]))
         phases = [h.get("phase") for h in hist]
         start = next((h["epoch"] for p, h in zip(phases, hist[1:]) if h.get("phase") not in (None, p)), None)
         if start is not None:
@@ -877,6 +932,7 @@ def make_facts(results: dict, group: dict | None = None) -> dict:
              "mlp_layers": mlp_layer_rows(s["mlp"]["config"]), "cnn_layers": cnn_layer_rows(s["cnn"]["config"]),
              "gradcheck": gradcheck_facts(results["dir"])}
     facts["training"] = training_rows(s)
+    facts["final"]["kept_sentence"] = kept_sentence(s)
     diff = s["cnn"]["test_acc"] - s["mlp"]["test_acc"]
     facts["final"]["cnn_minus_mlp"] = pts(abs(diff))
     facts["final"]["cnn_better"] = bool(diff > 0)
@@ -1014,7 +1070,9 @@ def check_claims(results_dir, facts: dict) -> None:
         if p:
             problems.append(p)
     if problems:
-        raise ContradictionError(f"{len(problems)} statement(s) contradict {results_dir}: " + "; ".join(problems[:5]))
+        distinct = list(dict.fromkeys(problems))  # one damaged column can fail many claims the same way
+        raise ContradictionError(f"{len(problems)} statement(s) contradict {results_dir}: " + "; ".join(distinct[:5])
+                                 + (f"; and {len(distinct) - 5} more" if len(distinct) > 5 else ""))
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -1038,7 +1096,7 @@ def compile_pdf(facts: dict, figures_dir: Path, out_pdf: Path) -> dict:
                                                root=str(tmp))) for k in ("appendix-page", "last-page")}
         except Exception as exc:  # typst errors are long; the first line says where
             raise ReportError(f"typst could not compile report.typ: {str(exc).strip().splitlines()[0]}") from exc
-    atomic_write(out_pdf, pdf)
+    _write(out_pdf, pdf)
     body = pages["appendix-page"] - 1
     if body > MAX_BODY_PAGES or pages["last-page"] > MAX_PAGES:
         print(f"warning: the report has {body} pages before the appendix and {pages['last-page']} in all "
@@ -1077,17 +1135,27 @@ def build_report(results_dir="results", out_pdf=None, group_file=GROUP_FILE, fac
         print("warning: these are --quick results: the numbers are not the study's", file=sys.stderr)
     facts["pages"] = compile_pdf(facts, results_dir / "figures", out_pdf)
     if facts_out is not None:
-        atomic_write(Path(facts_out), json.dumps(facts, indent=1, default=str).encode())
+        _write(Path(facts_out), json.dumps(facts, indent=1, default=str).encode())
     return out_pdf
 
 
+def _write(path: Path, data: bytes) -> None:
+    """An output the user named (--out, --facts): a path where no file can be written is a ReportError."""
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        raise ReportError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Build the PDF report from saved study results.")
-    p.add_argument("--results-dir", default="results", help="the study's output folder (default: results)")
-    p.add_argument("--out", default=None, help="PDF to write (default: report/report.pdf for results/, "
+    p = ArgumentParser(description="Build the PDF report from saved study results.")
+    p.add_argument("--results-dir", type=path_arg, default="results",
+                   help="the study's output folder (default: results)")
+    p.add_argument("--out", type=path_arg, default=None, help="PDF to write (default: report/report.pdf for results/, "
                                                "else <results-dir>/report.pdf)")
-    p.add_argument("--group-file", default=str(GROUP_FILE), help="group details (default: report/group.toml)")
-    p.add_argument("--facts", default=None, help="also write the computed facts.json here")
+    p.add_argument("--group-file", type=path_arg, default=str(GROUP_FILE),
+                   help="group details (default: report/group.toml)")
+    p.add_argument("--facts", type=path_arg, default=None, help="also write the computed facts.json here")
     args = p.parse_args(argv)
     try:
         out = build_report(args.results_dir, args.out, args.group_file, args.facts)

@@ -66,8 +66,9 @@ def mlp_activation(o) -> str:
         s = (f"{o.best} finished ahead of the default {o.default} by less than the noise {_vs(o)}, "
              f"so the activations at the top are equivalent at this budget.")
     if o.worst in ("sigmoid", "Tanh") and o.worst not in (o.best, o.other):
-        s += (f" {o.worst} came last ({o.worst_acc}): a saturating unit's derivative is below one "
-              f"(at most 1/4 for the sigmoid), so the gradient shrinks layer by layer.")
+        fit = f"; {o.worst_train} on its training images" if o.worst_train != "–" else ""
+        s += (f" {o.worst} came last ({o.worst_acc}{fit}): a saturating unit's derivative peaks at 1 (1/4 for "
+              f"the sigmoid) and vanishes as the unit saturates, so it learns more slowly in the same epochs.")
     return s
 
 

@@ -409,6 +409,7 @@ def test_checkpoint_round_trip(tmp_path):
     (["--lr", "-1"], "lr"),
     (["--erase", "1.5"], "erase"),
     (["--label-smoothing", "1"], "label_smoothing"),
+    (["--json", ""], "--json: must not be empty"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
 ])
 def test_bad_flags_exit_with_a_message(argv, word, capsys):
@@ -544,6 +545,17 @@ def test_diverged_run_prints_one_line_and_exits_3(tmp_path, capsys, fake_data):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0]
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 32.0 GiB"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore")])
+def test_out_of_memory_prints_one_line_and_exits_1(capsys, monkeypatch, fake_data, error):
+    def too_big(*a, **k):
+        raise error
+    monkeypatch.setattr(cnn_torch, "train", too_big)
+    assert cnn_torch.main(TINY_ARGS) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnn_torch.py: error: out of memory (") and "--batch-size" in err[0]
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(capsys, monkeypatch, fake_data):

@@ -494,7 +494,8 @@ def no_data(monkeypatch):
     (["--lr", "-1"], "--lr"), (["--epochs", "0"], "--epochs"), (["--optimizer", "rmsprop"], "rmsprop"),
     (["--seed", "-1"], "--seed"), (["--hidden", "10000000000"], "--hidden"),
     (["--warmup-epochs", "inf"], "--warmup-epochs"), (["--lr", "nan"], "--lr"),
-    (["--weight-decay", "inf"], "--weight-decay"), (["--epochs", "100000000"], "--epochs")])
+    (["--weight-decay", "inf"], "--weight-decay"), (["--epochs", "100000000"], "--epochs"),
+    (["--save", ""], "--save: must not be empty"), (["--data-dir", " "], "--data-dir: must not be empty")])
 def test_cli_rejects_bad_values(argv, message, capsys, no_data):
     with pytest.raises(SystemExit) as exc:
         ms.main(argv)
@@ -543,6 +544,18 @@ def test_cli_ctrl_c_is_one_line_exit_130(monkeypatch, capsys, synthetic_splits):
     assert ms.main(["--epochs", "1"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0]
+
+
+def test_cli_out_of_memory_is_one_line(monkeypatch, capsys, synthetic_splits):
+    import preprocessing
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 32.0 GiB for an array with shape (65536, 65536)")
+    monkeypatch.setattr(preprocessing, "load_splits", lambda *a, **k: synthetic_splits)
+    monkeypatch.setattr(ms, "train", too_big)
+    assert ms.main(["--epochs", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory (Unable to allocate 32.0 GiB")
 
 
 def test_cli_end_to_end_without_a_terminal_prints_no_bars(tmp_path):

@@ -327,8 +327,9 @@ def test_ablation_and_choice_sentences_flip(facts):
     assert "raised it beyond the noise" in facts["base"]["ablation"]["sentence"]
     assert "lowered validation accuracy by more than the noise" in facts["flip"]["ablation"]["sentence"]
     assert "less than the noise" in facts["tie"]["ablation"]["sentence"]
-    assert "so the chain was kept" in facts["base"]["final"]["mlp"]["kept_sentence"]
-    assert "so the default was kept" in facts["flip"]["final"]["mlp"]["kept_sentence"]
+    assert "For the MLP, the chain of stage winners reached" in facts["base"]["final"]["kept_sentence"]
+    assert "so the chain was kept" in facts["base"]["final"]["kept_sentence"]
+    assert "so the default was kept" in facts["flip"]["final"]["kept_sentence"]
     q3a = {mode: dict((c[0], c[1]) for c in f["conclusion"])["Q3a"] for mode, f in facts.items()}
     assert q3a["base"].startswith("Global average pooling came first") and "more than the seed noise" in q3a["base"]
     assert q3a["flip"].startswith("Max pooling came first") and "within" in q3a["tie"]
@@ -382,6 +383,33 @@ def test_pdf_written_atomically(results, tmp_path, monkeypatch):
         build.build_report(results["base"], out, _group(tmp_path, FILLED))
     assert out.read_bytes() == b"%PDF-old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["group.toml", "r.pdf"]  # no temporary left
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.update(mlp=None), "mlp is not an object"),
+    (lambda s: s["cnn"].pop("key"), "cnn has no 'key'"),
+    (lambda s: s["cnn"].update(test_acc=1.5), "cnn has test_acc outside"),
+    (lambda s: s["mlp"].update(val_acc="high"), "mlp has val_acc outside"),
+    (lambda s: s["mlp"].update(confusion=[[1, 2], [3]]), "mlp has a confusion matrix that is not 10 x 10"),
+])
+def test_a_damaged_summary_stops_the_report_with_one_line(results, tmp_path, capsys, damage, message):
+    d = tmp_path / "results"
+    shutil.copytree(results["base"], d)
+    summary = json.loads((d / "summary.json").read_text())
+    damage(summary)
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert build.main(["--results-dir", str(d), "--out", str(tmp_path / "r.pdf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1] and not (tmp_path / "r.pdf").exists()
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(results, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args in (["--out", str(blocker / "x")], ["--out", str(tmp_path / "r.pdf"), "--facts", str(blocker / "x")]):
+        assert build.main(["--results-dir", str(results["base"]), *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: cannot write {blocker / 'x'}") and "Traceback" not in "".join(err)
 
 
 # ------------------------------------------------------------------------------------------ group.toml
@@ -479,7 +507,35 @@ def test_levels_over_the_time_cap_and_edges_are_named():
     assert "Over the time cap, shown but not eligible: 1536 in the units per hidden layer." in text
     assert "learning rate (0.009)" in text
     quiet = build.edge_sentence({"manifest": {"stages": {"mlp_lr": {"edge": False, "winner": "0.001"}}}})
-    assert "bracketed by worse ones." in quiet and "time cap" not in quiet
+    assert "tried against a level on each side of it." in quiet and "time cap" not in quiet
+
+
+def test_fit_sentences_follow_the_gap_and_the_epoch_of_the_peak():
+    assert "underfits" in build._fit_words(0.001, 0)
+    assert "does not overfit noticeably" in build._fit_words(0.01, 0)
+    assert "has not yet cost validation accuracy" in build._fit_words(0.05, 1)
+    late = build._fit_words(0.05, 4)
+    assert "peaked 4 epochs before the end" in late and "overfit" in late
+
+
+def test_the_ablation_names_the_fit_cost_only_when_every_flat_removal_fits_better():
+    said = build._fit_cost_sentence(0.90, [0.93, 0.95])
+    assert said.startswith("Each of those removals raised training accuracy (90.00% with the full recipe, "
+                           "93.00% – 95.00% without)")
+    assert build._fit_cost_sentence(0.90, [0.93]).startswith("That removal raised training accuracy")
+    assert build._fit_cost_sentence(0.90, [0.93, 0.89]) == ""     # one removal fits worse: no claim
+    assert build._fit_cost_sentence(None, [0.93]) == build._fit_cost_sentence(0.9, [None]) == ""
+
+
+def test_tracks_with_nothing_to_choose_share_one_kept_sentence():
+    single = {"candidates": [{"name": "chain", "val_acc": 0.9}]}
+    both = build.kept_sentence({"mlp": single, "cnn": single})
+    assert both == ("For both tracks, the chain of stage winners is the hand-set default configuration, so one "
+                    "candidate per track was trained at full budget.")
+    two = {"kept": "default", "candidates": [{"name": "chain", "val_acc": 0.90}, {"name": "default", "val_acc": 0.91}]}
+    mixed = build.kept_sentence({"mlp": single, "cnn": two})
+    assert mixed.startswith("For the MLP, the chain of stage winners is the hand-set default configuration, so one "
+                            "candidate was trained at full budget. For the CNN, the hand-set default reached 91.00%")
 
 
 def test_a_capped_level_above_the_default_is_named_in_its_stage():
@@ -495,3 +551,15 @@ def test_a_capped_level_above_the_default_is_named_in_its_stage():
     assert build.capped_note("mlp_width", damaged, SimpleNamespace(raw={"default": "1024"})) == ""
     assert build.capped_note("mlp_width", {**stage, "time_ratio": {"1536": "x"}},
                              SimpleNamespace(raw={"default": "1024"})) == " Above the default but over the time cap: 1536 (87.70%)."
+
+
+def test_the_init_caption_states_each_spread_ratio_in_words_that_fit_its_size():
+    def stats(spread_bn, spread_plain):
+        rows = [("cnn", s, bn, 5, std) for bn, spread in ((True, spread_bn), (False, spread_plain))
+                for s, std in zip(("random", "xavier", "he"), spread)]
+        return {"init": pd.DataFrame(rows, columns=["model", "scheme", "batchnorm", "layer", "act_std"])}
+    even = build.init_caption(stats((0.588, 0.5881, 0.5882), (1e-5, 0.03, 1.0)))
+    assert "differs 100,000-fold without BatchNorm and by less than 1% with it: BatchNorm evens out" in even
+    assert "differs 3-fold without BatchNorm and by only 20% with it" in build.init_caption(
+        stats((0.5, 0.55, 0.6), (0.1, 0.2, 0.3)))
+    assert "does not even out" in build.init_caption(stats((0.1, 0.5, 1.0), (0.4, 0.5, 0.6)))

@@ -39,17 +39,23 @@ def _vals(out: Path) -> dict:
 
 class FakeEngine:
     """Answers each run with a validation accuracy from `score(spec)` and wall seconds from `seconds(spec)`
-    (default: 10 s); trains nothing."""
+    (default: 10 s); trains nothing. Records what was run (calls), started early and cancelled."""
 
-    def __init__(self, score, seconds=None, device="cpu", cores=2):
+    def __init__(self, score, seconds=None, device="cpu"):
         self.score, self.seconds, self.asked = score, seconds or (lambda s: 10.0), []
-        self.device, self.cores, self.threads, self.calls = device, cores, 1, []
+        self.device, self.threads, self.calls, self.started, self.cancelled = device, 1, [], [], []
 
     def run(self, specs, threads=None):
         self.asked += specs
         self.calls.append(([(s.variant, s.seed) for s in specs], threads))
         return [{"key": s.key, "val_acc": self.score(s), "diverged": False, "seconds": self.seconds(s)}
                 for s in specs]
+
+    def start(self, specs, threads=None):
+        self.started.append([(s.variant, s.seed) for s in specs])
+
+    def cancel(self, specs):
+        self.cancelled += [(s.variant, s.seed) for s in specs]
 
 
 def _decide(score, study="mlp_lr", seconds=None):
@@ -99,34 +105,51 @@ def test_a_level_with_a_diverged_seed_or_a_contrast_level_never_wins():
     assert stage["winner"] == "xavier" and set(stage["contrast"]) == {"random, no BN", "xavier, no BN", "he, no BN"}
 
 
-def _finals(model, chain, device="cpu", cores=2, score=lambda s: 0.9):
-    engine = FakeEngine(score, device=device, cores=cores)
+def _finals(model, chain, device="cpu", score=lambda s: 0.9):
+    engine = FakeEngine(score, device=device)
     study_ = rx.Study(engine, rx.FULL_PLAN, only=model)
     study_.run_finals(model, chain, whole_machine=model == "cnn" and device == "cpu")
-    return study_.finals[model], engine.calls
+    return study_.finals[model], engine
 
 
 def test_finals_with_nothing_to_choose_train_every_seed_at_once():
     mlp = rx.start_config("mlp", rx.FULL_PLAN)
-    finals, calls = _finals("mlp", mlp)
-    assert calls == [([("chain of winners", s) for s in rx.FULL_PLAN.mlp_seeds], None)]  # side by side
+    finals, engine = _finals("mlp", mlp)
+    assert engine.calls == [([("chain of winners", s) for s in rx.FULL_PLAN.mlp_seeds], None)]  # side by side
     assert finals["kept"] == "chain" and finals["default"] is None and len(finals["seeds"]) == 3
+    assert engine.started == []
     # A CNN final on a CPU takes every core, one run at a time.
-    _, calls = _finals("cnn", rx.start_config("cnn", rx.FULL_PLAN))
-    assert calls == [([("chain of winners", 0)], os.cpu_count() or 1)]
-
-
-def test_on_a_gpu_machine_the_mlp_finals_share_the_cpu_cores():
-    _, calls = _finals("mlp", rx.start_config("mlp", rx.FULL_PLAN), device="cuda", cores=16)
-    assert calls == [([("chain of winners", s) for s in rx.FULL_PLAN.mlp_seeds], 16 // 3)]
+    _, engine = _finals("cnn", rx.start_config("cnn", rx.FULL_PLAN))
+    assert engine.calls == [([("chain of winners", 0)], os.cpu_count() or 1)]
 
 
 def test_a_chain_that_differs_from_the_default_is_trained_beside_it_and_the_better_kept():
     chain = {**rx.start_config("mlp", rx.FULL_PLAN), "lr": 0.003}
-    finals, calls = _finals("mlp", chain, score=lambda s: 0.9 if s.variant == "module default" else 0.8)
-    assert calls[0] == ([("chain of winners", 0), ("module default", 0)], None)
-    assert calls[1] == ([("module default", s) for s in rx.FULL_PLAN.mlp_seeds[1:]], None)
+    seeds = rx.FULL_PLAN.mlp_seeds
+    finals, engine = _finals("mlp", chain, score=lambda s: 0.9 if s.variant == "module default" else 0.8)
+    assert engine.calls[0] == ([("chain of winners", 0), ("module default", 0)], None)
+    assert engine.calls[1] == ([("module default", s) for s in seeds[1:]], None)
     assert finals["kept"] == "default" and finals["default"] == finals["seeds"][0] != finals["chain"]
+    assert engine.started == []  # on a CPU nothing starts before it is needed
+    # On a GPU machine every seed of both candidates starts at once; the loser's other seeds are cancelled.
+    finals, engine = _finals("mlp", chain, device="cuda", score=lambda s: 0.9 if s.variant != "module default" else 0.8)
+    assert engine.started == [[("chain of winners", s) for s in seeds] + [("module default", s) for s in seeds]]
+    assert engine.calls[1] == ([("chain of winners", s) for s in seeds[1:]], None)
+    assert engine.cancelled == [("module default", s) for s in seeds[1:]] and finals["kept"] == "chain"
+
+
+def test_on_a_gpu_machine_the_default_mlp_finals_start_with_the_mlp_track():
+    engine = FakeEngine(lambda s: 0.9, device="cuda")
+    study = rx.Study(engine, rx.FULL_PLAN, only="mlp")
+    study.run_track("mlp")
+    seeds = rx.FULL_PLAN.mlp_seeds
+    assert engine.started[0] == [("module default", s) for s in seeds]  # before any grid run
+    assert engine.calls[-1] == ([("chain of winners", s) for s in seeds], None)  # the same runs: keys match
+    assert {s.key for s in engine.asked if s.role == "final"} == {
+        s.key for s in study.final_specs("mlp", "default", rx.start_config("mlp", rx.FULL_PLAN), seeds)}
+    # The CNN's finals would share the GPU with its grid: they wait for it. On a CPU nothing starts early.
+    assert not study.finals_early("cnn")
+    assert not rx.Study(FakeEngine(lambda s: 0.9), rx.FULL_PLAN).finals_early("mlp")
 
 
 def test_filter_shapes_spend_the_same_multiply_adds_as_the_default():
@@ -217,6 +240,34 @@ def test_a_study_resumes_after_losing_runs_and_a_final_model(mlp_study, syntheti
     assert _vals(copy) == _vals(out)  # the same numbers again
 
 
+def test_a_rebuild_without_any_run_record_changes_nothing(mlp_study, synthetic_splits, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(mlp_study[0]), str(copy)], check=True)
+    for p in (copy / "runs").glob("*.json"):
+        p.unlink()
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    with pytest.raises(study_results.StudyError, match="holds none of the .* runs that manifest.json lists"):
+        study_results.rebuild_outputs(copy, synthetic_splits, plots=False, log=lambda *a: None)
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+
+
+def test_a_record_under_another_runs_name_or_with_impossible_values_is_set_aside(mlp_study, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(mlp_study[0]), str(copy)], check=True)
+    runs = sorted((copy / "runs").glob("*.json"))
+    stray = copy / "runs" / f"backup-{runs[0].name}"
+    stray.write_text(runs[0].read_text().replace('"val_acc": ', '"val_acc": 0.99, "x": '))  # a hand-made copy
+    assert json.loads(stray.read_text())["val_acc"] == 0.99
+    damaged = json.loads(runs[1].read_text())
+    runs[1].write_text(json.dumps({**damaged, "val_acc": 1.7}))
+    warnings = []
+    registry = study_results.Registry(copy, log=warnings.append)
+    assert runs[0].stem in registry and runs[1].stem not in registry
+    assert registry.records[runs[0].stem]["val_acc"] != 0.99
+    assert any(f"it holds run {runs[0].stem}, not backup-{runs[0].stem}" in w for w in warnings)
+    assert any("wrong type or value of val_acc" in w for w in warnings)
+
+
 def test_an_unavailable_device_stops_with_one_line_and_records_nothing(tmp_path):
     proc = _run_cli("--quick", "--only", "cnn", "--device", "cuda:7", "--no-report", "--results-dir", str(tmp_path))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--device cuda:7" in proc.stderr
@@ -224,10 +275,22 @@ def test_an_unavailable_device_stops_with_one_line_and_records_nothing(tmp_path)
 
 
 @pytest.mark.parametrize("args", [["--seeds", "-1"], ["--seeds", "99999999999"], ["--final-seeds", "a"],
-                                  ["--workers", "0"], ["--threads", "0"], ["--threads", "x"]])
+                                  ["--workers", "0"], ["--threads", "0"], ["--threads", "x"], ["--data-dir", ""]])
 def test_bad_flags_get_one_line(args, tmp_path):
     proc = _run_cli(*args, "--results-dir", str(tmp_path / "r"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_an_address_that_is_no_dask_scheduler_gets_one_line():
+    from distributed import Client
+    for bad in ("garbage", "http://127.0.0.1:1"):
+        with pytest.raises(rx.StudyError, match=f"scheduler at {bad}: ValueError: "):
+            rx._connect(bad, Client)
+    with socket.socket() as server:  # listens, never answers: a handshake that would wait forever
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with pytest.raises(rx.StudyError, match="no Dask handshake within 2 s"):
+            rx._connect(f"tcp://127.0.0.1:{server.getsockname()[1]}", Client, seconds=2)
 
 
 def test_an_unwritable_results_folder_stops_before_training(tmp_path):
@@ -312,6 +375,44 @@ def test_a_worker_killed_mid_study_costs_only_its_run(dask_cluster, mlp_study, s
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)
     assert _vals(tmp_path) == _vals(mlp_study[0])  # complete, and the same numbers
+
+
+def test_runs_started_early_train_once_and_cancelled_ones_are_never_written(synthetic_splits, tiny_plan, tmp_path):
+    client, cluster = rx.start_client(2, None)
+    try:
+        registry = study_results.Registry(tmp_path, log=lambda *a: None)
+        engine = rx.Engine(client, synthetic_splits, registry, device="cpu", log=lambda *a: None)
+        study = rx.Study(engine, tiny_plan, only="mlp")
+        specs = study.final_specs("mlp", "default", rx.start_config("mlp", tiny_plan), (0, 1, 2))
+        engine.start(specs)
+        engine.start(specs)  # already in flight: not submitted again
+        assert len(engine.in_flight) == 3 and engine.bar.total == 3
+        first = engine.run(specs[:1])
+        engine.cancel(specs[1:])
+        assert engine.in_flight == {} and engine.bar.total == 1
+        assert set(study_results.Registry(tmp_path).records) == {specs[0].key} == {first[0]["key"]}
+        engine.run(specs)  # what was cancelled trains when it is asked for again
+        assert sorted(engine.executed) == sorted(s.key for s in specs)
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(mlp_study, synthetic_splits, tiny_plan,
+                                                                        tmp_path):
+    """On a GPU machine the default's MLP finals start with the track. MLP runs never use the device, so that
+    schedule runs here: it must give the CPU schedule's records, and no others."""
+    client, cluster = rx.start_client(2, None)
+    try:
+        registry = study_results.Registry(tmp_path, log=lambda *a: None)
+        engine = rx.Engine(client, synthetic_splits, registry, device="cuda", log=lambda *a: None)
+        study = rx.Study(engine, tiny_plan, only="mlp")
+        study.run()
+    finally:
+        client.close()
+        cluster.close()
+    assert engine.in_flight == {} and study.finals == mlp_study[1].finals
+    assert _vals(tmp_path) == _vals(mlp_study[0])
 
 
 def test_both_tracks_with_one_seed_build_every_output(tmp_path, synthetic_splits, tiny_plan):
