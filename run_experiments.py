@@ -519,7 +519,8 @@ def start_client(workers: int, scheduler: str | None):
     try:
         with dask.config.set(WORKER_ENVIRON):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR)
+                                   dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
+                                   scheduler_kwargs={"dashboard_address": ":0"})  # its HTTP routes: any free port
     finally:
         signal.signal(signal.SIGINT, previous)
     return Client(cluster), cluster
@@ -837,11 +838,13 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
     device = _check_device(opts.device)
     with study_results.ResultsLock(results_dir):
         registry = study_results.Registry(results_dir, log=log)
-        client, cluster = start_client(opts.workers, opts.scheduler)  # first: a bad --scheduler fails fast
+        # Before the cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes torch's
+        # summation order and so the statistics' last digits.
+        if not (results_dir / "init_stats.csv").exists():  # they depend on the code and the data only
+            write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
+        client, cluster = start_client(opts.workers, opts.scheduler)
         engine = None
         try:
-            if not (results_dir / "init_stats.csv").exists():  # they depend on the code and the data only
-                write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
             engine = Engine(client, splits, registry, device=device, threads=opts.threads,
                             log=None if log is print else log)
             final_seeds = opts.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not opts.quick else None)

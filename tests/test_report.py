@@ -563,3 +563,18 @@ def test_the_init_caption_states_each_spread_ratio_in_words_that_fit_its_size():
     assert "differs 3-fold without BatchNorm and by only 20% with it" in build.init_caption(
         stats((0.5, 0.55, 0.6), (0.1, 0.2, 0.3)))
     assert "does not even out" in build.init_caption(stats((0.1, 0.5, 1.0), (0.4, 0.5, 0.6)))
+
+
+def test_a_stage_whose_other_levels_all_ran_over_the_time_cap_says_so():
+    stage = {"default": "x1 x1 x2 x2 x4", "contrast": ["constant", "doubling"],
+             "time_capped": ["constant", "doubling"], "time_ratio": {"constant": 1.105, "doubling": 1.205},
+             "table": [{"variant": "x1 x1 x2 x2 x4", "val_acc": 0.8982}, {"variant": "constant", "val_acc": 0.8933},
+                       {"variant": "doubling", "val_acc": 0.904}]}
+    said = build.only_default_sentence("cnn_filters", stage)
+    assert said.startswith("Every other level ran over the time cap, so the default widths ×1 ×1 ×2 ×2 ×4 (89.82%)")
+    assert "doubling (90.40%, 1.205 times the default's seconds)" in said
+    one_compared = {**stage, "time_capped": ["doubling"], "contrast": ["doubling"]}
+    assert build.only_default_sentence("cnn_filters", one_compared) == ""
+    kept = {"kind": "only_default", "best": "widths ×1 ×1 ×2 ×2 ×4"}
+    assert build._choice(kept, "filter schedule") == ("the widths ×1 ×1 ×2 ×2 ×4 filter schedule was kept, as the "
+                                                       "only level within the time cap")
