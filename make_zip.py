@@ -18,7 +18,7 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_DIR))
 
-from preprocessing import ArgumentParser  # noqa: E402
+from preprocessing import ArgumentParser, path_arg  # noqa: E402
 from report.build import GROUP_FILE, ReportError, load_group  # noqa: E402
 
 REPORT_SOURCES = ("report/*.py", "report/report.typ", "report/group.toml", "report/references.bib")
@@ -83,8 +83,10 @@ def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Pat
 
 def main(argv=None) -> int:
     p = ArgumentParser(description="Build <group_name>.zip for submission.")
-    p.add_argument("--group-file", default=str(GROUP_FILE), help="group details (default: report/group.toml)")
-    p.add_argument("--out-dir", default=str(REPO_DIR), help="where to write the zip (default: the repository root)")
+    p.add_argument("--group-file", type=path_arg, default=str(GROUP_FILE),
+                   help="group details (default: report/group.toml)")
+    p.add_argument("--out-dir", type=path_arg, default=str(REPO_DIR),
+                   help="where to write the zip (default: the repository root)")
     args = p.parse_args(argv)
     try:
         out = make_zip(REPO_DIR, Path(args.group_file), Path(args.out_dir))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing import CLASS_NAMES, NUM_CLASSES, ArgumentParser
+from preprocessing import CLASS_NAMES, NUM_CLASSES, ArgumentParser, path_arg
 from study_results import atomic_write
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
@@ -470,7 +470,8 @@ def load_records(results_dir: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     p = ArgumentParser(description="Redraw every figure from saved results (no training).")
-    p.add_argument("--results-dir", default="results", help="the study's output folder (default: results)")
+    p.add_argument("--results-dir", type=path_arg, default="results",
+                   help="the study's output folder (default: results)")
     p.add_argument("--no-data", action="store_true", help="skip the figures that need the images")
     args = p.parse_args(argv)
     rd = Path(args.results_dir)
