@@ -121,11 +121,10 @@ class CNNConfig:
 
     def validate(self) -> None:
         """ValueError with a one-line message for any invalid field."""
-        reals = ("lr", "head_lr", "momentum", "weight_decay", "head_dropout", "erase", "label_smoothing")
-        not_finite = [f"{k} must be a finite number, got {getattr(self, k)}" for k in reals
-                      if not math.isfinite(getattr(self, k))]
+        for k in ("lr", "head_lr", "momentum", "weight_decay", "head_dropout", "erase", "label_smoothing"):
+            if not math.isfinite(getattr(self, k)):
+                raise ValueError(f"{k} must be a finite number, got {getattr(self, k)}")
         checks = [
-            (not not_finite, not_finite[0] if not_finite else ""),
             (1 <= self.base_filters <= MAX_FILTERS,
              f"base_filters must be in [1, {MAX_FILTERS}], got {self.base_filters}"),
             (self.kernel_size in KERNELS, f"kernel_size must be one of {KERNELS}, got {self.kernel_size}"),
