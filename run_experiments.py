@@ -34,6 +34,7 @@ that run, which Dask retries. Final CNN runs use every core of the worker machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -515,15 +516,30 @@ def start_client(workers: int, scheduler: str | None):
     if scheduler:
         return _connect(scheduler, Client), None
     # The workers ignore Ctrl-C (inherited across exec): the driver alone handles it and shuts them down.
+    # Logs below CRITICAL stay quiet, here and in the workers: a run's own error reaches the driver through its
+    # future, and what Dask logs at ERROR is a result cut off in transfer when Ctrl-C closes the client.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with dask.config.set(WORKER_ENVIRON):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
+                                   dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL,
                                    scheduler_kwargs={"dashboard_address": ":0"})  # its HTTP routes: any free port
     finally:
         signal.signal(signal.SIGINT, previous)
     return Client(cluster), cluster
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Holds a Ctrl-C pressed inside the block until the block is done, then acts on it as it would have."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):  # Python's own handler raises KeyboardInterrupt; SIG_IGN stays ignored
+        previous(signal.SIGINT, pressed[0])
 
 
 # ----------------------------------------------------------------------------------------- the study
@@ -855,11 +871,12 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
             finally:
                 write_manifest(results_dir, study.manifest(), study.tracks)
         finally:
-            if engine is not None:
-                engine.bar.close()
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            with ctrl_c_held():  # a cluster closed halfway leaves the exit waiting 10 s on it
+                if engine is not None:
+                    engine.bar.close()
+                client.close()
+                if cluster is not None:
+                    cluster.close()
         wall = time.perf_counter() - t0
         # A resume that trained nothing keeps the wall time of the invocation that did.
         study_results.rebuild_outputs(results_dir, splits, plots=opts.plots, log=log,

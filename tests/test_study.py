@@ -320,6 +320,34 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_runs(tmp_path):
     assert list(tmp_path.glob("runs/*.json"))
 
 
+CTRL_C_MID_TRANSFER = """
+import sys, distributed, run_experiments as rx
+client, cluster = rx.start_client(2, None)
+try:
+    future = client.submit(bytes, 300_000_000, pure=False)  # a result that takes a while to send
+    distributed.wait(future)
+    print("collecting", flush=True)
+    future.result()
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+finally:
+    client.close()
+    cluster.close()
+"""
+
+
+def test_ctrl_c_while_a_result_is_in_transfer_prints_no_dask_traceback():
+    # CI once caught the race: Ctrl-C closed the client while a worker was sending a run, and the worker and the
+    # scheduler logged the broken connection with tracebacks. A big result makes the race certain.
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_MID_TRANSFER], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "collecting\n"
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert err.strip() == "interrupted"
+
+
 def _run_cli(*args):
     return subprocess.run([sys.executable, "run_experiments.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
@@ -438,3 +466,13 @@ def test_a_level_slower_than_the_time_cap_is_shown_but_cannot_win():
     assert stage["winner"] == "512" and stage["extended"] and stage["time_capped"] == ["1536"]  # faster is fine
     assert rx.over_time_cap({"a": [{"seconds": 11.5}], "b": [{"seconds": 10.5}]}, [{"seconds": 10.0}], 1.1) == {"a"}
     assert rx.over_time_cap({"a": [{"seconds": 99.0}]}, [{"seconds": 10.0}], None) == set()  # no cap
+
+
+def test_a_ctrl_c_while_the_cluster_closes_waits_for_the_close_then_interrupts():
+    closed = []
+    with pytest.raises(KeyboardInterrupt):
+        with rx.ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the signal is delivered here, and held
+            closed.append(True)
+    assert closed and signal.getsignal(signal.SIGINT) is signal.default_int_handler
