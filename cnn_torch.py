@@ -45,8 +45,8 @@ import argparse
 import copy
 import json
 import math
+import pickle
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -395,16 +395,22 @@ class CNNClassifier:
 
 def load_classifier(path) -> CNNClassifier:
     """Rebuild a classifier saved by CNNClassifier.save(path) (a directory); weights load on the CPU.
-    Tensors only (torch.load(weights_only=True), np.load(allow_pickle=False)): a pickle is refused."""
+    Tensors only (torch.load(weights_only=True), np.load(allow_pickle=False)): a pickle is refused. A file
+    that is damaged or not of this code raises one ValueError naming it; a missing one, FileNotFoundError."""
     path = Path(path)
-    meta = json.loads((path / "config.json").read_text())
-    names = {f.name for f in fields(CNNConfig)}
-    config = CNNConfig(**{k: v for k, v in meta["config"].items() if k in names})
-    config.device = "cpu"
-    config.validate()
-    backbone = CNNBackbone(config)
-    state = torch.load(path / "backbone.pt", map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state)
+    file = path / "config.json"
+    try:
+        meta = json.loads(file.read_text())
+        names = {f.name for f in fields(CNNConfig)}
+        config = CNNConfig(**{k: v for k, v in meta["config"].items() if k in names})
+        config.device = "cpu"
+        config.validate()
+        backbone = CNNBackbone(config)
+        file = path / "backbone.pt"
+        backbone.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        why = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to a dozen lines
+        raise ValueError(f"{file}: not written by CNNClassifier.save ({e.__class__.__name__}: {why})") from None
     backbone.eval()
     head = mlp_scratch.MLP.load(str(path / "head.npz"))
     if backbone.feature_dim != meta["feature_dim"] or head.in_dim != backbone.feature_dim:
@@ -869,19 +875,6 @@ def config_from_args(args: argparse.Namespace) -> CNNConfig:
     return CNNConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def check_writable(path: Path, directory: bool) -> None:
-    """ValueError unless `path` (a directory, or a file) can be written: checked before training."""
-    folder = path if directory else path.parent
-    if not directory and path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write to {path}: {e.strerror or e}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 data or write error, 2 usage error, 3 diverged, 130 interrupted."""
     parser = build_parser()
@@ -891,9 +884,9 @@ def main(argv: list[str] | None = None) -> int:
         config.validate()
         if args.threads is not None and not 1 <= args.threads <= 1024:
             raise ValueError(f"threads must be in [1, 1024], got {args.threads}")
-        for path, directory in ((args.save, True), (args.json, False)):
-            if path and not args.describe:
-                check_writable(Path(path), directory)
+        for flag, path, folder in (("--save", args.save, True), ("--json", args.json, False)):
+            if path and not args.describe and (why := preprocessing.cannot_write(path, folder=folder)):
+                raise ValueError(f"{flag}: {why}")
     except ValueError as e:
         parser.error(str(e))
     if args.describe:

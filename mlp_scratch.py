@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
@@ -695,23 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(path: Path) -> str | None:
-    """None if a file can be written at path (its folder may not exist yet), else why not."""
-    if path.is_dir():
-        return f"{path} is a directory"
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        return f"cannot write in {folder}: {e.strerror or e}"
-    return None
-
-
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> MLPConfig:
     """Builds and validates the config and checks the output paths, stopping with a one-line usage error."""
+    from preprocessing import cannot_write
     config = MLPConfig(**{f.name: getattr(args, f.name) for f in fields(MLPConfig)})
     try:
         config.validate()
@@ -719,7 +704,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         name, _, why = str(e).partition(": ")
         parser.error(f"--{name.replace('_', '-')}: {why}")
     for flag, value in (("--save", args.save), ("--json", args.json)):
-        if value and (why := _check_writable(Path(value))):
+        if value and (why := cannot_write(value, folder=False)):
             parser.error(f"{flag}: {why}")
     return config
 

@@ -337,6 +337,25 @@ def path_arg(text: str) -> str:
     return text
 
 
+def cannot_write(path: str | Path, *, folder: bool) -> str | None:
+    """Why `path` (a folder, or a file) cannot be written, or None if it can: checked before training, so
+    that a typo costs a second and not a run. Missing folders are made, as the write would make them."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        return f"{path} is a folder, not a file"
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except (FileExistsError, NotADirectoryError):  # a file stands where a folder must be
+        blocker = next(p for p in (target, *target.parents) if p.exists() and not p.is_dir())
+        return f"{blocker} is a file, not a folder"
+    except OSError as e:
+        return f"cannot write in {target}: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
     parser.add_argument("--data-dir", type=path_arg, default=None,

@@ -811,16 +811,6 @@ def write_manifest(results_dir: Path, manifest: dict, tracks: list[str]) -> None
     study_results.atomic_write(path, json.dumps(manifest, indent=1))
 
 
-def check_writable(results_dir: Path) -> None:
-    """Fail in one line before any training if the results folder cannot be written."""
-    try:
-        Path(results_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=results_dir):
-            pass
-    except OSError as e:
-        raise StudyError(f"cannot write to {results_dir}: {e.strerror or e}") from None
-
-
 # ----------------------------------------------------------------------------------------- driver
 
 @dataclass
@@ -954,7 +944,8 @@ def main(argv=None) -> int:
                    scheduler=args.scheduler,
                    device=args.device, report=not args.no_report)
     try:
-        check_writable(opts.results_dir)
+        if why := preprocessing.cannot_write(opts.results_dir, folder=True):
+            raise StudyError(why)
         splits = preprocessing.load_splits(args.data_dir)
         if args.plots_only:
             with study_results.ResultsLock(opts.results_dir):

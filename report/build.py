@@ -894,8 +894,10 @@ def load_group(path=GROUP_FILE) -> dict:
     """Group name, members, contributions. A template (empty fields) gives placeholders; anything invalid
     (TOML syntax, wrong types, nan or negative contributions, a sum other than 100) raises ReportError."""
     path = Path(path)
+    if not path.is_file():  # a mistyped --group-file would otherwise give a report of placeholders
+        raise _bad(path, "no such file")
     try:
-        data = tomllib.loads(path.read_text()) if path.is_file() else {}
+        data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise _bad(path, f"not valid TOML ({exc})") from None
     name_ = data.get("group_name", "")
@@ -927,15 +929,22 @@ def load_group(path=GROUP_FILE) -> dict:
 
 # ------------------------------------------------------------------------------------------ figures
 def find_figures(results_dir: Path) -> tuple[dict, list[str]]:
-    """{stem: {"file", "width" (inches)}} for the figures present, and the names of those missing."""
+    """{stem: {"file", "width" (inches)}} for the figures present, and the names of those missing. A figure
+    that is there but damaged raises ReportError naming it (Typst's own error does not)."""
     import plots
+    from PIL import Image, UnidentifiedImageError
     fig_dir = results_dir / "figures"
     present, missing = {}, []
     for fname, width in plots.FIG_WIDTH_IN.items():
-        if (fig_dir / fname).is_file():
-            present[Path(fname).stem] = {"file": fname, "width": width}
-        else:
+        if not (fig_dir / fname).is_file():
             missing.append(fname)
+            continue
+        try:
+            with Image.open(fig_dir / fname) as image:
+                image.verify()  # the PNG's chunk checksums: a truncated or altered file fails here
+        except (UnidentifiedImageError, SyntaxError, OSError) as e:
+            raise ReportError(f"{fig_dir / fname} is damaged ({e}): redraw it with python plots.py --results-dir {results_dir}") from None
+        present[Path(fname).stem] = {"file": fname, "width": width}
     return present, missing
 
 

@@ -425,9 +425,6 @@ def test_describe_flag(capsys):
     assert "feature_dim" in capsys.readouterr().out
 
 
-
-
-
 def test_checkpoint_with_a_pickle_is_refused(tmp_path):
     s = small_splits(64, 10)
     clf = cnn_torch.train(tiny_config(), s).classifier
@@ -437,9 +434,25 @@ def test_checkpoint_with_a_pickle_is_refused(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
     torch.save({"x": Evil()}, tmp_path / "ck" / "backbone.pt")
-    with pytest.raises(Exception) as exc:
+    with pytest.raises(ValueError, match="backbone.pt: not written by CNNClassifier.save") as exc:
         cnn_torch.load_classifier(tmp_path / "ck")
-    assert "pwned" not in str(exc.value) and not isinstance(exc.value, AssertionError)
+    assert "pwned" not in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("file, damage", [
+    ("config.json", lambda p: p.write_text('{"broken')),
+    ("config.json", lambda p: p.write_text('{"config": [1, 2]}')),
+    ("config.json", lambda p: p.write_text('{"config": {"lr": -1}, "feature_dim": 1}')),
+    ("backbone.pt", lambda p: p.write_bytes(p.read_bytes()[:200])),
+    ("backbone.pt", lambda p: torch.save({"conv.weight": torch.zeros(3)}, p)),
+])
+def test_a_damaged_checkpoint_file_is_named_in_one_line(tmp_path, file, damage):
+    s = small_splits(64, 10)
+    cnn_torch.train(tiny_config(), s).classifier.save(tmp_path / "ck")
+    damage(tmp_path / "ck" / file)
+    with pytest.raises(ValueError, match=f"{file}: not written by CNNClassifier.save") as exc:
+        cnn_torch.load_classifier(tmp_path / "ck")
+    assert "\n" not in str(exc.value)
 
 
 # --- input validation ------------------------------------------------------------------------------------
@@ -526,7 +539,8 @@ def test_unwritable_outputs_are_refused_before_training(flag, tmp_path, capsys, 
     with pytest.raises(SystemExit) as exc:
         cnn_torch.main(TINY_ARGS + [flag, str(blocker / "sub" / "out.json")])
     assert exc.value.code == 2
-    assert "cannot write" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"{flag}: {blocker} is a file, not a folder "
+                                                                     "(see --help)")
 
 
 def test_cli_writes_outputs_and_one_line_per_epoch_without_a_terminal(tmp_path, capsys, fake_data):

@@ -157,6 +157,21 @@ def test_unreachable_host_says_what_to_do(isolated, monkeypatch):
 
 # --------------------------------------------------------------------------- splits
 
+def test_cannot_write_says_what_is_in_the_way(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    assert pp.cannot_write(tmp_path / "a_file", folder=True) == f"{tmp_path / 'a_file'} is a file, not a folder"
+    assert pp.cannot_write(tmp_path / "a_file" / "x" / "y.json", folder=False) == \
+        f"{tmp_path / 'a_file'} is a file, not a folder"
+    assert pp.cannot_write(tmp_path, folder=False) == f"{tmp_path} is a folder, not a file"
+    assert pp.cannot_write("/proc/no/such", folder=True).startswith("cannot write in /proc/no/such")
+
+
+def test_cannot_write_makes_the_missing_folders_of_a_writable_path(tmp_path):
+    assert pp.cannot_write(tmp_path / "a" / "b.npz", folder=False) is None and (tmp_path / "a").is_dir()
+    assert pp.cannot_write(tmp_path / "c" / "d", folder=True) is None and (tmp_path / "c" / "d").is_dir()
+    assert not list((tmp_path / "c" / "d").iterdir())  # the probe leaves nothing behind
+
+
 def test_official_split_sizes_ranges_and_test_set(real_splits):
     assert real_splits.sizes() == {"train": 54000, "val": 6000, "test": 10000}
     for X in (real_splits.X_train, real_splits.X_val, real_splits.X_test):

@@ -403,6 +403,18 @@ def test_a_damaged_summary_stops_the_report_with_one_line(results, tmp_path, cap
     assert err[-1].startswith("error: ") and message in err[-1] and not (tmp_path / "r.pdf").exists()
 
 
+def test_a_damaged_figure_is_named_in_one_line(results, tmp_path, capsys):
+    d = tmp_path / "r"
+    shutil.copytree(results["base"], d)
+    _blank_figures(d)
+    png = d / "figures" / "confusion.png"
+    png.write_bytes(png.read_bytes()[:-20])  # cut off: Typst would only say "failed to decode image"
+    assert build.main(["--results-dir", str(d), "--out", str(tmp_path / "r.pdf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {png} is damaged (") and err[-1].endswith(f"plots.py --results-dir {d}")
+    assert not (tmp_path / "r.pdf").exists()
+
+
 def test_an_output_path_that_cannot_be_written_is_one_line(results, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -430,6 +442,14 @@ def test_invalid_group_is_one_line(tmp_path, results, capsys, body, message):
                        "--group-file", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.split()[0] in err[0]
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_a_group_file_that_is_not_there_is_one_line(tmp_path, results, capsys):
+    for missing in (tmp_path / "grup.toml", tmp_path):
+        assert build.main(["--results-dir", str(results["base"]), "--out", str(tmp_path / "r.pdf"),
+                           "--group-file", str(missing)]) == 1
+        assert capsys.readouterr().err == f"error: {missing}: no such file (see the comments in report/group.toml)\n"
     assert not (tmp_path / "r.pdf").exists()
 
 
