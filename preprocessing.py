@@ -349,8 +349,8 @@ def cannot_write(path: str | Path, *, folder: bool) -> str | None:
         with tempfile.TemporaryFile(dir=target):
             pass
     except (FileExistsError, NotADirectoryError):  # a file stands where a folder must be
-        blocker = next(p for p in (target, *target.parents) if p.exists() and not p.is_dir())
-        return f"{blocker} is a file, not a folder"
+        blocker = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), target)
+        return f"{blocker} is {'a file' if blocker.exists() else 'a broken link'}, not a folder"
     except OSError as e:
         return f"cannot write in {target}: {e.strerror or e}"
     return None

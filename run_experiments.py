@@ -532,6 +532,9 @@ def start_client(workers: int, scheduler: str | None):
 @contextlib.contextmanager
 def ctrl_c_held():
     """Holds a Ctrl-C pressed inside the block until the block is done, then acts on it as it would have."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(frame))
     try:
@@ -589,7 +592,7 @@ class Study:
         self.engine, self.plan = engine, plan
         self.tracks = [m for m in ("mlp", "cnn") if only in (None, m)]
         self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
-        self.runs: list[dict] = []            # manifest rows, in order
+        self.runs: list[dict] = []            # manifest rows
         self.stages: dict[str, dict] = {}     # manifest stages
         self.finals: dict[str, dict] = {}
         self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time cap's yardstick
@@ -715,9 +718,15 @@ class Study:
         _run_threads(jobs, on_error=self.grid_done.abort)
 
     def manifest(self) -> dict:
+        """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
+        writes the same manifest."""
+        order = [*(s.study for s in MLP_STAGES), "mlp_final", *(s.study for s in CNN_STAGES), ABLATION_STAGE.study,
+                 "cnn_final"]
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
                 "time_cap": self.plan.time_cap,
-                "runs": self.runs, "stages": self.stages, "finals": self.finals}
+                "runs": sorted(self.runs, key=lambda row: order.index(row["study"])),
+                "stages": dict(sorted(self.stages.items(), key=lambda item: order.index(item[0]))),
+                "finals": self.finals}
 
 
 def _val(rec: dict) -> float:

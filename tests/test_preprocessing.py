@@ -163,6 +163,8 @@ def test_cannot_write_says_what_is_in_the_way(tmp_path):
     assert pp.cannot_write(tmp_path / "a_file" / "x" / "y.json", folder=False) == \
         f"{tmp_path / 'a_file'} is a file, not a folder"
     assert pp.cannot_write(tmp_path, folder=False) == f"{tmp_path} is a folder, not a file"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert pp.cannot_write(tmp_path / "link", folder=True) == f"{tmp_path / 'link'} is a broken link, not a folder"
     assert pp.cannot_write("/proc/no/such", folder=True).startswith("cannot write in /proc/no/such")
 
 
