@@ -18,7 +18,7 @@ Design (issue "the study decides the models"):
 - A stage's winner is the incumbent unless another level beats its mean validation accuracy over seeds by
   more than the seed noise (2 standard errors of the difference, the std pooled over the stage's levels):
   the default is the prior and a change needs evidence. A level with a diverged seed cannot win, nor can a
-  level whose grid runs take more than 1.1x the module default's seconds (its final would not fit the 3- and
+  level with more than 1.1x the module default's multiply-adds per image (its final would not fit the 3- and
   15-minute budgets here). The test set is never evaluated in the grid.
 - The final model of each track is the chain of stage winners, at full budget. Where it differs from the module
   default, the default is trained beside it (seed 0 each) and the better on validation is kept; the kept
@@ -84,12 +84,12 @@ class Plan:
     mlp_final_seeds: tuple[int, ...] = (0, 1, 2)
     cnn_final_seeds: tuple[int, ...] = (0,)
     init_images: int = 256                          # images behind the statistics at initialisation
-    # A level whose grid runs take more than time_cap times as long as the module default's (mean wall
-    # seconds over seeds, same budget and workers) is trained and shown but cannot win: the defaults' finals
-    # take about 2.7 min (MLP, one core) and 15 min (CNN, both cores) here, against budgets of 3 and 15.
-    # Measured seconds, not multiply-adds: at equal multiply-adds the CNN's doubling filters train 1.1-1.3x
-    # as long. None (the quick plan, whose tiny runs are mostly overhead): no cap.
-    time_cap: float | None = 1.1
+    # A level with more than macs_cap times the module default's multiply-adds per image is trained and shown
+    # but cannot win: the defaults' finals take about 2.7 min (MLP, one core) and 15 min (CNN, both cores)
+    # here, against budgets of 3 and 15. Multiply-adds, not measured seconds: they are exact, so the cap
+    # decides alike on every run and machine, where the grid's seconds vary by 10% between levels that do the
+    # same arithmetic (random, Xavier and He initialisation). The seconds stay in every table (time_ratio).
+    macs_cap: float | None = 1.1
     overrides: dict = field(default_factory=dict)   # quick only: {"mlp": {...}, "cnn": {...}} on every run
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)
 
@@ -111,7 +111,6 @@ QUICK_PLAN = Plan(
     mlp_final=Budget(subset=2000, n_eval=1000, epochs=2),
     cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
     mlp_seeds=(0, 1), cnn_seeds=(0, 1), mlp_final_seeds=(0, 1), cnn_final_seeds=(0,), init_images=32,
-    time_cap=None,
     overrides={"mlp": {"hidden": [64, 64]},
                "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}},
     max_levels=2)
@@ -572,9 +571,11 @@ def time_ratios(by_variant: dict[str, list[dict]], reference: list[dict]) -> dic
     return {v: m / ref for v, m in means.items() if m and ref}
 
 
-def over_time_cap(by_variant: dict[str, list[dict]], reference: list[dict], cap: float | None) -> set[str]:
-    """The levels whose runs took more than `cap` times the reference runs' mean wall seconds."""
-    return set() if cap is None else {v for v, r in time_ratios(by_variant, reference).items() if r > cap}
+def macs_ratios(model: str, levels: list[Level], cfg: dict, plan: Plan) -> dict[str, float]:
+    """Each level's multiply-adds per image over the module default's."""
+    macs = mlp_macs if model == "mlp" else cnn_macs
+    default = macs(start_config(model, plan))
+    return {lv.variant: macs(apply(cfg, lv.changes)) / default for lv in levels}
 
 
 def _matches(level: Level, cfg: dict) -> bool:
@@ -595,7 +596,7 @@ class Study:
         self.runs: list[dict] = []            # manifest rows
         self.stages: dict[str, dict] = {}     # manifest stages
         self.finals: dict[str, dict] = {}
-        self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time cap's yardstick
+        self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time ratios' yardstick
         self.grid_done = threading.Barrier(len(self.tracks) + ("cnn" in self.tracks))
 
     def spec(self, stage: Stage, level: Level, seed: int, cfg: dict) -> RunSpec:
@@ -639,17 +640,19 @@ class Study:
             "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
             "winner": winner, "levels": [lv.variant for lv in levels], "extended": extended,
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
-            "time_capped": [lv.variant for lv in levels if lv.variant in capped],
+            "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
+            "macs_ratio": {v: round(r, 3) for v, r in macs_ratios(stage.model, levels, cfg, self.plan).items()},
             "time_ratio": {v: round(r, 3) for v, r in
                            time_ratios(by_variant, self.reference.get(stage.model, [])).items()},
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
         return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
 
     def decide(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
-        """(winner, levels over the time cap): the time cap is measured against the module default's runs."""
+        """(winner, levels over the multiply-add cap)."""
         if cfg == start_config(stage.model, self.plan):
             self.reference.setdefault(stage.model, by_variant[own])
-        capped = over_time_cap(by_variant, self.reference.get(stage.model, []), self.plan.time_cap)
+        cap = self.plan.macs_cap
+        capped = {v for v, r in macs_ratios(stage.model, levels, cfg, self.plan).items() if cap and r > cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
         return choose(by_variant, own, eligible | {own}), capped
 
@@ -723,7 +726,7 @@ class Study:
         order = [*(s.study for s in MLP_STAGES), "mlp_final", *(s.study for s in CNN_STAGES), ABLATION_STAGE.study,
                  "cnn_final"]
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
-                "time_cap": self.plan.time_cap,
+                "macs_cap": self.plan.macs_cap,
                 "runs": sorted(self.runs, key=lambda row: order.index(row["study"])),
                 "stages": dict(sorted(self.stages.items(), key=lambda item: order.index(item[0]))),
                 "finals": self.finals}

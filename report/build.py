@@ -239,40 +239,41 @@ class Facts:
 
 
 def _capped(stage: dict) -> list[str]:
-    """The stage's levels over the time cap (none if the manifest's list is missing or damaged)."""
-    capped = stage.get("time_capped")
+    """The stage's levels over the multiply-add cap (none if the manifest's list is missing or damaged)."""
+    capped = stage.get("macs_capped")
     return [str(v) for v in capped] if isinstance(capped, list) else []
 
 
+def _capped_parts(study: str, stage: dict, by: dict, levels: list[str]) -> list[str]:
+    """'3 layers (87.54%, 1.563 times the default's multiply-adds)' for each level."""
+    ratio = stage.get("macs_ratio") if isinstance(stage.get("macs_ratio"), dict) else {}
+    return [f"{name(study, v)} ({pct(by[v]['val_acc'])}, {ratio[v]:.3f} times the default's multiply-adds)"
+            if isinstance(ratio.get(v), (int, float)) else f"{name(study, v)} ({pct(by[v]['val_acc'])})"
+            for v in levels if v in by]
+
+
 def capped_note(study: str, stage: dict, o: Outcome) -> str:
-    """' Above the default but over the time cap: 3 layers (87.54%, 1.600 times the default's seconds).' for
-    the time-capped levels whose mean beat the default's; '' when none did."""
+    """' Above the default but over the multiply-add cap: 3 layers (87.54%, 1.563 times ...).' for the capped
+    levels whose mean beat the default's; '' when none did."""
     by = {str(r["variant"]): r for r in stage.get("table", []) if r.get("val_acc") is not None}
-    ratio = stage.get("time_ratio") if isinstance(stage.get("time_ratio"), dict) else {}
     base = by.get(o.raw["default"], {}).get("val_acc")
     above = [v for v in _capped(stage) if base is not None and by.get(v, {}).get("val_acc", 0) > base]
     if not above:
         return ""
-    parts = [f"{name(study, v)} ({pct(by[v]['val_acc'])}, {ratio[v]:.3f} times the default's seconds)"
-             if isinstance(ratio.get(v), (int, float)) else f"{name(study, v)} ({pct(by[v]['val_acc'])})"
-             for v in above]
-    return f" Above the default but over the time cap: {_join(parts)}."
+    return f" Above the default but over the multiply-add cap: {_join(_capped_parts(study, stage, by, above))}."
 
 
 def only_default_sentence(study: str, stage: dict) -> str:
-    """'Every other level ran over the time cap, ...' when the default is the stage's only eligible level
-    ('' otherwise): nothing was compared, so no outcome sentence applies."""
+    """'Every other level is over the multiply-add cap, ...' when the default is the stage's only eligible
+    level ('' otherwise): nothing was compared, so no outcome sentence applies."""
     by = {str(r["variant"]): r for r in stage.get("table", []) if r.get("val_acc") is not None}
     default, capped = str(stage.get("default")), _capped(stage)
     others = [v for v in by if v != default and v not in (stage.get("contrast") or [])]
     if default not in by or not capped or others:
         return ""
-    ratio = stage.get("time_ratio") if isinstance(stage.get("time_ratio"), dict) else {}
-    parts = [f"{name(study, v)} ({pct(by[v]['val_acc'])}, {ratio[v]:.3f} times the default's seconds)"
-             if isinstance(ratio.get(v), (int, float)) else f"{name(study, v)} ({pct(by[v]['val_acc'])})"
-             for v in capped if v in by]
-    return (f"Every other level ran over the time cap, so the default {name(study, default)} "
-            f"({pct(by[default]['val_acc'])}) stays without a comparison: {_join(parts)}.")
+    return (f"Every other level is over the multiply-add cap, so the default {name(study, default)} "
+            f"({pct(by[default]['val_acc'])}) stays without a comparison: "
+            f"{_join(_capped_parts(study, stage, by, capped))}.")
 
 
 def stage_rows(study: str, stage: dict, winner: str | None) -> list[list[str]]:
@@ -477,7 +478,7 @@ def edge_sentence(results: dict) -> str:
             if st.get("edge") and st.get("winner") is not None]
     over = [f"{name(s, v)} in the {_uncap(text.TITLES.get(s, s))}" for s, st in stages.items()
             for v in _capped(st)]
-    capped = "" if not over else f" Over the time cap, shown but not eligible: {_join(over)}."
+    capped = "" if not over else f" Over the multiply-add cap, shown but not eligible: {_join(over)}."
     if not edge:
         return ("No stage's winner stayed at the edge of its range: every chosen level of an ordered factor was "
                 "tried against a level on each side of it." + capped)
@@ -760,14 +761,14 @@ def _best(stage: dict | None) -> str:
 
 
 def _within_cap(stage: dict | None) -> str:
-    return " of the levels within the time cap" if stage and stage.get("capped") else ""
+    return " of the levels within the multiply-add cap" if stage and stage.get("capped") else ""
 
 
 def _choice(stage: dict | None, what: str) -> str:
-    """'the 3×3 kernel came first by more than the seed noise', or, where every other level ran over the
-    time cap, 'the ... was kept, as the only level within the time cap'."""
+    """'the 3×3 kernel came first by more than the seed noise', or, where every other level is over the
+    multiply-add cap, 'the ... was kept, as the only level within the multiply-add cap'."""
     if stage and stage.get("kind") == "only_default":
-        return f"the {stage['best']} {what} was kept, as the only level within the time cap"
+        return f"the {stage['best']} {what} was kept, as the only level within the multiply-add cap"
     return f"the {_best(stage)} {what} came first{_within_cap(stage)} {_margin((stage or {}).get('kind'))}"
 
 
@@ -812,6 +813,16 @@ def _record(results: dict, key) -> dict:
         return {}
 
 
+def same_work_spread(results: dict) -> str:
+    """'10%': how much longer the slowest of the three initialisations with BatchNorm (the same arithmetic)
+    ran than the fastest, in the grid's seconds; '' where the stage or its times are missing."""
+    ratio = results["manifest"].get("stages", {}).get("cnn_init", {}).get("time_ratio")
+    times = [ratio.get(v) for v in ("random", "xavier", "he")] if isinstance(ratio, dict) else []
+    if len(times) < 3 or not all(isinstance(t, (int, float)) and t > 0 for t in times):
+        return ""
+    return f"{100 * (max(times) / min(times) - 1):.0f}%"
+
+
 def design_facts(results: dict) -> dict:
     s, st = results["summary"], results["summary"]["study"]
     rec = _record(results, s["mlp"]["key"])
@@ -829,7 +840,8 @@ def design_facts(results: dict) -> dict:
             "one_seed": fewest < 2, "n_runs": count(st.get("n_runs")), "n_diverged": count(st.get("n_diverged")),
             "duration": _duration(st.get("seconds") or 0),  # summed run by run: resumes do not split it
             "workers": str(st.get("workers", 1)), "budget": rows,
-            "time_cap": f"{cap:g}" if isinstance(cap := results["manifest"].get("time_cap"), (int, float)) else "",
+            "macs_cap": f"{cap:g}" if isinstance(cap := results["manifest"].get("macs_cap"), (int, float)) else "",
+            "same_work_spread": same_work_spread(results),
             "n_train": count(rec.get("n_train")), "n_val": count(rec.get("n_val")), "n_test": count(rec.get("n_test")),
             "versions": ", ".join(f"{k} {v}" for k, v in (st.get("versions") or {}).items()),
             "finished": str(st.get("finished_at", ""))}

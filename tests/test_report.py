@@ -520,14 +520,14 @@ def test_zip_holds_what_the_report_cites(tmp_path, built):
     assert names == expected
 
 
-def test_levels_over_the_time_cap_and_edges_are_named():
-    stages = {"mlp_width": {"edge": False, "winner": "1024", "time_capped": ["1536"]},
-              "mlp_lr": {"edge": True, "winner": "0.009", "time_capped": []}}
-    text = build.edge_sentence({"manifest": {"stages": stages, "time_cap": 1.1}})
-    assert "Over the time cap, shown but not eligible: 1536 in the units per hidden layer." in text
+def test_levels_over_the_multiply_add_cap_and_edges_are_named():
+    stages = {"mlp_width": {"edge": False, "winner": "1024", "macs_capped": ["1536"]},
+              "mlp_lr": {"edge": True, "winner": "0.009", "macs_capped": []}}
+    text = build.edge_sentence({"manifest": {"stages": stages, "macs_cap": 1.1}})
+    assert "Over the multiply-add cap, shown but not eligible: 1536 in the units per hidden layer." in text
     assert "learning rate (0.009)" in text
     quiet = build.edge_sentence({"manifest": {"stages": {"mlp_lr": {"edge": False, "winner": "0.001"}}}})
-    assert "tried against a level on each side of it." in quiet and "time cap" not in quiet
+    assert "tried against a level on each side of it." in quiet and "cap" not in quiet
 
 
 def test_fit_sentences_follow_the_gap_and_the_epoch_of_the_peak():
@@ -558,19 +558,27 @@ def test_tracks_with_nothing_to_choose_share_one_kept_sentence():
                             "candidate was trained at full budget. For the CNN, the hand-set default reached 91.00%")
 
 
+def test_the_timing_spread_of_equal_work_is_read_from_the_initialisation_stage():
+    def spread(ratio):
+        return build.same_work_spread({"manifest": {"stages": {"cnn_init": {"time_ratio": ratio}}}})
+    assert spread({"random": 1.098, "xavier": 1.0, "he": 1.051, "random, no BN": 0.92}) == "10%"
+    assert spread({"random": 1.0, "xavier": 1.0}) == spread("fast") == spread({"random": 0, "xavier": 1, "he": 1}) == ""
+    assert build.same_work_spread({"manifest": {}}) == ""
+
+
 def test_a_capped_level_above_the_default_is_named_in_its_stage():
     from types import SimpleNamespace
     stage = {"table": [{"variant": "1024", "val_acc": 0.875}, {"variant": "1536", "val_acc": 0.877},
                        {"variant": "2048", "val_acc": 0.870}],
-             "time_capped": ["1536", "2048"], "time_ratio": {"1024": 1.0, "1536": 1.893, "2048": 3.4}}
-    note = build.capped_note("mlp_width", stage, SimpleNamespace(raw={"default": "1024"}))
-    assert note == " Above the default but over the time cap: 1536 (87.70%, 1.893 times the default's seconds)."
-    assert build.capped_note("mlp_width", {**stage, "time_capped": ["2048"]},
-                             SimpleNamespace(raw={"default": "1024"})) == ""  # below the default: not named
-    damaged = {**stage, "time_capped": "1536", "time_ratio": "fast"}
-    assert build.capped_note("mlp_width", damaged, SimpleNamespace(raw={"default": "1024"})) == ""
-    assert build.capped_note("mlp_width", {**stage, "time_ratio": {"1536": "x"}},
-                             SimpleNamespace(raw={"default": "1024"})) == " Above the default but over the time cap: 1536 (87.70%)."
+             "macs_capped": ["1536", "2048"], "macs_ratio": {"1024": 1.0, "1536": 1.922, "2048": 3.3}}
+    default = SimpleNamespace(raw={"default": "1024"})
+    note = build.capped_note("mlp_width", stage, default)
+    assert note == " Above the default but over the multiply-add cap: 1536 (87.70%, 1.922 times the default's multiply-adds)."
+    assert build.capped_note("mlp_width", {**stage, "macs_capped": ["2048"]}, default) == ""  # below the default
+    damaged = {**stage, "macs_capped": "1536", "macs_ratio": "many"}
+    assert build.capped_note("mlp_width", damaged, default) == ""
+    assert build.capped_note("mlp_width", {**stage, "macs_ratio": {"1536": "x"}},
+                             default) == " Above the default but over the multiply-add cap: 1536 (87.70%)."
 
 
 def test_the_init_caption_states_each_spread_ratio_in_words_that_fit_its_size():
@@ -585,16 +593,17 @@ def test_the_init_caption_states_each_spread_ratio_in_words_that_fit_its_size():
     assert "does not even out" in build.init_caption(stats((0.1, 0.5, 1.0), (0.4, 0.5, 0.6)))
 
 
-def test_a_stage_whose_other_levels_all_ran_over_the_time_cap_says_so():
+def test_a_stage_whose_other_levels_are_all_over_the_cap_says_so():
     stage = {"default": "x1 x1 x2 x2 x4", "contrast": ["constant", "doubling"],
-             "time_capped": ["constant", "doubling"], "time_ratio": {"constant": 1.105, "doubling": 1.205},
+             "macs_capped": ["constant", "doubling"], "macs_ratio": {"constant": 1.15, "doubling": 1.205},
              "table": [{"variant": "x1 x1 x2 x2 x4", "val_acc": 0.8982}, {"variant": "constant", "val_acc": 0.8933},
                        {"variant": "doubling", "val_acc": 0.904}]}
     said = build.only_default_sentence("cnn_filters", stage)
-    assert said.startswith("Every other level ran over the time cap, so the default widths ×1 ×1 ×2 ×2 ×4 (89.82%)")
-    assert "doubling (90.40%, 1.205 times the default's seconds)" in said
-    one_compared = {**stage, "time_capped": ["doubling"], "contrast": ["doubling"]}
+    assert said.startswith("Every other level is over the multiply-add cap, so the default widths ×1 ×1 ×2 ×2 ×4 "
+                           "(89.82%)")
+    assert "doubling (90.40%, 1.205 times the default's multiply-adds)" in said
+    one_compared = {**stage, "macs_capped": ["doubling"], "contrast": ["doubling"]}
     assert build.only_default_sentence("cnn_filters", one_compared) == ""
     kept = {"kind": "only_default", "best": "widths ×1 ×1 ×2 ×2 ×4"}
     assert build._choice(kept, "filter schedule") == ("the widths ×1 ×1 ×2 ×2 ×4 filter schedule was kept, as the "
-                                                       "only level within the time cap")
+                                                       "only level within the multiply-add cap")
