@@ -667,9 +667,10 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, data: dict,
         train_seconds = time.perf_counter() - t0
         val_loss, val_acc = (math.nan, math.nan) if stats["diverged"] else evaluate(
             config, backbone, head, data["X_val"], data["y_val"], device)
-        if not math.isfinite(val_loss):
+        if mlp_scratch.loss_blew_up(val_loss, NUM_CLASSES):  # NaN when training itself hit a non-finite loss
             diverged = True
-            log(f"[{phase}] epoch {epoch}: the loss is not finite -- diverged; best weights so far restored")
+            log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(val_loss, NUM_CLASSES)} -- diverged; best "
+                f"weights so far restored")
             break
         row = {"epoch": epoch, "lr": config.lr * lr_scale_at(step), "train_loss": stats["loss"],
                "train_acc": stats["acc"], "val_loss": val_loss, "val_acc": val_acc,
@@ -914,7 +915,7 @@ def _run(args: argparse.Namespace, config: CNNConfig) -> int:
         return 1
     result = train(config, splits, progress=not args.no_progress, log=print)
     if result.diverged:
-        print(f"cnn_torch.py: training diverged (a non-finite loss) after {result.epochs_run} epochs; "
+        print(f"cnn_torch.py: training diverged (the loss blew up) after {result.epochs_run} epochs; "
               f"try a lower --lr / --head-lr", file=sys.stderr)
         return 3
     clf = result.classifier

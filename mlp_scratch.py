@@ -510,7 +510,7 @@ class TrainResult:
     history: list[dict]  # per epoch: epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds
     best_epoch: int  # 1-based epoch whose weights the model holds (0: the initial weights)
     epochs_run: int
-    diverged: bool  # a NaN/inf loss stopped the run
+    diverged: bool  # a loss that blew up (loss_blew_up) stopped the run
     seconds: float
 
 
@@ -576,12 +576,24 @@ def _log_epoch(log, row: dict, epochs: int) -> None:
             f"{row['seconds']:.1f}s")
 
 
+def loss_blew_up(val_loss: float, n_classes: int) -> bool:
+    """A validation cross-entropy that is not finite, or over 100 times a uniform guess's ln(n_classes): the
+    logits have exploded (`python mlp_scratch.py --lr 10`: 903,500 after one epoch; on 5,000 images, 15,290
+    and then a network stuck at chance), so the run has diverged even where the loss stays finite. A run that
+    learns starts near ln(n_classes) and falls from there."""
+    return not math.isfinite(val_loss) or val_loss > 100 * math.log(n_classes)
+
+
+def blew_up_message(val_loss: float, n_classes: int) -> str:
+    return f"the validation loss blew up ({val_loss:.4g}; a uniform guess scores {math.log(n_classes):.2f})"
+
+
 def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
           *, progress: bool = False, log: Callable[[str], None] | None = None,
           input_range: tuple[float, float] | None = None) -> TrainResult:
     """Trains an MLP as config says; float32 throughout. Returns the model holding the weights of the epoch
-    with the best validation accuracy. A NaN/inf loss stops the run with diverged=True (never raises for
-    that); invalid config or data raise ValueError. input_range: PIXEL_RANGE when X holds pixels, so the
+    with the best validation accuracy. A loss that blows up (loss_blew_up) stops the run with diverged=True
+    (never raises for that); invalid config or data raise ValueError. input_range: PIXEL_RANGE when X holds pixels, so the
     model (and its saved file) refuses out-of-range input later; None for features."""
     t_start = time.perf_counter()
     rng = np.random.default_rng(config.validate().seed)  # batch order and the subset; the model has its own
@@ -611,10 +623,11 @@ def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np
             stats = train_epoch(model, optimizer, X_train, y_train, config.batch_size, rng, lr_at, step, bar)
             step += stats["steps"]
             val = evaluate(model, X_val, y_val) if not stats["diverged"] else {"loss": math.nan, "acc": 0.0}
-            if not math.isfinite(val["loss"]):
+            if loss_blew_up(val["loss"], n_classes):  # NaN when training itself hit a non-finite loss
                 diverged = True
                 if log:
-                    log(f"epoch {epoch:3d}: loss is not finite; the run diverged (lr {config.lr:g})")
+                    log(f"epoch {epoch:3d}: {blew_up_message(val['loss'], n_classes)}; the run diverged "
+                        f"(lr {config.lr:g})")
                 break
             history.append({"epoch": epoch, "lr": lr, "train_loss": stats["loss"], "train_acc": stats["acc"],
                             "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0})
@@ -731,7 +744,7 @@ def run(args: argparse.Namespace, config: MLPConfig) -> int:
         result = train(config, splits.X_train, splits.y_train, splits.X_val, splits.y_val, progress=progress,
                        log=log, input_range=PIXEL_RANGE)
     if result.diverged:
-        print(f"error: training diverged (non-finite loss after {result.epochs_run} epochs): try a lower --lr "
+        print(f"error: training diverged (the loss blew up after {result.epochs_run} epochs): try a lower --lr "
               f"or --weight-decay", file=sys.stderr)
         return 3
     model = result.model
