@@ -593,8 +593,8 @@ def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np
           input_range: tuple[float, float] | None = None) -> TrainResult:
     """Trains an MLP as config says; float32 throughout. Returns the model holding the weights of the epoch
     with the best validation accuracy. A loss that blows up (loss_blew_up) stops the run with diverged=True
-    (never raises for that); invalid config or data raise ValueError. input_range: PIXEL_RANGE when X holds pixels, so the
-    model (and its saved file) refuses out-of-range input later; None for features."""
+    (never raises for that); invalid config or data raise ValueError. input_range: PIXEL_RANGE when X holds
+    pixels, so the model (and its saved file) refuses out-of-range input later; None for features."""
     t_start = time.perf_counter()
     rng = np.random.default_rng(config.validate().seed)  # batch order and the subset; the model has its own
     X_train = np.ascontiguousarray(X_train, dtype=np.float32)

@@ -627,7 +627,7 @@ class Study:
         if self.plan.max_levels:
             levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
         by_variant = self.run_levels(stage, levels, cfg)
-        winner, capped = self.decide(stage, levels, by_variant, own, cfg)
+        winner, macs, capped = self.decide(stage, levels, by_variant, own, cfg)
         extended = False
         if stage.beyond and not self.plan.max_levels and winner in (levels[0].variant, levels[-1].variant) \
                 and winner != own:
@@ -635,26 +635,26 @@ class Study:
             if extra is not None and extra.variant not in by_variant:
                 levels = [extra, *levels] if winner == levels[0].variant else [*levels, extra]
                 by_variant.update(self.run_levels(stage, [extra], cfg))
-                (winner, capped), extended = self.decide(stage, levels, by_variant, own, cfg), True
+                (winner, macs, capped), extended = self.decide(stage, levels, by_variant, own, cfg), True
         self.stages[stage.study] = {
             "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
             "winner": winner, "levels": [lv.variant for lv in levels], "extended": extended,
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
             "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
-            "macs_ratio": {v: round(r, 3) for v, r in macs_ratios(stage.model, levels, cfg, self.plan).items()},
+            "macs_ratio": {v: round(r, 3) for v, r in macs.items()},
             "time_ratio": {v: round(r, 3) for v, r in
                            time_ratios(by_variant, self.reference.get(stage.model, [])).items()},
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
         return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
 
     def decide(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
-        """(winner, levels over the multiply-add cap)."""
+        """(winner, each level's multiply-adds over the module default's, the levels over the cap)."""
         if cfg == start_config(stage.model, self.plan):
             self.reference.setdefault(stage.model, by_variant[own])
-        cap = self.plan.macs_cap
-        capped = {v for v, r in macs_ratios(stage.model, levels, cfg, self.plan).items() if cap and r > cap}
+        macs, cap = macs_ratios(stage.model, levels, cfg, self.plan), self.plan.macs_cap
+        capped = {v for v, r in macs.items() if cap and r > cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
-        return choose(by_variant, own, eligible | {own}), capped
+        return choose(by_variant, own, eligible | {own}), macs, capped
 
     def finals_early(self, model: str) -> bool:
         """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP

@@ -955,7 +955,8 @@ def find_figures(results_dir: Path) -> tuple[dict, list[str]]:
             with Image.open(fig_dir / fname) as image:
                 image.verify()  # the PNG's chunk checksums: a truncated or altered file fails here
         except (UnidentifiedImageError, SyntaxError, OSError) as e:
-            raise ReportError(f"{fig_dir / fname} is damaged ({e}): redraw it with python plots.py --results-dir {results_dir}") from None
+            raise ReportError(f"{fig_dir / fname} is damaged ({e}): redraw it with "
+                              f"python plots.py --results-dir {results_dir}") from None
         present[Path(fname).stem] = {"file": fname, "width": width}
     return present, missing
 

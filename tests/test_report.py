@@ -573,7 +573,8 @@ def test_a_capped_level_above_the_default_is_named_in_its_stage():
              "macs_capped": ["1536", "2048"], "macs_ratio": {"1024": 1.0, "1536": 1.922, "2048": 3.3}}
     default = SimpleNamespace(raw={"default": "1024"})
     note = build.capped_note("mlp_width", stage, default)
-    assert note == " Above the default but over the multiply-add cap: 1536 (87.70%, 1.922 times the default's multiply-adds)."
+    assert note == (" Above the default but over the multiply-add cap: 1536 (87.70%, 1.922 times the default's "
+                    "multiply-adds).")
     assert build.capped_note("mlp_width", {**stage, "macs_capped": ["2048"]}, default) == ""  # below the default
     damaged = {**stage, "macs_capped": "1536", "macs_ratio": "many"}
     assert build.capped_note("mlp_width", damaged, default) == ""
