@@ -414,8 +414,10 @@ def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> d
 class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
-    def __init__(self, client, splits: Splits, registry, *, device: str, threads: int = 1, log=None):
+    def __init__(self, client, splits: Splits, registry, *, device: str, threads: int = 1, log=None,
+                 runner: Callable = None):
         self.client, self.registry, self.device, self.threads = client, registry, device, threads
+        self.runner = runner or run_on_worker  # what a worker calls with (spec, splits, threads, device)
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
         self.lock = threading.Lock()
@@ -435,7 +437,7 @@ class Engine:
                     # A Dask key of its own per submission: a run cancelled and asked for again is a new task.
                     self.submitted += 1
                     self.in_flight[s.key] = self.client.submit(
-                        run_on_worker, s, self.splits, threads, self.device,
+                        self.runner, s, self.splits, threads, self.device,
                         key=f"run-{s.key}-{s.plan}-{self.submitted}", pure=False, retries=1)
                     self.bar.total += 1
             self.bar.refresh()
@@ -443,9 +445,15 @@ class Engine:
 
     def run(self, specs: list[RunSpec], threads: int | None = None) -> list[dict]:
         """Every spec's record, training those not yet done (all at once; this call waits for them)."""
-        from distributed import as_completed
+        from distributed import KilledWorker, as_completed
         for future in as_completed(self.start(specs, threads)):
-            record, files = future.result()
+            try:
+                record, files = future.result()
+            except KilledWorker as e:  # every worker that ran it died: out of memory, most likely
+                spec = next(s for s in specs if self.in_flight.get(s.key) is future)
+                raise StudyError(f"{spec.study} {spec.variant} seed {spec.seed} (run {spec.key}) killed the "
+                                 f"worker running it {e.allowed_failures + 1} times (out of memory?); finished runs "
+                                 f"are kept, run the same command again to resume") from None
             with self.lock:
                 self.in_flight.pop(record["key"], None)
                 if record["key"] in self.registry:  # collected first by another call waiting on the same run

@@ -427,6 +427,31 @@ def test_runs_started_early_train_once_and_cancelled_ones_are_never_written(synt
         cluster.close()
 
 
+def _kill_own_worker(spec, splits, threads, device):
+    os._exit(1)  # as the kernel's out-of-memory killer would
+
+
+def test_a_run_that_kills_every_worker_it_runs_on_stops_the_study_in_one_line(synthetic_splits, tiny_plan,
+                                                                                  tmp_path):
+    import importlib
+    import dask
+    importlib.import_module("distributed")  # its config defaults first, or leaving the `with` would drop them all
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):  # two deaths, not four: a faster test
+        client, cluster = rx.start_client(2, None)
+    try:
+        registry = study_results.Registry(tmp_path, log=lambda *a: None)
+        engine = rx.Engine(client, synthetic_splits, registry, device="cpu", log=lambda *a: None,
+                           runner=_kill_own_worker)
+        spec = rx.Study(engine, tiny_plan).final_specs("mlp", "default", rx.start_config("mlp", tiny_plan), (0,))[0]
+        with pytest.raises(rx.StudyError, match=r"^mlp_final module default seed 0 \(run \w+\) killed the worker "
+                                                r"running it 2 times \(out of memory\?\); finished runs are kept"):
+            engine.run([spec])
+        assert not registry.records
+    finally:
+        client.close()
+        cluster.close()
+
+
 def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(mlp_study, synthetic_splits, tiny_plan,
                                                                         tmp_path):
     """On a GPU machine the default's MLP finals start with the track. MLP runs never use the device, so that
