@@ -415,7 +415,7 @@ class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
     def __init__(self, client, splits: Splits, registry, *, device: str, threads: int = 1, log=None,
-                 runner: Callable = None):
+                 runner: Callable | None = None):
         self.client, self.registry, self.device, self.threads = client, registry, device, threads
         self.runner = runner or run_on_worker  # what a worker calls with (spec, splits, threads, device)
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
