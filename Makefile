@@ -10,6 +10,7 @@ export MPLBACKEND := Agg
 
 study: data
 	$(PY) run_experiments.py
+	$(PY) -m report.build --results-dir results
 
 test: data
 	$(PY) -m pytest -q

@@ -24,9 +24,9 @@ in all three variants, only the pooling differs:
 
 Filters: "constant" (base_filters in every layer), "double" (base_filters * 2**i for layer i) or an
 explicit list of five counts such as "32,32,64,64,128" (base_filters is then unused). Kernel sizes 1, 3, 5, 7.
-Initialisation of the convolution weights (biases are zero): "random" N(0, 0.01^2); "xavier" Glorot normal,
-std = sqrt(2 / (fan_in + fan_out)); "he" Kaiming normal, std = sqrt(2 / fan_in), where fan_in = C_in * k * k
-and fan_out = C_out * k * k. With BatchNorm the convolutions have no bias (BatchNorm's shift replaces it).
+Initialisation of the convolution weights (biases are zero), by mlp_scratch.init_std as for the MLP: "random"
+N(0, 0.01^2); "xavier" Glorot normal, std = sqrt(2 / (fan_in + fan_out)); "he" Kaiming normal,
+std = sqrt(2 / fan_in), where fan_in = C_in * k * k and fan_out = C_out * k * k. With BatchNorm the convolutions have no bias (BatchNorm's shift replaces it).
 
 The classifier (Q3d) is the numpy `MLP` of question 2. In joint mode every batch goes
 images -> backbone (torch autograd) -> features -> MLP.forward (numpy) -> softmax_cross_entropy (hand-written)
@@ -39,18 +39,21 @@ Input standardisation (global mean/std of the training pixels) happens inside th
 with it, so a saved classifier takes images scaled to [0, 1] (anything else is refused with a ValueError).
 How the defaults were chosen, and what they reach, is in the README and the report.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import pickle
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -58,125 +61,117 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
+import cli
 import mlp_scratch
 import preprocessing
 from preprocessing import IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, Splits
 
 POOLS = ("max", "avg", "gap")
 KERNELS = (1, 3, 5, 7)  # odd, so that 'same' padding is k // 2 on every side
-INITS = ("random", "xavier", "he")
+INITS = ("random", "xavier", "he")  # the formulas: mlp_scratch.init_std (one for both models); this order is the study's
 HEAD_MODES = ("joint", "frozen")
 OPTIMIZERS = ("adamw", "adam", "sgd")  # names mlp_scratch.make_optimizer also knows, for the head
 SCHEDULES = ("onecycle", "cosine")
 PRECISIONS = ("fp32", "bf16")
-N_CONV = 5
-RANDOM_INIT_STD = 0.01  # the "random" scheme: a plain small Gaussian N(0, 0.01^2)
-POOL_AFTER = (1, 3, 4)  # 0-based conv indices followed by a pooling site (see the module docstring)
 ONECYCLE_WARMUP = 0.25  # "onecycle" = "cosine" after a linear warm-up over this fraction of the steps
 # Caps that turn absurd sizes into one-line errors instead of an out-of-memory crash much later.
-MAX_FILTERS, MAX_BATCH, MAX_SEED = 2048, 65536, 2 ** 31 - 1
+MAX_FILTERS, MAX_BATCH, MAX_THREADS = 2048, 65536, 1024
 MAX_HEAD_WIDTH, MAX_EPOCHS = mlp_scratch.MAX_WIDTH, mlp_scratch.MAX_EPOCHS
-IMAGES_MESSAGE = ("expected floating-point images of shape (N, 1, 28, 28), (N, 28, 28) or (N, 784) with finite "
-                  "pixels in [0, 1]; got {}. Scale pixels to [0, 1]: divide uint8 images by 255")
+CHECKPOINT_FILES = ("backbone.pt", "head.npz", "config.json")
+IMAGES_MESSAGE = (f"expected floating-point images of shape (N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}), (N, {IMAGE_SIDE}, "
+                  f"{IMAGE_SIDE}) or (N, {INPUT_DIM}) with finite pixels in [0, 1]; got {{}}. Scale pixels to "
+                  f"[0, 1]: divide uint8 images by 255")
+OOM_HINT = "; use fewer or narrower --filters or --head-hidden layers, or a smaller --batch-size"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: every field is a command-line flag (its help beside it); the defaults are the chosen
+# configuration (README, report).
 # ----------------------------------------------------------------------------------------------------------
+def _flag(default, help: str):
+    return field(default_factory=lambda: list(default), metadata={"help": help}) if isinstance(default, list) \
+        else field(default=default, metadata={"help": help})
+
+
 @dataclass
 class CNNConfig:
-    """Every field is a command-line flag; the defaults are the chosen configuration (README, report)."""
-    filters: str = "32,32,64,64,128"  # "constant" | "double" | five counts
-    base_filters: int = 32            # first-layer count for "constant" / "double"
-    kernel_size: int = 3              # 1 | 3 | 5 | 7, 'same' padding
-    pool: str = "max"                 # "max" | "avg" | "gap" (see the module docstring for the placement)
-    init: str = "xavier"              # "random" N(0, 0.01^2) | "xavier" Glorot normal | "he" Kaiming normal
-    batchnorm: bool = True            # BN between each conv and its ReLU
-    head_mode: str = "frozen"         # "joint": trained through the scratch MLP | "frozen": MLP on fixed features
-    head_hidden: list[int] = field(default_factory=lambda: [256])  # scratch MLP hidden widths
-    head_activation: str = "gelu"     # any activation mlp_scratch knows
-    head_dropout: float = 0.3         # drop probability after each hidden layer of the head
-    head_epochs: int = 20             # frozen mode only: epochs of mlp_scratch.train on the features
-    optimizer: str = "adamw"          # "adamw" | "adam" | "sgd" (momentum 0.9); the head uses the same kind
-    lr: float = 3e-3                  # peak learning rate of the backbone
-    head_lr: float = 1e-3             # peak learning rate of the scratch head
-    momentum: float = 0.9             # SGD only
-    weight_decay: float = 5e-2        # on conv / head weights, not on biases or BatchNorm (decoupled in AdamW)
-    schedule: str = "onecycle"        # "onecycle" (25% linear warm-up, then cosine) | "cosine" (no warm-up)
-    epochs: int = 26
-    batch_size: int = 128
-    augment: bool = True              # random crop (zero padding 2) + horizontal flip, on the whole batch
-    erase: float = 0.5                # probability that a training image gets a random rectangle zeroed
-    label_smoothing: float = 0.1      # training loss target (1 - e) * onehot + e / 10 (backbone and joint head)
-    tta: bool = False                 # predict with the mean softmax of each image and its mirror image
-    patience: int = 0                 # early stopping on val accuracy after this many bad epochs; 0 = off
-    precision: str = "bf16"           # autocast the backbone to bfloat16 ("fp32" on CPUs without native bf16)
-    channels_last: bool = True        # NHWC memory format
-    seed: int = 0
-    subset: int | None = None         # train on a stratified subset of this many images (val/test stay whole)
-    device: str = "auto"              # "auto" (cuda, then mps, then cpu) | "cpu" | "cuda" | "cuda:1" | "mps"
+    filters: str = _flag("32,32,64,64,128", "'constant', 'double' or five comma-separated counts")
+    base_filters: int = _flag(32, "first-layer count for constant / double (double: base * 2**i)")
+    kernel_size: int = _flag(3, "convolution kernel size, 'same' padding")
+    pool: str = _flag("max", "pooling variant (see the module docstring)")
+    init: str = _flag("xavier", "conv weight initialisation (mlp_scratch.init_std)")
+    batchnorm: bool = _flag(True, "BatchNorm between each conv and its ReLU")
+    head_mode: str = _flag("frozen", "joint: trained through the scratch MLP; frozen: MLP on fixed features")
+    head_hidden: list[int] = _flag([256], "scratch MLP hidden widths")
+    head_activation: str = _flag("gelu", "scratch MLP activation")
+    head_dropout: float = _flag(0.3, "scratch MLP drop probability after each hidden layer")
+    head_epochs: int = _flag(20, "frozen mode: epochs of mlp_scratch.train on the features")
+    optimizer: str = _flag("adamw", "optimizer of backbone and head (sgd: momentum)")
+    lr: float = _flag(3e-3, "peak backbone learning rate")
+    head_lr: float = _flag(1e-3, "peak head learning rate")
+    momentum: float = _flag(0.9, "SGD momentum")
+    weight_decay: float = _flag(5e-2, "weight decay of conv / head weights, not biases or BN (decoupled in AdamW)")
+    schedule: str = _flag("onecycle", "onecycle (a quarter of the steps linear warm-up, then cosine) or cosine")
+    epochs: int = _flag(26, "training epochs")
+    batch_size: int = _flag(128, "mini-batch size")
+    augment: bool = _flag(True, "random crop (zero padding 2) + horizontal flip")
+    erase: float = _flag(0.5, "probability that a training image gets a random rectangle zeroed")
+    label_smoothing: float = _flag(0.1, "training target (1 - e) * onehot + e / 10 (backbone and joint head)")
+    tta: bool = _flag(False, "predict with the mean softmax of each image and its mirror image")
+    patience: int = _flag(0, "early stopping on val accuracy after this many bad epochs (0 = off)")
+    precision: str = _flag("bf16", "backbone compute precision (autocast; fp32 on CPUs without native bf16)")
+    channels_last: bool = _flag(True, "NHWC memory format")
+    seed: int = _flag(0, "random seed (weights, shuffling, augmentation, dropout)")
+    subset: int | None = _flag(None, "train on this many images (stratified); val / test stay whole")
+    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda[:i] or mps")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
         """ValueError with a one-line message for any invalid field."""
-        for k in ("lr", "head_lr", "momentum", "weight_decay", "head_dropout", "erase", "label_smoothing"):
-            if not math.isfinite(getattr(self, k)):
-                raise ValueError(f"{k} must be a finite number, got {getattr(self, k)}")
-        checks = [
-            (1 <= self.base_filters <= MAX_FILTERS,
-             f"base_filters must be in [1, {MAX_FILTERS}], got {self.base_filters}"),
-            (self.kernel_size in KERNELS, f"kernel_size must be one of {KERNELS}, got {self.kernel_size}"),
-            (self.pool in POOLS, f"pool must be one of {POOLS}, got {self.pool!r}"),
-            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
-            (self.head_mode in HEAD_MODES, f"head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}"),
-            (all(1 <= h <= MAX_HEAD_WIDTH for h in self.head_hidden),
-             f"head_hidden widths must be in [1, {MAX_HEAD_WIDTH}], got {self.head_hidden}"),
-            (0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}"),
-            (1 <= self.head_epochs <= MAX_EPOCHS, f"head_epochs must be in [1, {MAX_EPOCHS}], got {self.head_epochs}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.head_lr > 0, f"head_lr must be positive, got {self.head_lr}"),
-            (0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1), got {self.momentum}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (1 <= self.epochs <= MAX_EPOCHS, f"epochs must be in [1, {MAX_EPOCHS}], got {self.epochs}"),
-            (1 <= self.batch_size <= MAX_BATCH, f"batch_size must be in [1, {MAX_BATCH}], got {self.batch_size}"),
-            (0 <= self.patience <= MAX_EPOCHS, f"patience must be in [0, {MAX_EPOCHS}], got {self.patience}"),
-            (0.0 <= self.erase <= 1.0, f"erase must be a probability in [0, 1], got {self.erase}"),
-            (0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}], got {self.seed}"),
-            (self.subset is None or self.subset >= NUM_CLASSES,
-             f"subset must be at least {NUM_CLASSES} images, got {self.subset}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        for name, (lo, hi, ends) in RANGES.items():
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+            if not ((v > lo if ends[0] == "(" else v >= lo) and (v < hi if ends[1] == ")" else v <= hi)):
+                raise ValueError(f"{name} must be in {ends[0]}{lo}, {hi}{ends[1]}, got {v}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
+        if not all(1 <= h <= MAX_HEAD_WIDTH for h in self.head_hidden):
+            raise ValueError(f"head_hidden widths must be in [1, {MAX_HEAD_WIDTH}], got {self.head_hidden}")
+        if self.subset is not None and self.subset < NUM_CLASSES:
+            raise ValueError(f"subset must be at least {NUM_CLASSES} images, got {self.subset}")
         parse_filters(self.filters, self.base_filters)
-        if self.head_activation not in mlp_scratch.ACTIVATIONS:
-            raise ValueError(f"head_activation must be one of {tuple(mlp_scratch.ACTIVATIONS)}, "
-                             f"got {self.head_activation!r}")
         resolve_device(self.device)
+
+
+# What validate() accepts. Ranges: (low, high, ends), "[" / "]" closed, "(" / ")" open.
+RANGES = {"base_filters": (1, MAX_FILTERS, "[]"), "head_dropout": (0, 1, "[)"), "head_epochs": (1, MAX_EPOCHS, "[]"),
+          "lr": (0, math.inf, "()"), "head_lr": (0, math.inf, "()"), "momentum": (0, 1, "[)"),
+          "weight_decay": (0, math.inf, "[)"), "epochs": (1, MAX_EPOCHS, "[]"), "batch_size": (1, MAX_BATCH, "[]"),
+          "patience": (0, MAX_EPOCHS, "[]"), "erase": (0, 1, "[]"), "label_smoothing": (0, 1, "[)"),
+          "seed": (0, cli.MAX_SEED, "[]")}
+CHOICES = {"kernel_size": KERNELS, "pool": POOLS, "init": INITS, "head_mode": HEAD_MODES, "optimizer": OPTIMIZERS,
+           "schedule": SCHEDULES, "precision": PRECISIONS, "head_activation": mlp_scratch.ACTIVATIONS}
+CONFIG_FIELDS = {f.name for f in fields(CNNConfig)}
 
 
 def parse_filters(filters: str | list[int], base_filters: int = 32) -> list[int]:
     """The five per-layer filter counts of "constant", "double" or an explicit list; ValueError if invalid."""
     if isinstance(filters, (list, tuple)):
         counts = [int(c) for c in filters]
-    elif filters == "constant":
-        counts = [base_filters] * N_CONV
-    elif filters == "double":
-        counts = [base_filters * 2 ** i for i in range(N_CONV)]
+    elif filters in ("constant", "double"):
+        counts = [base_filters * (2 ** i if filters == "double" else 1) for i in range(5)]
     else:
         try:
             counts = [int(c) for c in str(filters).replace(" ", "").split(",") if c != ""]
         except ValueError:
-            raise ValueError(f"filters must be 'constant', 'double' or {N_CONV} comma-separated integers "
-                             f"such as 16,32,64,64,128; got {filters!r}") from None
-    if len(counts) != N_CONV or min(counts) < 1 or max(counts) > MAX_FILTERS:
-        raise ValueError(f"filters must give {N_CONV} counts in [1, {MAX_FILTERS}], got {counts} from {filters!r}")
+            raise ValueError(f"filters must be 'constant', 'double' or 5 comma-separated integers such as "
+                             f"16,32,64,64,128; got {filters!r}") from None
+    if len(counts) != 5 or min(counts) < 1 or max(counts) > MAX_FILTERS:
+        raise ValueError(f"filters must give 5 counts in [1, {MAX_FILTERS}], got {counts} from {filters!r}")
     return counts
 
 
@@ -188,76 +183,61 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda[:i] or mps, got {name!r}") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device must be auto, cpu, cuda[:i] or mps, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available here")
-    if device.type == "mps" and not mps:
-        raise ValueError(f"device {name!r} requested but MPS is not available here")
+    if device.type != "cpu" and not (torch.cuda.is_available() if device.type == "cuda" else mps):
+        raise ValueError(f"device {name!r} requested but {device.type.upper()} is not available here")
     return device
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Backbone
 # ----------------------------------------------------------------------------------------------------------
-def init_std(init: str, fan_in: int, fan_out: int) -> float:
-    """The weight std of each scheme: "random" 0.01, "xavier" (Glorot normal) sqrt(2 / (fan_in + fan_out)),
-    "he" (Kaiming normal) sqrt(2 / fan_in)."""
-    if init == "random":
-        return RANDOM_INIT_STD
-    if init == "xavier":
-        return math.sqrt(2.0 / (fan_in + fan_out))
-    if init == "he":
-        return math.sqrt(2.0 / fan_in)
-    raise ValueError(f"init must be one of {INITS}, got {init!r}")
-
-
 class CNNBackbone(nn.Module):
-    """Five conv(+BN)+ReLU layers and three pooling sites, as `config` says:
-    (N, 1, 28, 28) images in [0, 1] -> (N, feature_dim). The weights are drawn from torch's global RNG
-    (build_backbone seeds it from config.seed)."""
+    """(N, 1, 28, 28) images in [0, 1] -> (N, feature_dim) features: five conv(+BN)+ReLU blocks and three
+    pooling sites, as `config` says. The weights are drawn from torch's global RNG (build_backbone seeds it)."""
 
     def __init__(self, config: CNNConfig, input_mean: float = 0.0, input_std: float = 1.0):
         super().__init__()
-        if config.pool not in POOLS or config.kernel_size not in KERNELS or config.init not in INITS:
-            raise ValueError(f"pool, kernel_size, init must be in {POOLS}, {KERNELS}, {INITS}; got "
-                             f"{config.pool!r}, {config.kernel_size!r}, {config.init!r}")
-        self.channels = parse_filters(config.filters, config.base_filters)
-        self.kernel_size, self.init = config.kernel_size, config.init
+        if config.pool not in POOLS or config.kernel_size not in KERNELS:
+            raise ValueError(f"pool, kernel_size must be in {POOLS}, {KERNELS}; got {config.pool!r}, "
+                             f"{config.kernel_size!r}")
+        c1, c2, c3, c4, c5 = self.channels = parse_filters(config.filters, config.base_filters)
+        self.kernel_size = k = config.kernel_size
+        self.init, bn = config.init, config.batchnorm
         # Buffers, so that the standardisation travels with the state_dict and predict() takes [0, 1] pixels.
         self.register_buffer("input_mean", torch.tensor(float(input_mean)))
         self.register_buffer("input_std", torch.tensor(float(input_std)))
 
-        layers: list[nn.Module] = []
-        c_in, side, k = 1, IMAGE_SIDE, config.kernel_size
-        for i, c_out in enumerate(self.channels):
-            # 'same' padding; no conv bias under BatchNorm (its shift does that job).
-            layers.append(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=not config.batchnorm))
-            if config.batchnorm:
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(nn.ReLU())
-            if i in POOL_AFTER:
-                if i == POOL_AFTER[-1] and config.pool == "gap":
-                    layers.append(nn.AdaptiveAvgPool2d(1))
-                    side = 1
-                else:  # "avg" everywhere; "max" everywhere; "gap" between the stages
-                    layers.append(nn.AvgPool2d(2) if config.pool == "avg" else nn.MaxPool2d(2))
-                    side //= 2
-            c_in = c_out
-        layers.append(nn.Flatten())
-        self.layers = nn.Sequential(*layers)
-        self.feature_dim = self.channels[-1] * side * side
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in, fan_out = m.in_channels * k * k, m.out_channels * k * k
-                nn.init.normal_(m.weight, 0.0, init_std(self.init, fan_in, fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            """'same'-padded conv -> (BatchNorm) -> ReLU; no conv bias under BatchNorm (its shift is one)."""
+            conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=not bn)
+            return [conv, nn.BatchNorm2d(c_out), nn.ReLU()] if bn else [conv, nn.ReLU()]
+
+        down = nn.AvgPool2d if config.pool == "avg" else nn.MaxPool2d  # "gap" downsamples as "max" does
+        final = nn.AdaptiveAvgPool2d(1) if config.pool == "gap" else down(2)
+        # One flat Sequential: its state_dict keys (layers.0.weight, ...) are those of every saved checkpoint.
+        self.layers = nn.Sequential(
+            *block(1, c1), *block(c1, c2), down(2),   # stage 1: 28x28 -> 14x14
+            *block(c2, c3), *block(c3, c4), down(2),  # stage 2: 14x14 -> 7x7
+            *block(c4, c5), final,                    # stage 3: 7x7 -> 3x3, or 1x1 for "gap"
+            nn.Flatten())
+        self.feature_dim = c5 * (1 if config.pool == "gap" else (IMAGE_SIDE // 8) ** 2)
+        # After building all five (each Conv2d draws torch's default init first): the same seed, the same weights.
+        for conv in self.convs:
+            fan_in, fan_out = conv.in_channels * k * k, conv.out_channels * k * k
+            nn.init.normal_(conv.weight, 0.0, mlp_scratch.init_std(self.init, fan_in, fan_out))
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std  # (N, 1, 28, 28), standardised
         return self.layers(x)                       # (N, feature_dim)
+
+    @property
+    def convs(self) -> list[nn.Conv2d]:
+        return [m for m in self.layers if isinstance(m, nn.Conv2d)]
 
     @property
     def n_params(self) -> int:
@@ -265,13 +245,8 @@ class CNNBackbone(nn.Module):
 
     def conv_macs(self) -> int:
         """Multiply-adds of the five convolutions for one image (pooling and BN are negligible)."""
-        macs, side, c_in = 0, IMAGE_SIDE, 1
-        for i, c_out in enumerate(self.channels):
-            macs += side * side * c_out * c_in * self.kernel_size ** 2
-            if i in POOL_AFTER[:-1]:
-                side //= 2
-            c_in = c_out
-        return macs
+        sides = (IMAGE_SIDE, IMAGE_SIDE, IMAGE_SIDE // 2, IMAGE_SIDE // 2, IMAGE_SIDE // 4)
+        return sum(side * side * conv.weight.numel() for side, conv in zip(sides, self.convs))
 
 
 def build_backbone(config: CNNConfig, input_mean: float = 0.0, input_std: float = 1.0) -> CNNBackbone:
@@ -290,14 +265,15 @@ def build_head(config: CNNConfig, feature_dim: int) -> mlp_scratch.MLP:
 def check_images(images) -> torch.Tensor:
     """(N, 1, 28, 28), (N, 28, 28) or (N, 784) floating-point pixels in [0, 1] -> float32 tensor (N, 1, 28, 28).
 
-    Anything else (integers such as raw uint8 pixels, NaN / inf, values outside [0, 1], other shapes) raises
-    one ValueError saying what to do."""
-    x = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images))
-    if not x.is_floating_point():
-        raise ValueError(IMAGES_MESSAGE.format(f"dtype {str(x.dtype).replace('torch.', '')}"))
-    shape = tuple(x.shape)
-    if shape[1:] not in ((1, IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE), (INPUT_DIM,)):
-        raise ValueError(IMAGES_MESSAGE.format(f"shape {shape}"))
+    Anything else (integers such as raw uint8 pixels, strings, None, NaN / inf, values outside [0, 1], other
+    shapes) raises one ValueError saying what to do."""
+    x = images if torch.is_tensor(images) else np.asarray(images)
+    if not (x.is_floating_point() if torch.is_tensor(x) else x.dtype.kind == "f" and x.dtype.itemsize <= 8):
+        raise ValueError(IMAGES_MESSAGE.format(f"{type(images).__name__} of dtype "
+                                               f"{str(x.dtype).replace('torch.', '')}"))
+    x = torch.as_tensor(x)
+    if tuple(x.shape[1:]) not in ((1, IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE), (INPUT_DIM,)):
+        raise ValueError(IMAGES_MESSAGE.format(f"shape {tuple(x.shape)}"))
     if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(IMAGES_MESSAGE.format("non-finite pixels"))
     if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
@@ -346,6 +322,21 @@ def mean_softmax_logits(logits_a: np.ndarray, logits_b: np.ndarray) -> np.ndarra
     return np.logaddexp(log_a, log_b) - np.log(2.0)
 
 
+def _with_tta(tta: bool, logits_of: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor) -> np.ndarray:
+    """logits_of(x), or with test-time mirroring those of the mean softmax of each image and its mirror."""
+    z = logits_of(x)
+    return mean_softmax_logits(z, logits_of(x.flip(3))).astype(np.float32) if tta else z
+
+
+def scores(logits: np.ndarray, y) -> dict:
+    """{"loss": mean cross-entropy, "acc": accuracy} of logits (N, 10): the CNN's one evaluation, through the
+    project's one loss (mlp_scratch.softmax_cross_entropy). mlp_scratch.evaluate takes an MLP and inputs; the
+    CNN's logits come from the backbone, batch by batch, so this takes the logits."""
+    y = np.asarray(y, dtype=np.int64)
+    loss, _ = mlp_scratch.softmax_cross_entropy(logits, y)
+    return {"loss": float(loss), "acc": float((logits.argmax(axis=1) == y).mean())}
+
+
 class CNNClassifier:
     """The trained pair: a torch backbone and the numpy MLP head that classifies its features."""
 
@@ -367,11 +358,7 @@ class CNNClassifier:
         """(N, 10) logits; with config.tta, those of the mean softmax over each image and its mirror."""
         x = check_images(images)
         with threadpool_limits(limits=1, user_api="blas"):
-            z = self.head.forward(self.features(x, batch_size), train=False)
-            if not self.config.tta:
-                return z
-            z_mirror = self.head.forward(self.features(x.flip(3), batch_size), train=False)
-        return mean_softmax_logits(z, z_mirror).astype(np.float32)
+            return _with_tta(self.config.tta, lambda v: self.head.forward(self.features(v, batch_size)), x)
 
     def predict_proba(self, images, batch_size: int = 512) -> np.ndarray:
         return mlp_scratch.softmax(self.logits(images, batch_size).astype(np.float64)).astype(np.float32)
@@ -379,41 +366,61 @@ class CNNClassifier:
     def predict(self, images, batch_size: int = 512) -> np.ndarray:
         return self.logits(images, batch_size).argmax(axis=1)  # (N,) class ids
 
-    def save(self, path) -> Path:
-        """Write a checkpoint DIRECTORY `path` (created if needed) holding three files: backbone.pt (the
-        backbone's state_dict, tensors only), head.npz (MLP.save) and config.json ({"config":
-        CNNConfig.to_dict(), "feature_dim": int})."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
-        torch.save(state, path / "backbone.pt")
-        self.head.save(str(path / "head.npz"))
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """The checkpoint's three files as bytes: backbone.pt (the backbone's state_dict, tensors only),
+        head.npz (MLP.save) and config.json ({"config": CNNConfig.to_dict(), "feature_dim": int})."""
+        backbone = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, backbone)
+        with tempfile.TemporaryDirectory() as tmp:  # MLP.save writes a path; its bytes are what we keep
+            head = self.head.save(Path(tmp) / "head.npz").read_bytes()
         meta = {"config": self.config.to_dict(), "feature_dim": self.backbone.feature_dim}
-        (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return path
+        return {"backbone.pt": backbone.getvalue(), "head.npz": head,
+                "config.json": (json.dumps(meta, indent=2) + "\n").encode()}
+
+    def save(self, path) -> Path:
+        """Write the checkpoint DIRECTORY `path` all at once (cli.atomic_folder): a full disk leaves the old
+        folder, or none, never part of one. A folder holding anything but a checkpoint is refused."""
+        if why := not_a_checkpoint_folder(path):
+            raise ValueError(why)
+        return cli.atomic_folder(path, self.checkpoint_files())
+
+
+def not_a_checkpoint_folder(path) -> str | None:
+    """Why the folder `path` must not be replaced by a checkpoint (a file, or it holds other files), or None."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    others = sorted(p.name for p in path.iterdir() if p.name not in CHECKPOINT_FILES) if path.is_dir() else []
+    return f"{path} holds other files ({', '.join(others[:3])}); save into a new folder" if others else None
 
 
 def load_classifier(path) -> CNNClassifier:
     """Rebuild a classifier saved by CNNClassifier.save(path) (a directory); weights load on the CPU.
     Tensors only (torch.load(weights_only=True), np.load(allow_pickle=False)): a pickle is refused. A file
-    that is damaged or not of this code raises one ValueError naming it; a missing one, FileNotFoundError."""
+    that is missing, damaged, not of this code or holding NaN / infinite weights raises one ValueError naming it."""
     path = Path(path)
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            raise ValueError(f"{path / name}: missing; {path} is not a checkpoint written by CNNClassifier.save")
     file = path / "config.json"
     try:
         meta = json.loads(file.read_text())
-        names = {f.name for f in fields(CNNConfig)}
-        config = CNNConfig(**{k: v for k, v in meta["config"].items() if k in names})
+        config = CNNConfig(**{k: v for k, v in meta["config"].items() if k in CONFIG_FIELDS})
         config.device = "cpu"
         config.validate()
+        feature_dim = int(meta["feature_dim"])
         backbone = CNNBackbone(config)
         file = path / "backbone.pt"
         backbone.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         why = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to a dozen lines
         raise ValueError(f"{file}: not written by CNNClassifier.save ({e.__class__.__name__}: {why})") from None
+    for name, tensor in backbone.state_dict().items():  # a NaN weight would predict one class for every image
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{file}: {name} holds NaN or infinite weights")
     backbone.eval()
-    head = mlp_scratch.MLP.load(str(path / "head.npz"))
-    if backbone.feature_dim != meta["feature_dim"] or head.in_dim != backbone.feature_dim:
+    head = mlp_scratch.MLP.load(path / "head.npz")
+    if backbone.feature_dim != feature_dim or head.in_dim != backbone.feature_dim:
         raise ValueError(f"{path}: the head takes {head.in_dim} features, the backbone gives {backbone.feature_dim}")
     if config.channels_last:  # as in training, so that the same kernels give bit-identical outputs
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -422,10 +429,7 @@ def load_classifier(path) -> CNNClassifier:
 
 def evaluate_classifier(clf: CNNClassifier, images, y) -> dict:
     """{"loss": mean cross-entropy, "acc": accuracy} of the classifier on images in [0, 1]."""
-    logits = clf.logits(images)
-    y = np.asarray(y, dtype=np.int64)
-    loss, _ = mlp_scratch.softmax_cross_entropy(logits, y)
-    return {"loss": float(loss), "acc": float((logits.argmax(axis=1) == y).mean())}
+    return scores(clf.logits(images), y)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,10 +495,9 @@ def make_torch_optimizer(config: CNNConfig, params: list[tuple[str, nn.Parameter
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)  # as mlp_scratch's "sgd"
     # On a GPU one fused kernel updates every tensor: a step of this small net is bound by kernel launches.
-    fused = bool(params) and params[0][1].is_cuda
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, fused=fused)  # coupled L2 weight decay; AdamW's is decoupled
-    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+    # Adam's weight decay is coupled L2; AdamW's is decoupled.
+    kind = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return kind(groups, lr=lr, fused=bool(params) and params[0][1].is_cuda)
 
 
 def lr_scale_schedule(config: CNNConfig, total_steps: int) -> Callable[[int], float]:
@@ -504,21 +507,47 @@ def lr_scale_schedule(config: CNNConfig, total_steps: int) -> Callable[[int], fl
     return mlp_scratch.make_schedule("cosine", 1.0, total_steps, warmup_steps=warmup)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The bridge: where the CNN's features enter the scratch MLP
+# ----------------------------------------------------------------------------------------------------------
+class Head(Protocol):
+    """What fit() trains on the backbone's features: ScratchHead (the numpy MLP, the classifier) or
+    LinearHead (frozen mode's temporary torch layer, discarded after the backbone phase)."""
+    def forward_backward(self, features: torch.Tensor, y: torch.Tensor, label_smoothing: float): ...
+    def step(self, lr_scale: float) -> None: ...
+    def logits(self, features: torch.Tensor) -> np.ndarray: ...
+    def state(self): ...
+    def load_state(self, state) -> None: ...
+
+
+def forward_backward(backbone: CNNBackbone, head: Head, x: torch.Tensor, y: torch.Tensor,
+                     precision: str = "fp32", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE BRIDGE. torch computes the features; the head (for ScratchHead: numpy, by hand) computes the loss
+    and dL/dfeatures; features.backward(dL/dfeatures) continues the chain rule into the backbone exactly as if
+    the head were a torch module. Fills the backbone's .grad and the head's grads; returns (loss, logits
+    (B, 10)) as tensors on x's device (y (B,) int64): reading them waits for a GPU, so the caller decides when."""
+    with _autocast(x.device, precision):
+        features = backbone(x).float()                                   # (B, F), autograd graph kept
+    loss, logits, dfeatures = head.forward_backward(features.detach(), y, label_smoothing)  # leaves torch
+    backbone.zero_grad(set_to_none=True)
+    features.backward(dfeatures)                                         # back into torch's autograd
+    return loss, logits
+
+
 class ScratchHead:
-    """The numpy MLP as a training head: features cross into numpy, dL/dfeatures comes back as a tensor."""
+    """The numpy MLP of question 2 as the training head: features cross into numpy, dL/dfeatures comes back."""
 
     def __init__(self, mlp: mlp_scratch.MLP, config: CNNConfig):
         self.mlp, self.base_lr = mlp, config.head_lr
         self.optimizer = mlp_scratch.make_optimizer(config.optimizer, config.head_lr, config.momentum,
                                                     config.weight_decay)
 
-    def forward_backward(self, features: torch.Tensor, y: torch.Tensor,
-                         label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_backward(self, features, y, label_smoothing):
         """features (B, F) detached, y (B,) -> (loss, logits (B, 10), dL/dfeatures (B, F)) as tensors on the
         features' device; fills mlp.grads."""
-        logits = self.mlp.forward(features.cpu().numpy(), train=True)
+        logits = self.mlp.forward(features.cpu().numpy(), train=True)                            # numpy forward
         loss, dlogits = mlp_scratch.softmax_cross_entropy(logits, y.cpu().numpy(), label_smoothing)  # by hand
-        dfeatures = self.mlp.backward(dlogits)
+        dfeatures = self.mlp.backward(dlogits)                                                   # numpy backward
         return (torch.tensor(loss, dtype=torch.float64), torch.from_numpy(logits).to(features.device),
                 torch.from_numpy(np.ascontiguousarray(dfeatures, np.float32)).to(features.device))
 
@@ -536,9 +565,8 @@ class ScratchHead:
         self.mlp.load_state(state)
 
 
-class LinearHead(ScratchHead):
-    """Frozen mode's temporary head, discarded after the backbone phase: a torch nn.Linear behind the same
-    calls as ScratchHead, stepped at the backbone's learning rate."""
+class LinearHead:
+    """Frozen mode's temporary head: a torch nn.Linear behind the same calls, stepped at the backbone's rate."""
 
     def __init__(self, config: CNNConfig, feature_dim: int, device: torch.device):
         torch.manual_seed(config.seed + 7)
@@ -547,8 +575,7 @@ class LinearHead(ScratchHead):
 
     def forward_backward(self, features, y, label_smoothing):
         features.requires_grad_(True)
-        logits = self.linear(features)                                         # (B, 10)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits := self.linear(features), y, label_smoothing=label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach(), logits.detach(), features.grad
@@ -569,21 +596,7 @@ class LinearHead(ScratchHead):
         self.linear.load_state_dict(state)
 
 
-def forward_backward(backbone: CNNBackbone, head: ScratchHead, x: torch.Tensor, y: torch.Tensor,
-                     precision: str = "fp32", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradient bridge: torch computes the features, the head the loss and dL/dfeatures, and
-    features.backward(dL/dfeatures) continues the chain rule into the backbone exactly as if the head were a
-    torch module. Fills the backbone's .grad and the head's grads; returns (loss, logits (B, 10)) as tensors on
-    x's device (y (B,) int64, on any device): reading them waits for a GPU, so the caller decides when."""
-    with _autocast(x.device, precision):
-        features = backbone(x).float()                                   # (B, F), autograd graph kept
-    loss, logits, dfeatures = head.forward_backward(features.detach(), y, label_smoothing)
-    backbone.zero_grad(set_to_none=True)
-    features.backward(dfeatures)
-    return loss, logits
-
-
-def train_step(backbone: CNNBackbone, head: ScratchHead, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def train_step(backbone: CNNBackbone, head: Head, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, config: CNNConfig, lr_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One step at lr_scale x the peak rates: forward_backward, then both optimizers step. (loss, logits)."""
     for g in optimizer.param_groups:
@@ -594,7 +607,7 @@ def train_step(backbone: CNNBackbone, head: ScratchHead, optimizer: torch.optim.
     return loss, logits
 
 
-def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, optimizer, X: torch.Tensor,
+def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: Head, optimizer, X: torch.Tensor,
                 y: torch.Tensor, lr_scale_at: Callable[[int], float], step0: int, gen: torch.Generator,
                 shuffle_gen: torch.Generator, bar=None) -> dict:
     """One pass over X (N, 1, 28, 28) and y (N,), both on the device, in a fresh order, augmented.
@@ -630,26 +643,11 @@ def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, opt
     return {"loss": loss, "acc": correct.item() / len(X), "steps": steps, "diverged": False}
 
 
-def evaluate(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, X: torch.Tensor, y: np.ndarray,
-             device: torch.device, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode; with config.tta, of the mean softmax with the mirror."""
-    def logits_of(images: torch.Tensor) -> np.ndarray:
-        return _map_features(backbone, images, head.logits, device, config.precision, config.channels_last,
-                             batch_size)
-
-    z = logits_of(X)
-    if config.tta:
-        z = mean_softmax_logits(z, logits_of(X.flip(3)))
-    z = z.astype(np.float32)
-    loss, _ = mlp_scratch.softmax_cross_entropy(z, y)
-    return float(loss), float((z.argmax(axis=1) == y).mean())
-
-
-def fit(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, data: dict, device: torch.device, *,
+def fit(config: CNNConfig, backbone: CNNBackbone, head: Head, data: dict, device: torch.device, *,
         progress: bool, log: Callable[[str], None], phase: str) -> dict:
-    """config.epochs of train_epoch + evaluate on data {"X", "y_device", "X_val", "y_val"} (training tensors on
-    the device, validation labels in numpy); the weights of the epoch with the best val accuracy are restored.
-    Returns {"history", "best_epoch", "epochs_run", "diverged"}."""
+    """config.epochs of train_epoch + validation on data {"X", "y_device", "X_val", "y_val"} (training tensors
+    on the device, validation labels in numpy); the weights of the epoch with the best val accuracy are
+    restored. Returns {"history", "best_epoch", "epochs_run", "diverged"}."""
     optimizer = make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
     steps_per_epoch = math.ceil(len(data["X"]) / config.batch_size)
     lr_scale_at = lr_scale_schedule(config, steps_per_epoch * config.epochs)
@@ -665,22 +663,23 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head: ScratchHead, data: dict,
         if bar is not None:
             bar.close()
         train_seconds = time.perf_counter() - t0
-        val_loss, val_acc = (math.nan, math.nan) if stats["diverged"] else evaluate(
-            config, backbone, head, data["X_val"], data["y_val"], device)
-        if mlp_scratch.loss_blew_up(val_loss, NUM_CLASSES):  # NaN when training itself hit a non-finite loss
+        val = {"loss": math.nan, "acc": math.nan} if stats["diverged"] else scores(_with_tta(
+            config.tta, lambda v: _map_features(backbone, v, head.logits, device, config.precision,
+                                                config.channels_last, 1024), data["X_val"]), data["y_val"])
+        if mlp_scratch.loss_blew_up(val["loss"], NUM_CLASSES):  # NaN when training itself hit a non-finite loss
             diverged = True
-            log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(val_loss, NUM_CLASSES)} -- diverged; best "
-                f"weights so far restored")
+            log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(val['loss'], NUM_CLASSES)} -- diverged; "
+                f"best weights so far restored")
             break
         row = {"epoch": epoch, "lr": config.lr * lr_scale_at(step), "train_loss": stats["loss"],
-               "train_acc": stats["acc"], "val_loss": val_loss, "val_acc": val_acc,
+               "train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
                "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "phase": phase}
         step += stats["steps"]
         history.append(row)
         log(f"[{phase}] epoch {epoch:3d}/{config.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  val loss {val_loss:.4f} acc {val_acc:.4f}  {row['seconds']:.1f}s")
-        if val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "epoch": epoch, "backbone": copy.deepcopy(backbone.state_dict()),
+            f"acc {row['train_acc']:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  {row['seconds']:.1f}s")
+        if val["acc"] > best["val_acc"]:
+            best = {"val_acc": val["acc"], "epoch": epoch, "backbone": copy.deepcopy(backbone.state_dict()),
                     "head": head.state()}
         elif config.patience and epoch - best["epoch"] >= config.patience:
             log(f"early stop: no val improvement for {config.patience} epochs (best {best['val_acc']:.4f} "
@@ -699,19 +698,27 @@ def _progress_bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def subset_error(config: CNNConfig, n_train: int) -> str | None:
+    """Why config.subset cannot be drawn from n_train training images (it asks for more), or None."""
+    if config.subset is not None and config.subset > n_train:
+        return f"subset {config.subset} is more than the {n_train} training images"
+    return None
+
+
 def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
           log: Callable[[str], None] | None = None) -> CNNTrainResult:
     """Train backbone + scratch MLP head on splits.X_train, choosing the epoch on splits.X_val.
 
-    `config.subset` (if set) trains on a stratified subset of that many images; val (and test) stay whole.
-    Never raises for a diverging run: it returns diverged=True with the best weights so far. numpy's BLAS is
-    held at one thread meanwhile (its idle threads would steal torch's cores); torch's thread count is the
-    caller's. Progress bars only when stderr is a terminal; `log` gets one line per epoch."""
+    `config.subset` (if set) trains on a stratified subset of that many images (more than there are is a
+    ValueError); val (and test) stay whole. Never raises for a diverging run: it returns diverged=True with
+    the best weights so far. numpy's BLAS is held at one thread meanwhile (its idle threads would steal
+    torch's cores); torch's thread count is the caller's. Progress bars only when stderr is a terminal; `log`
+    gets one line per epoch."""
     config.validate()
-    log = log or (lambda line: None)
-    progress = progress and sys.stderr.isatty()
+    if why := subset_error(config, len(splits.y_train)):
+        raise ValueError(why)
     with threadpool_limits(limits=1, user_api="blas"):
-        return _train(config, splits, progress=progress, log=log)
+        return _train(config, splits, progress=progress and sys.stderr.isatty(), log=log or (lambda line: None))
 
 
 def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[str], None]) -> CNNTrainResult:
@@ -728,16 +735,16 @@ def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[
     y = np.ascontiguousarray(splits.y_train, np.int64)
     data = {"X": check_images(splits.X_train).to(device), "y": y, "y_device": torch.from_numpy(y).to(device),
             "X_val": check_images(splits.X_val).to(device), "y_val": np.ascontiguousarray(splits.y_val, np.int64)}
+    run = dict(progress=progress, log=log)
     if config.head_mode == "joint":
         head = build_head(config, backbone.feature_dim)
-        fit_result = fit(config, backbone, ScratchHead(head, config), data, device, progress=progress, log=log,
-                         phase="joint")
+        fit_result = fit(config, backbone, ScratchHead(head, config), data, device, phase="joint", **run)
     else:
         fit_result = fit(config, backbone, LinearHead(config, backbone.feature_dim, device), data, device,
-                         progress=progress, log=log, phase="backbone")
+                         phase="backbone", **run)
         head = build_head(config, backbone.feature_dim)
         if not fit_result["diverged"]:
-            head = _train_frozen_head(config, backbone, data, device, fit_result, progress=progress, log=log)
+            head = _train_frozen_head(config, backbone, data, device, fit_result, **run)
     backbone.eval()
     classifier = CNNClassifier(backbone, head, config)
     return CNNTrainResult(classifier=classifier, history=fit_result["history"],
@@ -789,80 +796,45 @@ def init_statistics(config: CNNConfig, images, y) -> list[dict]:
     finally:
         for h in hooks:
             h.remove()
-    convs = [m for m in backbone.layers if isinstance(m, nn.Conv2d)]
     return [{"layer": i, "act_mean": float(a.mean()), "act_std": float(a.std()),
              "dead_frac": float((a == 0).all(dim=0).float().mean()), "grad_norm": float(conv.weight.grad.norm())}
-            for i, (a, conv) in enumerate(zip(acts, convs), start=1)]
+            for i, (a, conv) in enumerate(zip(acts, backbone.convs), start=1)]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The README table
+# The README table and the command line
 # ----------------------------------------------------------------------------------------------------------
 def describe(config: CNNConfig | None = None) -> str:
-    """Markdown table: for each pooling variant of `config`, feature size and parameter counts."""
+    """Markdown table: for each pooling variant of `config`, feature size, parameters and compute."""
     config = config or CNNConfig()
     lines = [f"Filters {parse_filters(config.filters, config.base_filters)}, kernel {config.kernel_size}, "
              f"BatchNorm {'on' if config.batchnorm else 'off'}, head hidden {list(config.head_hidden)}:", "",
-             "| pool | downsampling (2 sites) | final site | feature map | feature_dim | backbone params "
-             "| head params | total params | conv MMACs/image |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for pool in POOLS:
-        cfg = replace(config, pool=pool)
-        b = CNNBackbone(cfg)
-        head_params = build_head(cfg, b.feature_dim).n_params
-        final = {"max": "2x2 max", "avg": "2x2 avg", "gap": "global avg"}[pool]
-        down = "2x2 avg" if pool == "avg" else "2x2 max"
-        side = int(round(math.sqrt(b.feature_dim / b.channels[-1])))
-        lines.append(f"| {pool} | {down} | {final} | {b.channels[-1]}x{side}x{side} | {b.feature_dim} | "
-                     f"{b.n_params:,} | {head_params:,} | {b.n_params + head_params:,} | "
-                     f"{b.conv_macs() / 1e6:.1f} |")
+             "| pool | 2 downsampling sites | final site | feature_dim | backbone params | head params "
+             "| conv MMACs/image |", "|---|---|---|---:|---:|---:|---:|"]
+    for pool, down, final in (("max", "2x2 max", "2x2 max"), ("avg", "2x2 avg", "2x2 avg"),
+                              ("gap", "2x2 max", "global avg")):
+        b = CNNBackbone(replace(config, pool=pool))
+        lines.append(f"| {pool} | {down} | {final} | {b.feature_dim} | {b.n_params:,} | "
+                     f"{build_head(config, b.feature_dim).n_params:,} | {b.conv_macs() / 1e6:.1f} |")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per CNNConfig field (--head-hidden for head_hidden), then the run's own flags."""
+    p = cli.ArgumentParser(description="Train the 5-conv CNN backbone with the scratch MLP head (Fashion-MNIST, "
+                                       "assignment Q3). Defaults = the chosen configuration.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = CNNConfig()
-    p = preprocessing.ArgumentParser(description="Train the 5-conv CNN backbone with the scratch MLP head "
-                                                 "(Fashion-MNIST, assignment Q3). Defaults = the chosen configuration.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--filters", default=d.filters, help="'constant', 'double' or five comma-separated counts")
-    a("--base-filters", type=int, default=d.base_filters, help="first-layer count for constant/double")
-    a("--kernel-size", type=int, default=d.kernel_size, choices=KERNELS, help="convolution kernel size")
-    a("--pool", default=d.pool, choices=POOLS, help="pooling variant (see the module docstring)")
-    a("--init", default=d.init, choices=INITS, help="conv weight initialisation")
-    a("--batchnorm", action=argparse.BooleanOptionalAction, default=d.batchnorm,
-      help="BatchNorm between each conv and its ReLU")
-    a("--head-mode", default=d.head_mode, choices=HEAD_MODES, help="joint (through the MLP) or frozen features")
-    a("--head-hidden", type=int, nargs="*", default=d.head_hidden, help="scratch MLP hidden widths")
-    a("--head-activation", default=d.head_activation, help="scratch MLP activation")
-    a("--head-dropout", type=float, default=d.head_dropout, help="scratch MLP drop probability")
-    a("--head-epochs", type=int, default=d.head_epochs, help="frozen mode: MLP epochs on the features")
-    a("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer of backbone and head")
-    a("--lr", type=float, default=d.lr, help="peak backbone learning rate")
-    a("--head-lr", type=float, default=d.head_lr, help="peak head learning rate")
-    a("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    a("--weight-decay", type=float, default=d.weight_decay, help="weight decay (weights only)")
-    a("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule")
-    a("--epochs", type=int, default=d.epochs, help="training epochs")
-    a("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
-    a("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
-      help="random crop (pad 2) + horizontal flip")
-    a("--erase", type=float, default=d.erase, help="probability of random erasing per training image")
-    a("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the training loss")
-    a("--tta", action=argparse.BooleanOptionalAction, default=d.tta,
-      help="predict with the mean softmax of each image and its mirror image")
-    a("--patience", type=int, default=d.patience, help="early-stopping patience in epochs (0 = off)")
-    a("--precision", default=d.precision, choices=PRECISIONS, help="backbone compute precision")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
-      help="NHWC memory format")
-    a("--seed", type=int, default=d.seed, help="random seed (weights, shuffling, augmentation, dropout)")
-    a("--subset", type=int, default=d.subset, help="train on this many images (stratified); val/test whole")
-    a("--device", default=d.device, help="auto, cpu, cuda[:i] or mps")
+    for f in fields(CNNConfig):
+        default, flag = getattr(d, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, default=default, help=f.metadata["help"], action=argparse.BooleanOptionalAction)
+            continue
+        kw = {"nargs": "*"} if f.name == "head_hidden" else {}
+        p.add_argument(flag, default=default, help=f.metadata["help"], choices=CHOICES.get(f.name),
+                       type={"seed": cli.seed_arg, "subset": int, "head_hidden": int}.get(f.name, type(default)), **kw)
+    a, path = p.add_argument, cli.path_arg
     a("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    path = preprocessing.path_arg
     a("--data-dir", type=path, default=None, help="folder with the Fashion-MNIST files (see preprocessing.py)")
     a("--save", type=path, default=None, help="write the trained classifier to this directory")
     a("--json", type=path, default=None, help="write final metrics and the full config to this JSON file")
@@ -871,22 +843,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> CNNConfig:
-    names = {f.name for f in fields(CNNConfig)}
-    return CNNConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 data or write error, 2 usage error, 3 diverged, 130 interrupted."""
+    """Exit codes: 0 done, 1 data, memory or write error, 2 usage error, 3 diverged, 130 interrupted."""
+    return cli.run(_main, "cnn_torch.py", argv, oom_hint=OOM_HINT)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = CNNConfig(**{k: v for k, v in vars(args).items() if k in CONFIG_FIELDS})
     try:
         config.validate()
-        if args.threads is not None and not 1 <= args.threads <= 1024:
-            raise ValueError(f"threads must be in [1, 1024], got {args.threads}")
+        if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {args.threads}")
         for flag, path, folder in (("--save", args.save, True), ("--json", args.json, False)):
-            if path and not args.describe and (why := preprocessing.cannot_write(path, folder=folder)):
+            # --save: its parent is checked (and made), so that a failed save leaves no empty folder behind.
+            if path and not args.describe and (why := cli.cannot_write(Path(path).parent if folder else path,
+                                                                       folder=folder)
+                                               or folder and not_a_checkpoint_folder(path)):
                 raise ValueError(f"{flag}: {why}")
     except ValueError as e:
         parser.error(str(e))
@@ -895,46 +869,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        return _run(args, config)
-    except KeyboardInterrupt:
-        print("cnn_torch.py: interrupted; nothing was saved", file=sys.stderr)
-        return 130
-    except (MemoryError, torch.OutOfMemoryError) as e:  # numpy's (the scratch head) and the GPU's
-        print(f"cnn_torch.py: error: out of memory ({str(e).splitlines()[0]}): use fewer or narrower filters "
-              f"or --head-hidden layers, or a smaller --batch-size", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace, config: CNNConfig) -> int:
     print("config:", json.dumps(config.to_dict()))
     try:
         splits = preprocessing.load_splits(args.data_dir)
-    except preprocessing.DataError as e:
-        print(f"cnn_torch.py: error: {e}", file=sys.stderr)
-        return 1
+    except preprocessing.DataError as e:  # until DataError is a cli.UserError itself
+        raise cli.UserError(str(e)) from None
+    if why := subset_error(config, len(splits.y_train)):
+        raise cli.UserError(why)
     result = train(config, splits, progress=not args.no_progress, log=print)
     if result.diverged:
-        print(f"cnn_torch.py: training diverged (the loss blew up) after {result.epochs_run} epochs; "
-              f"try a lower --lr / --head-lr", file=sys.stderr)
-        return 3
+        raise cli.Diverged(f"training diverged (the loss blew up) after {result.epochs_run} epochs; try a lower "
+                           f"--lr / --head-lr")
     clf = result.classifier
     val = evaluate_classifier(clf, preprocessing.to_images(splits.X_val), splits.y_val)
     test = evaluate_classifier(clf, preprocessing.to_images(splits.X_test), splits.y_test)
     print(f"done: {result.epochs_run} epochs in {result.seconds:.1f}s on {result.device}, best epoch "
           f"{result.best_epoch}; val acc {val['acc']:.4f}  test acc {test['acc']:.4f}  "
           f"({result.n_params:,} parameters)")
-    out = {"config": config.to_dict(), "val": val, "test": test, "epochs_run": result.epochs_run,
-           "best_epoch": result.best_epoch, "diverged": result.diverged, "seconds": result.seconds,
-           "device": result.device, "n_params": result.n_params, "history": result.history}
-    try:
-        if args.save:
-            print("saved to", clf.save(args.save))
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    except OSError as e:
-        print(f"cnn_torch.py: error: could not write the results: {e}", file=sys.stderr)
-        return 1
+    if args.save:
+        print("saved to", clf.save(args.save))
+    if args.json:
+        out = {"config": config.to_dict(), "val": val, "test": test, **{k: getattr(result, k) for k in (
+            "epochs_run", "best_epoch", "diverged", "seconds", "device", "n_params", "history")}}
+        cli.atomic_write(args.json, json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -19,7 +19,6 @@ corrupt, truncated or substituted file stops with a one-line `DataError` instead
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import os
@@ -32,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
+import cli
+
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIDE = 28
 INPUT_DIM = IMAGE_SIDE * IMAGE_SIDE
@@ -59,62 +58,64 @@ class IdxFile:
                          # so its .gz bytes differ from the published MD5 while the content is the same)
 
 
+# The only files accepted: their dimensions bound what a file may make us read (see read_idx).
 FILES = {
-    "train_images": IdxFile("train-images-idx3-ubyte", 2051, (60000, 28, 28),
-                            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train_images": IdxFile("train-images-idx3-ubyte", 2051, (60000, 28, 28), "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
                             "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-    "train_labels": IdxFile("train-labels-idx1-ubyte", 2049, (60000,),
-                            "25c81989df183df01b3e8a0aad5dffbe",
+    "train_labels": IdxFile("train-labels-idx1-ubyte", 2049, (60000,), "25c81989df183df01b3e8a0aad5dffbe",
                             "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-    "test_images": IdxFile("t10k-images-idx3-ubyte", 2051, (10000, 28, 28),
-                           "bef4ecab320f06d8554ea6380940ec79",
+    "test_images": IdxFile("t10k-images-idx3-ubyte", 2051, (10000, 28, 28), "bef4ecab320f06d8554ea6380940ec79",
                            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-    "test_labels": IdxFile("t10k-labels-idx1-ubyte", 2049, (10000,),
-                           "bb300cfdad3c16e7a12a480ee83cd310",
+    "test_labels": IdxFile("t10k-labels-idx1-ubyte", 2049, (10000,), "bb300cfdad3c16e7a12a480ee83cd310",
                            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 
 
-class DataError(Exception):
-    """A data problem the user can fix; its message is one line that says what is wrong."""
+class DataError(cli.UserError):
+    """A data problem the user can fix; its message is one line that says what is wrong (exit 1)."""
 
 
 # ----------------------------------------------------------------------------------------- IDX parsing
 
-def parse_idx(raw: bytes, spec: IdxFile, source: str = "") -> np.ndarray:
-    """Parse IDX bytes (ubyte data) into an array of `spec.shape`, checking magic, dims and length."""
-    where = source or spec.name
-    if len(raw) < 8:
-        raise DataError(f"{where}: truncated IDX file ({len(raw)} bytes, no header)")
-    magic = int.from_bytes(raw[:4], "big")
+def read_idx(stream, spec: IdxFile, where: str) -> tuple[np.ndarray, str]:
+    """(array of `spec.shape`, SHA-256 of the bytes) from an IDX stream. The header (magic number and
+    dimensions) is checked before any of the body is read, and the body is read no further than the size
+    the header declares plus one byte (to see trailing data): a file that would unpack to gigabytes (a
+    gzip bomb) costs no more time or memory than the real file."""
+    header = stream.read(4)
+    if len(header) < 4:
+        raise DataError(f"{where}: truncated IDX file ({len(header)} bytes, no header)")
+    magic = int.from_bytes(header, "big")
     if magic != spec.magic:
         raise DataError(f"{where}: wrong magic number {magic} (expected {spec.magic}); not an IDX "
                         f"{'image' if spec.magic == 2051 else 'label'} file")
-    ndim = raw[3]
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
+    header += stream.read(4 * header[3])  # the magic's last byte is the number of dimensions
+    if len(header) < 4 + 4 * len(spec.shape):
         raise DataError(f"{where}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4))
     if dims != spec.shape:
         raise DataError(f"{where}: dimensions {dims}, expected {spec.shape}")
-    expected = header_len + int(np.prod(dims))
-    if len(raw) != expected:
-        raise DataError(f"{where}: {len(raw)} bytes, expected {expected} "
-                        f"({'truncated' if len(raw) < expected else 'trailing data'})")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+    size = int(np.prod(dims))
+    body = stream.read(size + 1)
+    if len(body) < size:
+        raise DataError(f"{where}: {len(header) + len(body)} bytes, expected {len(header) + size} (truncated)")
+    if len(body) > size:
+        raise DataError(f"{where}: more than the {len(header) + size} bytes its header declares (trailing data)")
+    digest = hashlib.sha256(header)
+    digest.update(body)
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims), digest.hexdigest()
 
 
 def read_idx_file(path: Path, spec: IdxFile, verify: bool = True) -> np.ndarray:
     """Read a plain or gzipped IDX file; with `verify`, its content must match the official SHA-256."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: damaged compressed data
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            array, sha256 = read_idx(gzip.GzipFile(fileobj=f) if gzipped else f, spec, str(path))
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; zlib.error: damaged deflate data
         raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    array = parse_idx(raw, spec, str(path))
-    if verify and hashlib.sha256(raw).hexdigest() != spec.sha256:
+    if verify and sha256 != spec.sha256:
         raise DataError(f"{path}: checksum mismatch; the file is corrupt or not the official "
                         f"Fashion-MNIST {spec.name} (delete it to re-fetch)")
     return array
@@ -123,22 +124,7 @@ def read_idx_file(path: Path, spec: IdxFile, verify: bool = True) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- locating
 
 def _file_in(folder: Path, spec: IdxFile) -> Path | None:
-    for name in (spec.name + ".gz", spec.name):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _complete(folder: Path) -> bool:
-    return all(_file_in(folder, spec) for spec in FILES.values())
-
-
-def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched for the files, in order (see the module docstring)."""
-    explicit = data_dir or os.environ.get("FASHION_MNIST_DIR")
-    if explicit:  # an explicit choice is the only one: never fall back silently to other data
-        return [Path(explicit)]
-    return [DEFAULT_DATA_DIR, SYSTEM_DATA_DIR]
+    return next((folder / n for n in (spec.name + ".gz", spec.name) if (folder / n).is_file()), None)
 
 
 def _download(spec: IdxFile, folder: Path) -> None:
@@ -150,10 +136,9 @@ def _download(spec: IdxFile, folder: Path) -> None:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(base + spec.name + ".gz",
                                                                     timeout=30) as response:
-                out.write(response.read())
-            with open(tmp, "rb") as f:
-                gz_md5 = hashlib.md5(f.read()).hexdigest()
-            if gz_md5 != spec.gz_md5:
+                data = response.read()
+                out.write(data)
+            if (gz_md5 := hashlib.md5(data).hexdigest()) != spec.gz_md5:
                 raise DataError(f"MD5 {gz_md5} differs from the published {spec.gz_md5}")
             read_idx_file(Path(tmp), spec)
             os.replace(tmp, folder / (spec.name + ".gz"))
@@ -167,13 +152,14 @@ def _download(spec: IdxFile, folder: Path) -> None:
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Return a folder holding all four files, downloading them if allowed and needed."""
-    folders = candidate_dirs(data_dir)
-    for folder in folders:
-        if _complete(folder):
+    """A folder holding all four files (searched in the order of the module docstring), downloading them if
+    allowed and needed. An explicit folder is the only one tried: never fall back silently to other data."""
+    explicit = data_dir or os.environ.get("FASHION_MNIST_DIR")
+    for folder in [Path(explicit)] if explicit else [DEFAULT_DATA_DIR, SYSTEM_DATA_DIR]:
+        if all(_file_in(folder, spec) for spec in FILES.values()):
             return folder
-    if (data_dir or os.environ.get("FASHION_MNIST_DIR")):
-        raise DataError(f"{folders[0]}: the four Fashion-MNIST files are not all there")
+    if explicit:
+        raise DataError(f"{explicit}: the four Fashion-MNIST files are not all there")
     hint = ("put the four official files in ./data/fashion-mnist or point --data-dir / FASHION_MNIST_DIR "
             "at them, install Debian's package dataset-fashion-mnist, or connect to the internet")
     if not download:
@@ -191,10 +177,9 @@ def load_raw(data_dir: str | os.PathLike | None = None, download: bool = True) -
     """The four official arrays (uint8 images (N, 28, 28), int64 labels (N,)), checked."""
     folder = find_data_dir(data_dir, download)
     arrays = {key: read_idx_file(_file_in(folder, spec), spec) for key, spec in FILES.items()}
-    for key in ("train_labels", "test_labels"):
+    for key, name in (("train_labels", "training"), ("test_labels", "test")):
         arrays[key] = arrays[key].astype(np.int64)
-    _check_balance(arrays["train_labels"], 6000, "training")
-    _check_balance(arrays["test_labels"], 1000, "test")
+        _check_balance(arrays[key], len(arrays[key]) // NUM_CLASSES, name)
     return arrays
 
 
@@ -224,13 +209,6 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> 
     return [rng.permutation(np.concatenate(p)) for p in parts]
 
 
-def stratified_indices(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """`n` indices of `y`, as close to class-balanced in proportion as rounding allows, seeded."""
-    if n >= len(y):
-        return np.arange(len(y))
-    return stratified_split(y, (n / len(y), 1 - n / len(y)), seed)[0]
-
-
 def scale(images: np.ndarray) -> np.ndarray:
     """uint8 images (N, 28, 28) -> flattened float32 (N, 784) in [0, 1] (Q1 normalisation, Q2a)."""
     return images.reshape(len(images), INPUT_DIM).astype(np.float32) / np.float32(255.0)
@@ -256,11 +234,12 @@ class Splits:
     y_test: np.ndarray
 
     def subset(self, n_train: int | None, n_eval: int | None = None, seed: int = 0) -> "Splits":
-        """Stratified, seeded subsets: `n_train` training images, `n_eval` each of val and test."""
+        """Stratified, seeded subsets: `n_train` training images, `n_eval` each of val and test (as close to
+        class-balanced in proportion as rounding allows)."""
         def take(X, y, n):
-            if n is None:
+            if n is None or n >= len(y):
                 return X, y
-            idx = np.sort(stratified_indices(y, n, seed))
+            idx = np.sort(stratified_split(y, (n / len(y), 1 - n / len(y)), seed)[0])
             return X[idx], y[idx]
         return Splits(*take(self.X_train, self.y_train, n_train),
                       *take(self.X_val, self.y_val, n_eval),
@@ -321,61 +300,25 @@ def summary(splits: Splits, folder: Path) -> str:
     return "\n".join(lines)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, but a usage error is one line, `prog: error: <what> (see --help)`, exit status 2,
-    not the whole usage block. Every script's command line uses it."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def path_arg(text: str) -> str:
-    """argparse type of every path flag: an empty path (a variable that expanded to nothing) would silently
-    mean the current folder or no path at all, so it is refused."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def cannot_write(path: str | Path, *, folder: bool) -> str | None:
-    """Why `path` (a folder, or a file) cannot be written, or None if it can: checked before training, so
-    that a typo costs a second and not a run. Missing folders are made, as the write would make them."""
-    path = Path(path)
-    if not folder and path.is_dir():
-        return f"{path} is a folder, not a file"
-    target = path if folder else path.parent
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target):
-            pass
-    except (FileExistsError, NotADirectoryError):  # a file stands where a folder must be
-        blocker = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), target)
-        return f"{blocker} is {'a file' if blocker.exists() else 'a broken link'}, not a folder"
-    except OSError as e:
-        return f"cannot write in {target}: {e.strerror or e}"
-    return None
+# Thin aliases while other scripts still import them from here; they live in cli.py.
+ArgumentParser, path_arg, cannot_write = cli.ArgumentParser, cli.path_arg, cli.cannot_write
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
-    parser.add_argument("--data-dir", type=path_arg, default=None,
+    parser = cli.ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
+    parser.add_argument("--data-dir", type=cli.path_arg, default=None,
                         help="folder with the four IDX files (default: $FASHION_MNIST_DIR, "
                              "./data/fashion-mnist, /usr/share/datasets/fashion-mnist, else download)")
     parser.add_argument("--split", choices=SPLITS, default="official",
                         help="official: 54k/6k/official 10k test; pooled: 80/10/10 of all 70k "
                              "(default: official)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
+    parser.add_argument("--seed", type=cli.seed_arg, default=0, help="seed of the validation split (default: 0)")
     parser.add_argument("--no-download", action="store_true", help="never download; fail if not found")
     args = parser.parse_args(argv)
-    try:
-        folder = find_data_dir(args.data_dir, download=not args.no_download)
-        splits = load_splits(folder, args.split, args.seed)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary(splits, folder))
+    folder = find_data_dir(args.data_dir, download=not args.no_download)
+    print(summary(load_splits(folder, args.split, args.seed), folder))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, "preprocessing.py"))

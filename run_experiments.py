@@ -1,14 +1,16 @@
 """The hyperparameter study: assignment Q2f (MLP), Q3a-d (CNN) and the evidence for Q4.
 
-    python run_experiments.py                        # the full study on a local Dask cluster, then the report
+    python run_experiments.py                        # the full study on a local Dask cluster
     python run_experiments.py --quick --results-dir results-quick   # every output, small data, a few minutes
     python run_experiments.py --plots-only           # rebuild CSVs, summary.json and figures from results/runs/
     python run_experiments.py --scheduler tcp://HOST:8786           # send the runs to an existing Dask cluster
 
+The report is built from the results afterwards (`python -m report.build`; `make study` runs both).
+
 Design (issue "the study decides the models"):
 - Each track's grid starts at its module's defaults (MLPConfig, CNNConfig): the final model's architecture and
-  its whole training recipe. A stage varies one factor; everything else stays the incumbent's. The grid
-  trains on a reduced budget (fewer images and epochs), the same for every level of a stage.
+  its whole training recipe. A stage (STAGES) varies one factor; everything else stays the incumbent's. The
+  grid trains on a reduced budget (fewer images and epochs), the same for every level of a stage.
 - Every stage holds the incumbent's level. Ordered factors (depth, width, dropout, learning rate, kernel,
   head width) have a level on each side of it; a winner at the edge of its range gets one more level beyond
   it, and if it still wins there the manifest flags the stage ("edge").
@@ -16,10 +18,10 @@ Design (issue "the study decides the models"):
   head; joint and frozen heads train the backbone for the same epochs. Initialisation is compared with
   BatchNorm (the candidates) and without it (a contrast that cannot win).
 - A stage's winner is the incumbent unless another level beats its mean validation accuracy over seeds by
-  more than the seed noise (2 standard errors of the difference, the std pooled over the stage's levels):
-  the default is the prior and a change needs evidence. A level with a diverged seed cannot win, nor can a
-  level with more than 1.1x the module default's multiply-adds per image (its final would not fit the 3- and
-  15-minute budgets here). The test set is never evaluated in the grid.
+  more than the seed noise (`decide`): the default is the prior and a change needs evidence. A level with a
+  diverged seed cannot win, nor can a level with more than 1.1x the module default's multiply-adds per image
+  (its final would not fit the 3- and 15-minute budgets here). The test set is never evaluated in the grid.
+  The decision (winner, the level it was compared with, gap, noise) is stored in manifest.json, once.
 - The final model of each track is the chain of stage winners, at full budget. Where it differs from the module
   default, the default is trained beside it (seed 0 each) and the better on validation is kept; the kept
   candidate then trains with more seeds (MLP: 3; CNN: --final-seeds). Only final runs touch the test set.
@@ -53,16 +55,15 @@ from typing import Callable
 
 import numpy as np
 
+import cli
+import mlp_scratch
 import preprocessing
 import study_results
 from preprocessing import Splits, to_images
-from study_results import StudyError
-
-MAX_SEED = 2**31 - 1
+from study_results import StudyError, clean, mean
 
 
 # ----------------------------------------------------------------------------------------- plans
-
 @dataclass(frozen=True)
 class Budget:
     """How much data and training a run gets; part of the run key."""
@@ -116,8 +117,7 @@ QUICK_PLAN = Plan(
     max_levels=2)
 
 
-# ----------------------------------------------------------------------------------------- stages
-
+# ----------------------------------------------------------------------------------------- the stages
 @dataclass(frozen=True)
 class Level:
     variant: str          # the level's label, e.g. "gelu"
@@ -127,15 +127,20 @@ class Level:
 
 @dataclass(frozen=True)
 class Stage:
-    study: str                                   # e.g. "mlp_activation"
-    model: str                                   # "mlp" | "cnn"
+    id: str                                      # e.g. "mlp_activation"; its track is the prefix
+    title: str                                   # e.g. "Activation function"
     factor: str                                  # axis label
     levels: Callable[[dict], list[Level]]        # incumbent config -> levels (the incumbent's included)
     beyond: Callable[[dict, int], Level | None] | None = None  # ordered: (incumbent, -1 | +1) -> next level
 
+    @property
+    def model(self) -> str:
+        return self.id.split("_")[0]
 
-def _choices(field_name: str, values) -> Callable[[dict], list[Level]]:
-    return lambda cfg: [Level(str(v), {field_name: v}) for v in values]
+
+def _choices(field_name: str, values: Callable[[], tuple]) -> Callable[[dict], list[Level]]:
+    """levels() of a factor whose values a module defines (read when the stage runs: cnn_torch imports torch)."""
+    return lambda cfg: [Level(str(v), {field_name: v}) for v in values()]
 
 
 def _ladder(ladder_of: Callable[[dict], list], get: Callable[[dict], object],
@@ -162,30 +167,25 @@ def _width(cfg, key="hidden"):
     return cfg[key][0] if cfg[key] else 0
 
 
-MLP_DEPTH = _ladder(lambda c: [0, 1, 2, 3, 4, 5], lambda c: len(c["hidden"]),
-                    lambda d, c: {"hidden": [_width(c) or 1024] * d})
-MLP_WIDTH = _ladder(lambda c: [128, 256, 512, 768, 1024, 1536, 2048, 4096], _width,
-                    lambda w, c: {"hidden": [w] * max(len(c["hidden"]), 1)})
-MLP_DROPOUT = _ladder(lambda c: [0.0, 0.1, 0.3, 0.5, 0.7], lambda c: c["dropout"], lambda p, c: {"dropout": p})
-MLP_LR = _ladder(lambda c: [float(f"{c['lr'] * 3.0 ** k:.3g}") for k in range(-3, 4)], lambda c: c["lr"],
-                 lambda lr, c: {"lr": lr})
-CNN_KERNEL = _ladder(lambda c: [1, 3, 5, 7], lambda c: c["kernel_size"], lambda k, c: {"kernel_size": k})
-CNN_HEAD = _ladder(lambda c: [64, 128, 256, 512, 1024], lambda c: _width(c, "head_hidden"),
-                   lambda w, c: {"head_hidden": [w]})
-
 # Each optimizer at a learning rate that suits it; the learning-rate stage then scans around the winner's.
 MLP_OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
                   "adam": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
                   "adamw": {"optimizer": "adamw", "lr": 1e-3}}
+FILTER_SHAPES = {"x1 x1 x2 x2 x4": (1, 1, 2, 2, 4), "constant": (1, 1, 1, 1, 1),
+                 "doubling": (1, 2, 4, 8, 16), "halving": (16, 8, 4, 2, 1)}
+ABLATION = {"full recipe": {}, "no BatchNorm": {"batchnorm": False}, "no augmentation": {"augment": False},
+            "no erasing": {"erase": 0.0}, "no label smoothing": {"label_smoothing": 0.0},
+            "no weight decay": {"weight_decay": 0.0}}
+
+
+def _cnn(name: str):
+    import cnn_torch
+    return getattr(cnn_torch, name)
 
 
 def _mlp_optimizer_levels(cfg):
     return [Level(name, {"optimizer": name} if name == cfg["optimizer"] else changes)
             for name, changes in MLP_OPTIMIZERS.items()]
-
-
-FILTER_SHAPES = {"x1 x1 x2 x2 x4": (1, 1, 2, 2, 4), "constant": (1, 1, 1, 1, 1),
-                 "doubling": (1, 2, 4, 8, 16), "halving": (16, 8, 4, 2, 1)}
 
 
 def _cnn_filter_levels(cfg):
@@ -195,48 +195,92 @@ def _cnn_filter_levels(cfg):
 
 
 def _cnn_init_levels(cfg):
-    from cnn_torch import INITS
-    with_bn = [Level(name, {"init": name, "batchnorm": True}) for name in INITS]
-    contrast = [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in INITS]
-    return with_bn + contrast
+    inits = _cnn("INITS")
+    return [Level(name, {"init": name, "batchnorm": True}) for name in inits] + \
+        [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in inits]
 
 
-ABLATION = {"full recipe": {}, "no BatchNorm": {"batchnorm": False}, "no augmentation": {"augment": False},
-            "no erasing": {"erase": 0.0}, "no label smoothing": {"label_smoothing": 0.0},
-            "no weight decay": {"weight_decay": 0.0}}
+# The study's stages, in order: the one table that the driver, the tests, plots and the report read.
+# The sigmoid is left out of the activations: it saturates like tanh at a quarter of its slope, so it cannot win
+# where tanh does not; the statistics at initialisation (init_stats.csv) still show it beside the others.
+STAGES = (
+    Stage("mlp_activation", "Activation function", "activation",
+          _choices("activation", lambda: [a for a in mlp_scratch.ACTIVATIONS if a != "sigmoid"])),
+    Stage("mlp_depth", "Number of hidden layers", "hidden layers",
+          *_ladder(lambda c: [0, 1, 2, 3, 4, 5], lambda c: len(c["hidden"]),
+                   lambda d, c: {"hidden": [_width(c) or 1024] * d})),
+    Stage("mlp_width", "Units per hidden layer", "units per hidden layer",
+          *_ladder(lambda c: [128, 256, 512, 768, 1024, 1536, 2048, 4096], _width,
+                   lambda w, c: {"hidden": [w] * max(len(c["hidden"]), 1)})),
+    Stage("mlp_dropout", "Dropout probability", "dropout probability",
+          *_ladder(lambda c: [0.0, 0.1, 0.3, 0.5, 0.7], lambda c: c["dropout"], lambda p, c: {"dropout": p})),
+    Stage("mlp_optimizer", "Optimiser", "optimizer", _mlp_optimizer_levels),
+    Stage("mlp_lr", "Learning rate", "learning rate",
+          *_ladder(lambda c: [float(f"{c['lr'] * 3.0 ** k:.3g}") for k in range(-3, 4)], lambda c: c["lr"],
+                   lambda lr, c: {"lr": lr})),
+    Stage("cnn_pool", "Pooling", "pooling", _choices("pool", lambda: _cnn("POOLS"))),
+    Stage("cnn_kernel", "Kernel size", "kernel size",
+          *_ladder(lambda c: [1, 3, 5, 7], lambda c: c["kernel_size"], lambda k, c: {"kernel_size": k})),
+    Stage("cnn_filters", "Filters per layer", "filters per layer", _cnn_filter_levels),
+    Stage("cnn_init", "Weight initialisation", "initialisation", _cnn_init_levels),
+    # frozen first, as the committed study ran them
+    Stage("cnn_head_mode", "Joint against frozen features", "head training",
+          _choices("head_mode", lambda: sorted(_cnn("HEAD_MODES")))),
+    Stage("cnn_head", "Width of the scratch MLP head", "head hidden units",
+          *_ladder(lambda c: [64, 128, 256, 512, 1024], lambda c: _width(c, "head_hidden"),
+                   lambda w, c: {"head_hidden": [w]})),
+    Stage("cnn_ablation", "Recipe ablation", "recipe", lambda cfg: [Level(k, v) for k, v in ABLATION.items()]),
+)
+STAGE = {s.id: s for s in STAGES}
+ABLATION_STAGE = STAGE["cnn_ablation"]
+MLP_STAGES = [s for s in STAGES if s.model == "mlp"]
+CNN_STAGES = [s for s in STAGES if s.model == "cnn" and s is not ABLATION_STAGE]
+STUDY_ORDER = [*(s.id for s in MLP_STAGES), "mlp_final", *(s.id for s in CNN_STAGES), "cnn_ablation", "cnn_final"]
 
 
-def _stage(study, factor, levels, beyond=None):
-    return Stage(study, study.split("_")[0], factor, levels, beyond)
+# ----------------------------------------------------------------------------------------- decisions
+# Pure statistics: a stage's decision from its runs' validation accuracies. Computed here once and stored in
+# manifest.json; the tables, plots and report read it from there.
+NOISE_Z = 2.0  # a gap is "more than the noise" when it exceeds 2 standard errors of the difference
 
 
-MLP_STAGES = [
-    _stage("mlp_activation", "activation", _choices("activation", ["relu", "leaky_relu", "tanh", "gelu"])),
-    _stage("mlp_depth", "hidden layers", *MLP_DEPTH),
-    _stage("mlp_width", "units per hidden layer", *MLP_WIDTH),
-    _stage("mlp_dropout", "dropout probability", *MLP_DROPOUT),
-    _stage("mlp_optimizer", "optimizer", _mlp_optimizer_levels),
-    _stage("mlp_lr", "learning rate", *MLP_LR),
-]
-CNN_STAGES = [
-    _stage("cnn_pool", "pooling", _choices("pool", ["max", "avg", "gap"])),
-    _stage("cnn_kernel", "kernel size", *CNN_KERNEL),
-    _stage("cnn_filters", "filters per layer", _cnn_filter_levels),
-    _stage("cnn_init", "initialisation", _cnn_init_levels),
-    _stage("cnn_head_mode", "head training", _choices("head_mode", ["frozen", "joint"])),
-    _stage("cnn_head", "head hidden units", *CNN_HEAD),
-]
-ABLATION_STAGE = _stage("cnn_ablation", "recipe", lambda cfg: [Level(k, v) for k, v in ABLATION.items()])
+def pooled_sd(groups) -> float | None:
+    """Seed-to-seed std of validation accuracy pooled over (n, std) groups; groups of one seed (std None)
+    add nothing. None when no group has two seeds."""
+    groups = [(n, sd) for n, sd in groups if n > 1 and sd is not None]
+    dof = sum(n - 1 for n, _ in groups)
+    return math.sqrt(sum((n - 1) * sd ** 2 for n, sd in groups) / dof) if dof else None
+
+
+def noise_margin(sd: float | None, n_a: int, n_b: int) -> float | None:
+    """NOISE_Z standard errors of the difference between two means of n_a and n_b seeds."""
+    return None if sd is None else NOISE_Z * sd * math.sqrt(1 / n_a + 1 / n_b)
+
+
+def decide(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]) -> dict:
+    """{"winner", "leader", "compared", "gap", "noise"}. The winner is the incumbent unless an eligible level beats its
+    mean validation accuracy by more than the noise (noise_margin, the std pooled over the stage's eligible
+    levels): then the best such level. A level with a diverged seed is not eligible. With one seed a run (no
+    noise estimate) the best mean wins; the incumbent keeps its place on a tie. `leader` is the eligible level
+    with the best mean, `compared` the level it was measured against (the incumbent, or when the incumbent is best, the runner-up), `gap` the
+    difference of their means and `noise` its margin (None with one seed)."""
+    accs = {v: [r["val_acc"] for r in recs] for v, recs in by_variant.items()
+            if v in eligible and recs and not any(r["diverged"] or r["val_acc"] is None for r in recs)}
+    means = {v: float(np.mean(a)) for v, a in accs.items()}
+    ranked = sorted(means, key=lambda v: (means[v], v == incumbent), reverse=True)  # stable: first of equals
+    best = ranked[0] if ranked else None
+    other = incumbent if best != incumbent and incumbent in accs else (ranked[1:] or [None])[0]
+    if other is None:
+        return {"winner": best or incumbent, "leader": best, "compared": None, "gap": None, "noise": None}
+    sd = pooled_sd([(len(a), study_results.sample_std(a)) for a in accs.values()])
+    gap, noise = means[best] - means[other], noise_margin(sd, len(accs[best]), len(accs[other]))
+    beaten = best == incumbent or incumbent not in accs or gap > (noise or 1e-12)
+    return {"winner": best if beaten else incumbent, "leader": best, "compared": other, "gap": gap, "noise": noise}
 
 
 # ----------------------------------------------------------------------------------------- configs
-
 def config_class(model: str):
-    if model == "mlp":
-        from mlp_scratch import MLPConfig
-        return MLPConfig
-    from cnn_torch import CNNConfig
-    return CNNConfig
+    return mlp_scratch.MLPConfig if model == "mlp" else _cnn("CNNConfig")
 
 
 def default_config(model: str) -> dict:
@@ -255,12 +299,12 @@ def cnn_macs(cfg: dict) -> int:
     """Multiply-adds of one image through the five convolutions and the head's first layer."""
     import cnn_torch
     backbone = cnn_torch.build_backbone(cnn_torch.CNNConfig(**{**cfg, "device": "cpu"}))
-    head = [backbone.feature_dim, *cfg["head_hidden"], 10]
+    head = [backbone.feature_dim, *cfg["head_hidden"], preprocessing.NUM_CLASSES]
     return int(backbone.conv_macs()) + sum(a * b for a, b in zip(head[:-1], head[1:]))
 
 
 def mlp_macs(cfg: dict) -> int:
-    dims = [preprocessing.INPUT_DIM, *cfg["hidden"], 10]
+    dims = [preprocessing.INPUT_DIM, *cfg["hidden"], preprocessing.NUM_CLASSES]
     return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
@@ -278,7 +322,6 @@ def scale_filters(cfg: dict, shape: tuple[int, ...], target_macs: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------- runs
-
 @dataclass(frozen=True)
 class RunSpec:
     model: str
@@ -301,6 +344,11 @@ class RunSpec:
     @property
     def final(self) -> bool:
         return self.role == "final"
+
+    def row(self) -> dict:
+        """Its row of the manifest."""
+        return {"model": self.model, "study": self.study, "variant": self.variant, "seed": self.seed,
+                "key": self.key, "role": self.role}
 
 
 def start_config(model: str, plan: Plan) -> dict:
@@ -345,15 +393,10 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
         "epochs_run": out["epochs_run"], "best_epoch": out["best_epoch"],
         "train_loss": best.get("train_loss"), "train_acc": best.get("train_acc"),
         "seconds": time.perf_counter() - t0, "threads": threads, "device": out["device"],
-        "sec_per_epoch": _mean([h.get("seconds") for h in out["history"]]),
+        "sec_per_epoch": mean([h.get("seconds") for h in out["history"]]),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: v for k, v in out.items() if k not in ("best_epoch", "epochs_run", "device")}}
     return clean(record), files
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
 
 
 def _evaluate(spec, data, evaluate, predict_proba) -> dict:
@@ -496,11 +539,12 @@ def _run_line(rec: dict) -> str:
 WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
-def _connect(scheduler: str, client_class, seconds: float = 30.0):
+def _connect(scheduler: str, client_class=None, seconds: float = 30.0):
     """A client of the scheduler at `scheduler`. Anything that is not a Dask scheduler answering within
     `seconds` (a bad address, a closed port, another server on that port, which can leave the handshake
     waiting forever) is a StudyError."""
-    result: dict = {}
+    from distributed import Client
+    client_class, result = client_class or Client, {}
 
     def connect():
         try:
@@ -516,12 +560,12 @@ def _connect(scheduler: str, client_class, seconds: float = 30.0):
     raise StudyError(f"cannot reach the Dask scheduler at {scheduler}: {why.splitlines()[0]}")
 
 
-def start_client(workers: int, scheduler: str | None):
+def start_client(workers: int, scheduler: str | None = None):
     """A client of an existing cluster (--scheduler) or of a new local one of single-threaded workers."""
     import dask
     from distributed import Client, LocalCluster
     if scheduler:
-        return _connect(scheduler, Client), None
+        return _connect(scheduler), None
     # The workers ignore Ctrl-C (inherited across exec): the driver alone handles it and shuts them down.
     # Logs below CRITICAL stay quiet, here and in the workers: a run's own error reaches the driver through its
     # future, and what Dask logs at ERROR is a result cut off in transfer when Ctrl-C closes the client.
@@ -554,28 +598,10 @@ def ctrl_c_held():
 
 # ----------------------------------------------------------------------------------------- the study
 
-def choose(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]) -> str:
-    """The incumbent, unless an eligible level beats its mean validation accuracy by more than the seed noise
-    (study_results.noise_margin, from the std pooled over the stage's eligible levels): then the best such
-    level. A level with a diverged seed is not eligible. With one seed a run (no noise estimate) the best
-    mean wins; the incumbent keeps its place on a tie."""
-    accs = {v: [r["val_acc"] for r in recs] for v, recs in by_variant.items()
-            if v in eligible and recs and not any(r["diverged"] or r["val_acc"] is None for r in recs)}
-    if not accs:
-        return incumbent
-    mean = {v: float(np.mean(a)) for v, a in accs.items()}
-    best = max(mean, key=lambda v: (mean[v], v == incumbent))
-    if incumbent not in accs or best == incumbent:
-        return best
-    sd = study_results.pooled_sd([(len(a), study_results.sample_std(a)) for a in accs.values()])
-    margin = study_results.noise_margin(sd, len(accs[best]), len(accs[incumbent])) or 1e-12
-    return best if mean[best] - mean[incumbent] > margin else incumbent
-
-
 def time_ratios(by_variant: dict[str, list[dict]], reference: list[dict]) -> dict[str, float]:
     """Each level's mean wall seconds over the reference runs' (levels or references without times: left out)."""
-    ref = _mean([r.get("seconds") for r in reference])
-    means = {v: _mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
+    ref = mean([r.get("seconds") for r in reference])
+    means = {v: mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
     return {v: m / ref for v, m in means.items() if m and ref}
 
 
@@ -609,8 +635,8 @@ class Study:
 
     def spec(self, stage: Stage, level: Level, seed: int, cfg: dict) -> RunSpec:
         grid = self.plan.mlp_grid if stage.model == "mlp" else self.plan.cnn_grid
-        role = "ablation" if stage.study == "cnn_ablation" else "grid"
-        return make_spec(stage.model, stage.study, level.variant, seed, apply(cfg, level.changes), grid, role,
+        role = "ablation" if stage is ABLATION_STAGE else "grid"
+        return make_spec(stage.model, stage.id, level.variant, seed, apply(cfg, level.changes), grid, role,
                          self.plan)
 
     def seeds(self, model: str) -> tuple[int, ...]:
@@ -619,12 +645,8 @@ class Study:
     def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
         specs = [self.spec(stage, lv, seed, cfg) for lv in levels for seed in self.seeds(stage.model)]
         records = self.engine.run(specs)
-        self.runs += [{"model": s.model, "study": s.study, "variant": s.variant, "seed": s.seed, "key": s.key,
-                       "role": s.role} for s in specs]
-        by_variant: dict[str, list[dict]] = {}
-        for lv in levels:
-            by_variant[lv.variant] = [r for s, r in zip(specs, records) if s.variant == lv.variant]
-        return by_variant
+        self.runs += [s.row() for s in specs]
+        return {lv.variant: [r for s, r in zip(specs, records) if s.variant == lv.variant] for lv in levels}
 
     def run_stage(self, stage: Stage, cfg: dict) -> dict:
         """One stage around `cfg`; returns the winner's config. Ordered factors get one level past an edge."""
@@ -635,18 +657,19 @@ class Study:
         if self.plan.max_levels:
             levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
         by_variant = self.run_levels(stage, levels, cfg)
-        winner, macs, capped = self.decide(stage, levels, by_variant, own, cfg)
-        extended = False
+        decision, macs, capped = self.decide(stage, levels, by_variant, own, cfg)
+        winner, extended = decision["winner"], False
         if stage.beyond and not self.plan.max_levels and winner in (levels[0].variant, levels[-1].variant) \
                 and winner != own:
             extra = stage.beyond(cfg, -1 if winner == levels[0].variant else 1)
             if extra is not None and extra.variant not in by_variant:
                 levels = [extra, *levels] if winner == levels[0].variant else [*levels, extra]
                 by_variant.update(self.run_levels(stage, [extra], cfg))
-                (winner, macs, capped), extended = self.decide(stage, levels, by_variant, own, cfg), True
-        self.stages[stage.study] = {
+                (decision, macs, capped), extended = self.decide(stage, levels, by_variant, own, cfg), True
+                winner = decision["winner"]
+        self.stages[stage.id] = {
             "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
-            "winner": winner, "levels": [lv.variant for lv in levels], "extended": extended,
+            **decision, "levels": [lv.variant for lv in levels], "extended": extended,
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
             "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
             "macs_ratio": {v: round(r, 3) for v, r in macs.items()},
@@ -656,13 +679,13 @@ class Study:
         return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
 
     def decide(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
-        """(winner, each level's multiply-adds over the module default's, the levels over the cap)."""
+        """(the decision, each level's multiply-adds over the module default's, the levels over the cap)."""
         if cfg == start_config(stage.model, self.plan):
             self.reference.setdefault(stage.model, by_variant[own])
         macs, cap = macs_ratios(stage.model, levels, cfg, self.plan), self.plan.macs_cap
         capped = {v for v, r in macs.items() if cap and r > cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
-        return choose(by_variant, own, eligible | {own}), macs, capped
+        return decide(by_variant, own, eligible | {own}), macs, capped
 
     def finals_early(self, model: str) -> bool:
         """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP
@@ -718,8 +741,7 @@ class Study:
             recs = [self.engine.run([s], os.cpu_count() or 1)[0] for s in specs]
         else:  # side by side, like grid runs
             recs = self.engine.run(specs)
-        self.runs += [{"model": s.model, "study": s.study, "variant": s.variant, "seed": s.seed, "key": s.key,
-                       "role": s.role} for s in specs]
+        self.runs += [s.row() for s in specs]
         return recs
 
     def run(self) -> None:
@@ -731,8 +753,7 @@ class Study:
     def manifest(self) -> dict:
         """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
         writes the same manifest."""
-        order = [*(s.study for s in MLP_STAGES), "mlp_final", *(s.study for s in CNN_STAGES), ABLATION_STAGE.study,
-                 "cnn_final"]
+        order = STUDY_ORDER
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
                 "macs_cap": self.plan.macs_cap,
                 "runs": sorted(self.runs, key=lambda row: order.index(row["study"])),
@@ -766,7 +787,6 @@ def _run_threads(jobs: list[Callable[[], None]], on_error: Callable[[], None]) -
 
 
 # ----------------------------------------------------------------------------------------- init statistics
-
 INIT_STATS_COLUMNS = ["model", "scheme", "batchnorm", "layer", "act_mean", "act_std", "dead_frac", "grad_norm"]
 
 
@@ -774,15 +794,14 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     """Per-layer statistics at initialisation of the default networks: the MLP per init (ReLU) and per
     activation, four hidden layers deep so trends show; the CNN per init, with BatchNorm and without."""
     import cnn_torch
-    import mlp_scratch
     X, y = splits.X_train[:n_images], splits.y_train[:n_images]
     mlp = default_config("mlp")
     rows = []
     cases = [(init, mlp["activation"], init) for init in mlp_scratch.INITS]
     cases += [(mlp["init"], act, act) for act in mlp_scratch.ACTIVATIONS]
     for init, act, label in cases:
-        model = mlp_scratch.MLP(preprocessing.INPUT_DIM, [_width(mlp)] * 4, 10, activation=act, dropout=0.0,
-                                init=init, seed=0)
+        model = mlp_scratch.MLP(preprocessing.INPUT_DIM, [_width(mlp)] * 4, preprocessing.NUM_CLASSES,
+                                activation=act, dropout=0.0, init=init, seed=0)
         model.input_mean, model.input_std = preprocessing.standardization_stats(splits.X_train)
         rows += [{"model": "mlp", "scheme": label, "batchnorm": False, **r}
                  for r in mlp_scratch.layer_statistics(model, X, y)]
@@ -794,45 +813,28 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     return [{k: r.get(k) for k in INIT_STATS_COLUMNS} for r in clean(rows)]
 
 
-# ----------------------------------------------------------------------------------------- files
-
-def clean(x):
-    """JSON-ready: numpy scalars to Python, NaN and infinities to None."""
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def write_init_stats(results_dir: Path, rows: list[dict]) -> None:
     import pandas as pd
-    study_results.atomic_write(Path(results_dir) / "init_stats.csv",
-                               pd.DataFrame(rows, columns=INIT_STATS_COLUMNS).to_csv(index=False))
+    cli.atomic_write(Path(results_dir) / "init_stats.csv",
+                     pd.DataFrame(rows, columns=INIT_STATS_COLUMNS).to_csv(index=False))
 
 
 def write_manifest(results_dir: Path, manifest: dict, tracks: list[str]) -> None:
-    """manifest.json: which runs make up each comparison, each stage's levels and winner, the finals. The
+    """manifest.json: which runs make up each comparison, each stage's levels and decision, the finals. The
     rows of a track not run now (--only) are kept from the previous manifest if it is readable."""
     path = Path(results_dir) / "manifest.json"
     try:
         old = json.loads(path.read_text())
-        keep = [r for r in old["runs"] if r["model"] not in tracks]
-        manifest = {**manifest, "runs": keep + manifest["runs"],
+        manifest = {**manifest, "runs": [r for r in old["runs"] if r["model"] not in tracks] + manifest["runs"],
                     "stages": {**{k: v for k, v in old["stages"].items() if v["model"] not in tracks},
                                **manifest["stages"]},
                     "finals": {**{k: v for k, v in old["finals"].items() if k not in tracks}, **manifest["finals"]}}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no previous manifest, or a damaged one: this study's rows are the whole manifest
-    study_results.atomic_write(path, json.dumps(manifest, indent=1))
+    cli.atomic_write(path, json.dumps(manifest, indent=1))
 
 
 # ----------------------------------------------------------------------------------------- driver
-
 @dataclass
 class Options:
     results_dir: Path = Path("results")
@@ -844,33 +846,34 @@ class Options:
     threads: int = 1                            # BLAS and torch threads of each run (CPU CNN finals: every core)
     scheduler: str | None = None
     device: str = "cpu"
-    report: bool = True
+    data_dir: str | None = None
     plots: bool = True
 
 
 def plan_for(opts: Options) -> Plan:
     plan = QUICK_PLAN if opts.quick else FULL_PLAN
-    if opts.seeds:
-        plan = dataclasses.replace(plan, mlp_seeds=opts.seeds, cnn_seeds=opts.seeds)
-    return plan
+    return dataclasses.replace(plan, mlp_seeds=opts.seeds, cnn_seeds=opts.seeds) if opts.seeds else plan
 
 
 def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None = None, log=print) -> Study:
     """Train every run not yet in <results>/runs, then rebuild every output from the saved runs."""
     t0 = time.perf_counter()
     plan = plan or plan_for(opts)
-    splits = splits if splits is not None else preprocessing.load_splits()
     results_dir = Path(opts.results_dir)
     device = _check_device(opts.device)
-    with study_results.ResultsLock(results_dir):
+    with study_results.results_lock(results_dir):
         registry = study_results.Registry(results_dir, log=log)
-        # Before the cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes torch's
-        # summation order and so the statistics' last digits.
-        if not (results_dir / "init_stats.csv").exists():  # they depend on the code and the data only
-            write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
-        client, cluster = start_client(opts.workers, opts.scheduler)
-        engine = None
+        client = cluster = engine = None
         try:
+            if opts.scheduler:  # before the data and the statistics: a scheduler that does not answer costs 20 s
+                client = _connect(opts.scheduler)
+            splits = splits if splits is not None else preprocessing.load_splits(opts.data_dir)
+            # Before a local cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes
+            # torch's summation order and so the statistics' last digits. They depend on the code and data only.
+            if not (results_dir / "init_stats.csv").exists():
+                write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
+            if client is None:
+                client, cluster = start_client(opts.workers)
             engine = Engine(client, splits, registry, device=device, threads=opts.threads,
                             log=None if log is print else log)
             final_seeds = opts.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not opts.quick else None)
@@ -882,37 +885,50 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
                 write_manifest(results_dir, study.manifest(), study.tracks)
         finally:
             with ctrl_c_held():  # a cluster closed halfway leaves the exit waiting 10 s on it
-                if engine is not None:
-                    engine.bar.close()
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+                for closing in (engine and engine.bar, client, cluster):
+                    if closing is not None:
+                        closing.close()
         wall = time.perf_counter() - t0
         # A resume that trained nothing keeps the wall time of the invocation that did.
-        study_results.rebuild_outputs(results_dir, splits, plots=opts.plots, log=log,
-                                      wall_seconds=wall if engine.executed else None,
-                                      workers=opts.workers if not opts.scheduler else opts.scheduler)
+        outputs = study_results.rebuild_outputs(results_dir, splits, log=log,
+                                                wall_seconds=wall if engine.executed else None,
+                                                workers=opts.scheduler or opts.workers)
+        if opts.plots:
+            draw_figures(results_dir, *outputs, splits)
     log(f"Study done in {wall / 60:.1f} min: {len(engine.executed)} runs trained; results in {results_dir}")
     return study
+
+
+def draw_figures(results_dir: Path, rows: list[dict], manifest: dict, summary: dict, splits) -> None:
+    import plots  # lazily: matplotlib is slow to import
+    plots.make_figures(results_dir, rows, manifest, summary, splits)
+
+
+def rebuild_only(opts: Options) -> None:
+    """--plots-only: every output from the saved runs, no training; refused where there is nothing to
+    rebuild from (nothing is created there)."""
+    rd = Path(opts.results_dir)
+    if not (rd / "manifest.json").is_file() and not any((rd / "runs").glob("*.json")):
+        raise StudyError(f"{rd} holds no study results (no manifest.json, no runs/*.json): run the study first")
+    with study_results.results_lock(rd):
+        splits = preprocessing.load_splits(opts.data_dir)
+        draw_figures(rd, *study_results.rebuild_outputs(rd, splits), splits)
+    print(f"Rebuilt tables, summary.json and figures in {rd}")
 
 
 def _check_device(name: str) -> str:
     if name == "cpu":
         return name
-    import cnn_torch
     try:
-        return str(cnn_torch.resolve_device(name))
+        return str(_cnn("resolve_device")(name))
     except (ValueError, RuntimeError) as e:
         raise StudyError(f"--device {name}: {e}") from None
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 0,1,2; got {text!r}")
-    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct whole numbers in 0..{MAX_SEED}; got {text!r}")
+    seeds = tuple(cli.seed_arg(s) for s in text.split(","))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
     return seeds
 
 
@@ -926,74 +942,45 @@ def _count(what: str, most: int) -> Callable[[str], int]:
     return parse
 
 
-_workers, _threads = _count("workers", 256), _count("threads", 1024)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = preprocessing.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the whole pipeline on a small subset (default: off)")
     p.add_argument("--plots-only", action="store_true",
                    help="rebuild CSVs, summary.json and figures from <results-dir>/runs without training")
-    p.add_argument("--results-dir", type=preprocessing.path_arg, default="results",
-                   help="output folder (default: results)")
+    p.add_argument("--results-dir", type=cli.path_arg, default="results", help="output folder (default: results)")
     p.add_argument("--seeds", type=_seed_list, default=None,
                    help="seeds of every grid level (default: MLP 0,1,2 and CNN 0,1)")
     p.add_argument("--final-seeds", type=_seed_list, default=None,
                    help="seeds of the kept CNN final (default: 0 on a CPU, 0,1,2 on a GPU)")
     p.add_argument("--only", choices=("mlp", "cnn"), default=None, help="one track only (default: both)")
-    p.add_argument("--workers", type=_workers, default=2,
+    p.add_argument("--workers", type=_count("workers", 256), default=2,
                    help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
                         "benchmarks/bench_workers.py)")
-    p.add_argument("--threads", type=_threads, default=1,
+    p.add_argument("--threads", type=_count("threads", 1024), default=1,
                    help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores "
                         "(default: 1; final CNN runs take every core)")
-    p.add_argument("--scheduler", default=None,
+    p.add_argument("--scheduler", type=cli.path_arg, default=None,
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
-    p.add_argument("--no-report", action="store_true", help="do not build the report at the end")
-    p.add_argument("--data-dir", type=preprocessing.path_arg, default=None,
+    p.add_argument("--data-dir", type=cli.path_arg, default=None,
                    help="Fashion-MNIST folder (default: preprocessing's search)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    opts = Options(results_dir=Path(args.results_dir), quick=args.quick, seeds=args.seeds,
-                   final_seeds=args.final_seeds, only=args.only, workers=args.workers, threads=args.threads,
-                   scheduler=args.scheduler,
-                   device=args.device, report=not args.no_report)
-    try:
-        if why := preprocessing.cannot_write(opts.results_dir, folder=True):
-            raise StudyError(why)
-        splits = preprocessing.load_splits(args.data_dir)
-        if args.plots_only:
-            with study_results.ResultsLock(opts.results_dir):
-                study_results.rebuild_outputs(opts.results_dir, splits, plots=True)
-            print(f"Rebuilt tables, summary.json and figures in {opts.results_dir}")
-        else:
-            run_study(opts, splits=splits)
-        if opts.report:
-            from report.build import ReportError, build_report
-            try:
-                build_report(opts.results_dir)
-            except ReportError as e:  # the results are saved; say why the report is not
-                raise StudyError(f"the results are saved, but the report was not built: {e}") from None
-    except (StudyError, preprocessing.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: what was saved stays saved
-        print(f"error: {e.strerror or e} ({e.filename or opts.results_dir}); finished runs are kept, "
-              f"run the same command again to resume", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are saved in {opts.results_dir / 'runs'}; "
-              f"run the same command again to resume", file=sys.stderr)
-        return 130
+    args = vars(parse_args(argv))
+    opts = Options(results_dir=Path(args.pop("results_dir")), **{k: v for k, v in args.items() if k != "plots_only"})
+    if args["plots_only"]:
+        rebuild_only(opts)
+    elif why := cli.cannot_write(opts.results_dir, folder=True):
+        raise StudyError(why)
+    else:
+        run_study(opts)
     return 0
 
 
 if __name__ == "__main__":
     # Workers unpickle the run function by its module name, so the driver runs as `run_experiments`, not __main__.
     import run_experiments
-    sys.exit(run_experiments.main())
+    sys.exit(cli.run(run_experiments.main, "run_experiments.py",
+                     on_interrupt="finished runs are saved; run the same command again to resume"))

@@ -1,27 +1,27 @@
-"""Storage and summaries of the study: run records, atomic writes, the results lock, tables, statistics.
+"""Storage of the study: run records, the results lock, and the tables and summary rebuilt from them.
 
-Everything under a results folder is written here, atomically (a unique temporary file in the same folder,
-fsync, os.replace), so a crash, a full disk or a second process never leaves half a file behind:
-
-    runs/<key>.json            one record per finished run (Registry.add; schema: the team contract)
+    runs/<key>.json            one record per finished run (Registry.add; fields: RECORD below)
     models/runs/<key>.npz      the model of a final MLP run; models/runs/<key>/ the files of a final CNN run
+    manifest.json              which runs make up each comparison and what each stage decided (run_experiments)
     mlp_runs.csv, cnn_runs.csv, finals.csv, curves.csv, summary.json, models/mlp_best.npz, models/cnn_best/
                                rebuilt from the records and manifest.json only (rebuild_outputs)
 
-A damaged record (not JSON, not an object, a missing key, a wrong type) is set aside as `<name>.bad`
-with one warning naming it, and its run counts as not done, so the study trains it again; so does a
-final run whose model file is gone. Whether results are quick or full comes from the records' "plan".
+Every file is written atomically (cli.atomic_write), so a crash, a full disk or a second process never leaves
+half a file behind. A damaged record (not JSON, not an object, a missing key, a wrong type) is set aside as
+`<name>.bad` with one warning naming it, and its run counts as not done, so the study trains it again; so
+does a final run whose model file is gone. `load_runs` is the one reader of run records for everyone else.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
 import platform
 import shutil
 import socket
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,224 +29,159 @@ from typing import Callable
 
 import numpy as np
 
-from preprocessing import NUM_CLASSES
+import cli
+from preprocessing import CLASS_NAMES, NUM_CLASSES
 
-
-class StudyError(Exception):
-    """A user-facing error (a folder in use, unreadable results): the driver prints `error: <msg>`, exits 1."""
-
-
-# ------------------------------------------------------------------------------------------ atomic files
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs get the usual 0666 & ~umask
-
-TMP_SUFFIX = ".tmp"
+MODELS = ("mlp", "cnn")
+ROLES = ("grid", "ablation", "final")
 STALE_TMP_SECONDS = 60.0  # a temporary file this old belongs to no live writer (writes take < 1 s)
 
 
-def atomic_write(path, data: str | bytes) -> None:
-    """Write `data` to `path` through a unique temporary file in the same folder, fsync, os.replace.
-    Readers see the old file or the new one, never half of one. On any failure (a full disk: OSError
-    ENOSPC) the temporary file is removed, the original is untouched, and the error is re-raised."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+class StudyError(cli.UserError):
+    """A folder in use, results that cannot be rebuilt, a bad plan: one line, exit 1."""
 
 
-def _to_json_value(x):
+# ------------------------------------------------------------------------------------------ JSON
+def clean(x):
     """JSON-ready copy: NaN/inf -> None, numpy scalars and arrays -> Python, tuples -> lists."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {str(k): _to_json_value(v) for k, v in x.items()}
+        return {str(k): clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_to_json_value(v) for v in x]
+        return [clean(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _to_json_value(x.tolist())
+        return clean(x.tolist())
     if isinstance(x, np.generic):
-        return _to_json_value(x.item())
-    if isinstance(x, Path):
-        return str(x)
-    return x
+        return clean(x.item())
+    return str(x) if isinstance(x, Path) else x
 
 
-def dumps(obj, indent: int | None = 1) -> str:
-    """Strict JSON (no NaN, ever: None instead)."""
-    return json.dumps(_to_json_value(obj), indent=indent, allow_nan=False)
-
-
-def _reject_constant(name):
+def _refuse_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
 def loads(text: str):
     """Strict JSON: NaN / Infinity are refused (ValueError), as every JSON reader but Python's does."""
-    return json.loads(text, parse_constant=_reject_constant)
+    return json.loads(text, parse_constant=_refuse_constant)
 
 
 def write_json(path, obj) -> None:
-    atomic_write(path, dumps(obj) + "\n")
+    cli.atomic_write(path, json.dumps(clean(obj), indent=1, allow_nan=False) + "\n")
 
 
-def _remove_stale_temporaries(folder: Path, log: Callable) -> None:
-    """Temporary files left by a killed writer (`*.tmp*`, any depth), older than STALE_TMP_SECONDS."""
-    if not folder.is_dir():
-        return
-    now = time.time()
-    for p in folder.rglob(f"*{TMP_SUFFIX}*"):
-        try:
-            if now - p.lstat().st_mtime < STALE_TMP_SECONDS:
-                continue
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        except OSError as e:
-            log(f"warning: could not remove the leftover temporary file {p}: {e.strerror}")
+def read_json(path, log: Callable = print, what: str = "ignored"):
+    """Strict JSON of a file, or None (with one warning if it is there but unreadable)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log(f"warning: {path} is not readable JSON ({str(e).splitlines()[0]}): {what}")
+        return None
 
 
 # ------------------------------------------------------------------------------------------ the lock
-
-class ResultsLock:
-    """Exclusive lock on a results folder (`<results_dir>/.lock`, fcntl.flock), so two studies never
-    train the same runs twice. The lock file says who holds it; a second holder gets a StudyError that
-    names the pid, host and start time. The lock ends with the process, even on SIGKILL.
-
-        with ResultsLock(results_dir):
-            ...train...
-    """
-
-    def __init__(self, results_dir, wait: bool = False):
-        self.results_dir = Path(results_dir)
-        self.path = self.results_dir / ".lock"
-        self.wait = wait
-        self._fd: int | None = None
-
-    def holder(self) -> str:
-        """'pid N on HOST since T' from the lock file, or a vaguer phrase if it cannot be read."""
-        try:
-            info = loads(self.path.read_text())
-            return f"pid {int(info['pid'])} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "another process"
-
-    def acquire(self) -> "ResultsLock":
-        import fcntl
-        try:
-            self.results_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        except OSError as e:
-            raise StudyError(f"cannot lock {self.results_dir}: {e.strerror} ({self.path})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            raise StudyError(f"{self.results_dir} is in use by {self.holder()}; "
-                             f"wait for it or stop it") from None
-        except BaseException:
-            os.close(fd)
+@contextlib.contextmanager
+def results_lock(results_dir):
+    """Exclusive lock on a results folder (`<results_dir>/.lock`, fcntl.flock), so two studies never train
+    the same runs twice; a second holder gets a StudyError naming the first (pid, host, start time). The
+    lock ends with the process, even on SIGKILL; the file stays, emptied (deleting it would race)."""
+    import fcntl
+    path = Path(results_dir) / ".lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise StudyError(f"cannot lock {results_dir}: {e.strerror} ({path})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException as e:
+        os.close(fd)
+        if not isinstance(e, BlockingIOError):
             raise
+        info = read_json(path, lambda *a: None)
+        who = (f"pid {info['pid']} on {info['host']} since {info['since']}"
+               if isinstance(info, dict) and {"pid", "host", "since"} <= set(info) else "another process")
+        raise StudyError(f"{results_dir} is in use by {who}; wait for it or stop it") from None
+    try:
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, text.encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        # The file stays (deleting a lock file races with a process that has just opened it): emptied.
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> "ResultsLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+                       + "\n").encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor drops the flock
 
 
-# ------------------------------------------------------------------------------------------ records
-
-ROLES = ("grid", "ablation", "final")
-MODELS = ("mlp", "cnn")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# ------------------------------------------------------------------------------------------ run records
+def _num(lo=-math.inf, hi=math.inf, *, required=False):
+    """A finite number in [lo, hi] (None allowed unless required)."""
+    return lambda v: (v is None and not required) or (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _str(v) -> bool:
+    return isinstance(v, str) and v != ""
 
 
-def _num_or_none(v) -> bool:
-    return v is None or _is_num(v)
+def _opt(kind):
+    return lambda v: v is None or isinstance(v, kind)
 
 
-def _fraction_or_none(v) -> bool:
-    return v is None or (_is_num(v) and 0 <= v <= 1)
-
-
-def _nonneg_or_none(v) -> bool:
-    return v is None or (_is_num(v) and v >= 0)
-
-
-# Required keys of every record and their check (the team contract lists the whole record).
-REQUIRED: dict[str, Callable] = {
-    "key": lambda v: isinstance(v, str) and v != "" and "/" not in v and not v.startswith("."),
-    "model": lambda v: v in MODELS,
-    "study": lambda v: isinstance(v, str) and v != "",
-    "variant": lambda v: isinstance(v, str),
-    "seed": lambda v: _is_int(v) and v >= 0,
-    "role": lambda v: v in ROLES,
-    "config": lambda v: isinstance(v, dict),
-    "val_acc": _fraction_or_none,
-    "diverged": lambda v: isinstance(v, bool),
+_FRACTION, _COUNT = _num(0, 1), _num(0)
+# The run record, field by field: (required, check, meaning). The one description of it.
+RECORD: dict[str, tuple[bool, Callable, str]] = {
+    "key": (True, lambda v: _str(v) and "/" not in v and not v.startswith("."),
+            "12 hex digits hashing what decides the run's numbers (model, config, budget, final or not)"),
+    "model": (True, lambda v: v in MODELS, "mlp | cnn"),
+    "study": (True, _str, "the stage or final it was trained for, e.g. mlp_lr, cnn_final"),
+    "variant": (True, lambda v: isinstance(v, str), "the level's label, e.g. 0.003, chain of winners"),
+    "seed": (True, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "its seed"),
+    "role": (True, lambda v: v in ROLES, "grid | ablation | final (only finals see the test set)"),
+    "config": (True, lambda v: isinstance(v, dict), "the module config it trained (MLPConfig / CNNConfig)"),
+    "val_acc": (True, _FRACTION, "validation accuracy at the best epoch; None if it diverged"),
+    "diverged": (True, lambda v: isinstance(v, bool), "training stopped on a non-finite or exploding loss"),
+    "final": (False, _opt(bool), "role == final"),
+    "plan": (False, lambda v: v in (None, "full", "quick"), "the study plan it belongs to"),
+    "budget": (False, _opt(dict), "{subset, n_eval, epochs}: the training images and epochs it got"),
+    "train_acc": (False, _FRACTION, "training accuracy at the best epoch"),
+    "test_acc": (False, _FRACTION, "finals only: test accuracy"),
+    "test_macro_f1": (False, _FRACTION, "finals only: macro-averaged F1 on test"),
+    **{k: (False, _num(), f"{k.split('_')[0]} loss (a diverged run's may be huge)")
+       for k in ("train_loss", "val_loss", "test_loss")},
+    "seconds": (False, _COUNT, "wall seconds of the run"),
+    "sec_per_epoch": (False, _COUNT, "mean wall seconds of an epoch"),
+    "n_params": (False, _COUNT, "trainable parameters"),
+    "macs": (False, _COUNT, "multiply-adds per image"),
+    "epochs_run": (False, _COUNT, "epochs trained (early stopping may end sooner)"),
+    "best_epoch": (False, _COUNT, "the epoch whose weights were kept"),
+    **{f"n_{s}": (False, _COUNT, f"{s} images") for s in ("train", "val", "test")},
+    "threads": (False, _COUNT, "BLAS and torch threads it ran on"),
+    "history": (False, lambda v: v is None or (isinstance(v, list) and all(isinstance(h, dict) for h in v)),
+                "per epoch: epoch, phase, lr, train_loss, train_acc, val_loss, val_acc, seconds"),
+    "test_pred": (False, lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(p, int) and 0 <= p < NUM_CLASSES for p in v)), "finals only: predicted class per test image"),
+    "model_file": (False, lambda v: v is None or (isinstance(v, str) and not os.path.isabs(v) and ".." not in v),
+                   "finals only: its model, relative to the results folder"),
+    "model_files": (False, lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
+                    "finals only: every file of its model"),
+    "error": (False, _opt(str), "why it diverged"),
 }
-# Keys that may be missing or null, but when present must have this type and range.
-OPTIONAL: dict[str, Callable] = {
-    **{k: _fraction_or_none for k in ("train_acc", "test_acc", "test_macro_f1")},
-    **{k: _num_or_none for k in ("train_loss", "val_loss", "test_loss")},  # a diverged run's may be huge
-    **{k: _nonneg_or_none for k in ("seconds", "sec_per_epoch", "n_params", "macs", "epochs_run", "best_epoch",
-                                    "n_train", "n_val", "n_test", "threads")},
-    "final": lambda v: v is None or isinstance(v, bool),
-    "plan": lambda v: v is None or v in ("full", "quick"),
-    "budget": lambda v: v is None or isinstance(v, dict),
-    "history": lambda v: v is None or (isinstance(v, list) and all(isinstance(h, dict) for h in v)),
-    "test_pred": lambda v: v is None or (isinstance(v, list) and all(_is_int(p) and 0 <= p < NUM_CLASSES
-                                                                     for p in v)),
-    "model_file": lambda v: v is None or (isinstance(v, str) and not os.path.isabs(v) and ".." not in v),
-    "model_files": lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
-    "error": lambda v: v is None or isinstance(v, str),
-}
+# Also written, not checked: device, finished_at, layer_stats, test_true, test_prob_max, per_class, confusion.
 
 
 def record_problem(rec) -> str | None:
     """Why `rec` is not a usable run record (one phrase), or None if it is."""
     if not isinstance(rec, dict):
         return f"a JSON {type(rec).__name__}, not an object"
-    missing = [k for k in REQUIRED if k not in rec]
+    missing = [k for k, (required, _, _) in RECORD.items() if required and k not in rec]
     if missing:
         return "missing " + ", ".join(missing)
-    bad = [k for k, ok in REQUIRED.items() if not ok(rec[k])] + \
-          [k for k, ok in OPTIONAL.items() if k in rec and not ok(rec[k])]
+    bad = [k for k, (_, ok, _) in RECORD.items() if k in rec and not ok(rec[k])]
     if bad:
         return "wrong type or value of " + ", ".join(bad)
     if rec["val_acc"] is None and not rec["diverged"]:
@@ -260,18 +195,25 @@ def record_problem(rec) -> str | None:
     return None
 
 
-def _unique_path(path: Path, suffix: str) -> Path:
-    cand = path.with_name(path.name + suffix)
-    i = 1
-    while cand.exists():
-        cand = path.with_name(f"{path.name}.{i}{suffix}")
-        i += 1
-    return cand
+def read_record(path: Path) -> tuple[dict | None, str | None]:
+    """(record, None), or (None, why it is damaged). An unreadable file (permissions) raises OSError."""
+    try:
+        rec = loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return None, "not text"
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        return None, f"not valid JSON ({e})"
+    problem = record_problem(rec)
+    if problem is None and rec["key"] != path.stem:  # a copy under another name: not the run it names
+        problem = f"it holds run {rec['key']}, not {path.stem}"
+    return (None, problem) if problem else (rec, None)
 
 
 def set_aside(path: Path) -> Path | None:
     """Rename a damaged file to `<name>.bad` (`<name>.1.bad`, ... if taken); None if it cannot be."""
-    dest = _unique_path(path, ".bad")
+    dest, i = path.with_name(path.name + ".bad"), 1
+    while dest.exists():
+        dest, i = path.with_name(f"{path.name}.{i}.bad"), i + 1
     try:
         os.replace(path, dest)
     except OSError:
@@ -279,8 +221,19 @@ def set_aside(path: Path) -> Path | None:
     return dest
 
 
+def _remove_stale_temporaries(folder: Path, log: Callable) -> None:
+    """Temporary files left by a killed writer (`*.tmp*`, any depth), older than STALE_TMP_SECONDS."""
+    now = time.time()
+    for p in folder.rglob(f"*{cli.TMP_SUFFIX}*") if folder.is_dir() else ():
+        try:
+            if now - p.lstat().st_mtime >= STALE_TMP_SECONDS:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except OSError as e:
+            log(f"warning: could not remove the leftover temporary file {p}: {e.strerror}")
+
+
 class Registry:
-    """The finished runs of a results folder (`runs/<key>.json`), keyed by run key.
+    """The finished runs of a results folder (`runs/<key>.json`), keyed by run key: the study's view.
 
     `key in registry` is True only for a valid record, and for a final run only while its model file
     exists: a damaged record is set aside (renamed `.bad`, one warning) and a final run without its model
@@ -292,56 +245,40 @@ class Registry:
         self.dir = self.results_dir / "runs"
         self.log = log
         self.records: dict[str, dict] = {}
-        self.set_aside: list[str] = []        # file names renamed to .bad, ever, by this registry
+        self.set_aside: list[str] = []            # file names renamed to .bad by this registry
         self.missing_models: dict[str, str] = {}  # key -> model file not found (the run is redone)
         self.reload()
 
     def model_present(self, rec: dict) -> bool:
         """Every model file of a final run exists (model_files when recorded, else model_file)."""
-        if rec.get("role") != "final" or rec.get("diverged"):
+        if rec["role"] != "final" or rec["diverged"]:
             return True
-        paths = rec.get("model_files") or [rec["model_file"]]
-        for rel in paths:
-            p = self.results_dir / rel
-            if not p.exists() or (p.is_dir() and not any(p.iterdir())):
-                return False
-        return True
+        paths = [self.results_dir / rel for rel in rec.get("model_files") or [rec["model_file"]]]
+        return all(p.exists() and not (p.is_dir() and not any(p.iterdir())) for p in paths)
 
     def reload(self) -> None:
         self.records = {}
         _remove_stale_temporaries(self.dir, self.log)
         _remove_stale_temporaries(self.results_dir / "models", self.log)
-        if not self.dir.is_dir():
-            return
-        for p in sorted(self.dir.glob("*.json")):
+        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else ():
             try:
-                rec = loads(p.read_text(encoding="utf-8"))
-                problem = record_problem(rec)
-            except UnicodeDecodeError:
-                problem = "not text"
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                problem = f"not valid JSON ({e})"
+                rec, problem = read_record(p)
             except OSError as e:
                 self.log(f"warning: cannot read run record {p}: {e.strerror}; its run counts as not done")
                 continue
-            if problem is None and rec["key"] != p.stem:  # a copy under another name: not the run it names
-                problem = f"it holds run {rec['key']}, not {p.stem}"
             if problem is not None:
                 dest = set_aside(p)
                 where = f"set aside as {dest.name}" if dest else "could not be renamed"
                 self.log(f"warning: damaged run record {p} ({problem}): {where}; the run will be redone")
                 self.set_aside.append(p.name)
-                continue
-            key = rec["key"]
-            if not self.model_present(rec):
-                if key not in self.missing_models:
-                    self.log(f"warning: the model of final run {key} ({rec.get('model_file')}) is missing; "
-                             f"the run will be redone")
-                self.missing_models[key] = rec.get("model_file") or ""
-                continue
-            self.missing_models.pop(key, None)
-            rec["final"] = rec["role"] == "final"
-            self.records[key] = rec
+            elif not self.model_present(rec):
+                if rec["key"] not in self.missing_models:
+                    self.log(f"warning: the model of final run {rec['key']} ({rec.get('model_file')}) is "
+                             f"missing; the run will be redone")
+                self.missing_models[rec["key"]] = rec.get("model_file") or ""
+            else:
+                self.missing_models.pop(rec["key"], None)
+                self.records[rec["key"]] = {**rec, "final": rec["role"] == "final"}
 
     def __contains__(self, key) -> bool:
         return key in self.records
@@ -349,34 +286,44 @@ class Registry:
     def __len__(self) -> int:
         return len(self.records)
 
-    def get(self, key, default=None):
-        return self.records.get(key, default)
-
     def add(self, record: dict, model_files: dict[str, bytes] | None = None) -> dict:
         """Save one finished run: each model file first (paths relative to the results folder, e.g.
         "models/runs/<key>.npz"), then the record, all atomically, so a crash never leaves a record
         without its model. NaN becomes null. Returns the record as saved. A record that breaks the
         schema is a bug of the caller: ValueError, nothing written."""
-        rec = _to_json_value(dict(record))
-        if isinstance(rec.get("role"), str):
-            rec["final"] = rec["role"] == "final"
+        rec = clean(dict(record))
+        rec["final"] = rec.get("role") == "final"
         if model_files:
             rec["model_files"] = sorted(model_files)
         problem = record_problem(rec)
         if problem is not None:
-            raise ValueError(f"run record {rec.get('key') if isinstance(rec, dict) else rec!r}: {problem}")
+            raise ValueError(f"run record {rec.get('key')!r}: {problem}")
         for rel, data in (model_files or {}).items():
             if os.path.isabs(rel) or ".." in Path(rel).parts:
                 raise ValueError(f"model file {rel!r} must be relative to the results folder")
-            atomic_write(self.results_dir / rel, data)
+            cli.atomic_write(self.results_dir / rel, data)
         write_json(self.dir / f"{rec['key']}.json", rec)
         self.records[rec["key"]] = rec
         self.missing_models.pop(rec["key"], None)
         return rec
 
 
-# ------------------------------------------------------------------------------------------ statistics
+def load_runs(results_dir, log: Callable = print) -> tuple[list[dict], dict]:
+    """The one reader of saved results for plots and the report: (the runs as members of their comparisons
+    (study_records), the manifest (load_manifest)). Read only: a damaged record is skipped with a warning,
+    never renamed; the stage decisions are manifest["stages"][study] (winner, leader, gap, noise)."""
+    records = {}
+    for p in sorted((Path(results_dir) / "runs").glob("*.json")):
+        rec, problem = read_record(p)
+        if problem:
+            log(f"warning: damaged run record {p} ({problem}): skipped")
+        else:
+            records[rec["key"]] = {**rec, "final": rec["role"] == "final"}
+    manifest = load_manifest(results_dir, log)
+    return study_records(records, manifest), manifest
 
+
+# ------------------------------------------------------------------------------------------ statistics
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n (95% for z = 1.96); (0, 1) when n = 0. Unlike the
     normal approximation it stays inside [0, 1] and is sensible near 0 and 1."""
@@ -398,8 +345,7 @@ def mcnemar(pred_a, pred_b, y) -> dict:
     if not (len(pred_a) == len(pred_b) == len(y)):
         raise ValueError(f"mcnemar needs predictions of the same images: {len(pred_a)}, {len(pred_b)}, {len(y)}")
     right_a, right_b = pred_a == y, pred_b == y
-    n01 = int(np.sum(~right_a & right_b))
-    n10 = int(np.sum(right_a & ~right_b))
+    n01, n10 = int(np.sum(~right_a & right_b)), int(np.sum(right_a & ~right_b))
     n = n01 + n10
     if n == 0:
         p = 1.0
@@ -407,28 +353,12 @@ def mcnemar(pred_a, pred_b, y) -> dict:
         tail = sum(math.comb(n, i) for i in range(min(n01, n10) + 1))  # exact, integers
         p = min(1.0, 2 * tail / 2 ** n)
     else:
-        x = max(abs(n01 - n10) - 1, 0) ** 2 / n
-        p = math.erfc(math.sqrt(x / 2))
+        p = math.erfc(math.sqrt(max(abs(n01 - n10) - 1, 0) ** 2 / n / 2))
     return {"n01": n01, "n10": n10, "p_value": float(p)}
 
 
-NOISE_Z = 2.0  # a gap is "more than the noise" when it exceeds 2 standard errors of the difference
-
-
-def pooled_sd(groups) -> float | None:
-    """Seed-to-seed std of validation accuracy pooled over (n, std) groups; groups of one seed (std None)
-    add nothing. None when no group has two seeds."""
-    groups = [(n, sd) for n, sd in groups if n > 1 and sd is not None]
-    dof = sum(n - 1 for n, _ in groups)
-    return math.sqrt(sum((n - 1) * sd ** 2 for n, sd in groups) / dof) if dof else None
-
-
-def noise_margin(sd: float | None, n_a: int, n_b: int) -> float | None:
-    """NOISE_Z standard errors of the difference between two means of n_a and n_b seeds."""
-    return None if sd is None else NOISE_Z * sd * math.sqrt(1 / n_a + 1 / n_b)
-
-
-def _mean(vals) -> float | None:
+def mean(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
@@ -446,16 +376,13 @@ def study_table(records: list[dict], study: str, levels: list[str] | None = None
         if r["study"] == study:
             groups.setdefault(r["variant"], []).append(r)
     out = []
-    for variant, recs in groups.items():
-        if not recs:
-            continue
-        ok = [r for r in recs if not r["diverged"]]
+    for variant, recs in ((v, rs) for v, rs in groups.items() if rs):
         row = {"variant": variant, "n": len(recs)}
         for m in ("val_acc", "train_acc"):
-            vals = [r[m] for r in ok if r.get(m) is not None]
-            row[m], row[m + "_std"] = _mean(vals), sample_std(vals)
+            vals = [r[m] for r in recs if not r["diverged"] and r.get(m) is not None]
+            row[m], row[m + "_std"] = mean(vals), sample_std(vals)
         for m in ("n_params", "macs", "seconds", "sec_per_epoch"):
-            row[m] = _mean([r[m] for r in recs if r.get(m) is not None])
+            row[m] = mean([r.get(m) for r in recs])
         for m in ("n_params", "macs"):
             row[m] = None if row[m] is None else int(round(row[m]))
         row["diverged"] = sum(bool(r["diverged"]) for r in recs)
@@ -463,10 +390,8 @@ def study_table(records: list[dict], study: str, levels: list[str] | None = None
     return out
 
 
-def classification_report(y_true, y_pred, class_names=None) -> dict:
+def classification_report(y_true, y_pred, class_names=CLASS_NAMES) -> dict:
     """Confusion matrix (rows = true class), per-class precision / recall / f1 and macro-F1."""
-    if class_names is None:
-        from preprocessing import CLASS_NAMES as class_names
     k = len(class_names)
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
@@ -482,23 +407,16 @@ def classification_report(y_true, y_pred, class_names=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ manifest
-
-def read_json(path, log: Callable = print, what: str | None = None):
-    """Strict JSON of a file, or None with one warning if it is there but unreadable (never a traceback)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        return loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        log(f"warning: {path} is not readable JSON ({str(e).splitlines()[0]}): "
-            f"{what or 'ignored'}")
-        return None
+def _good_row(r) -> bool:
+    return isinstance(r, dict) and _str(r.get("key")) and r.get("model") in MODELS and isinstance(
+        r.get("study"), str) and isinstance(r.get("variant"), str) and isinstance(r.get("seed"), int) \
+        and r.get("role") in (None, *ROLES)
 
 
-_MANIFEST_ROW = {"key": lambda v: isinstance(v, str) and v != "", "model": lambda v: v in MODELS,
-                 "study": lambda v: isinstance(v, str), "variant": lambda v: isinstance(v, str),
-                 "seed": _is_int, "role": lambda v: v is None or v in ROLES}
+def _good_final(f) -> bool:
+    return isinstance(f, dict) and isinstance(f.get("chain"), str) and isinstance(f.get("default"), (str, type(None))) \
+        and f.get("kept", "chain") in ("chain", "default") and isinstance(f.get("seeds", []), list) \
+        and all(isinstance(k, str) for k in f.get("seeds", []))
 
 
 def load_manifest(results_dir, log: Callable = print) -> dict:
@@ -506,42 +424,24 @@ def load_manifest(results_dir, log: Callable = print) -> dict:
     stage, a final), is left out with one warning. Always has "runs", "stages", "finals"."""
     path = Path(results_dir) / "manifest.json"
     raw = read_json(path, log, "ignored: tables and summary from the run records alone")
-    if raw is None:
-        raw = {}
-    problems = []
-    if not isinstance(raw, dict):
-        problems.append(f"a JSON {type(raw).__name__}, not an object")
-        raw = {}
+    problems = [] if isinstance(raw, dict) or raw is None else [f"a JSON {type(raw).__name__}, not an object"]
+    raw = raw if isinstance(raw, dict) else {}
     out = {k: v for k, v in raw.items() if k not in ("runs", "stages", "finals")}
-    runs = raw.get("runs", [])
-    if not isinstance(runs, list):
-        problems.append("runs is not a list")
-        runs = []
-    good = [r for r in runs if isinstance(r, dict)
-            and all(ok(r.get(k)) for k, ok in _MANIFEST_ROW.items() if k != "role" or k in r)]
-    if len(good) < len(runs):
-        problems.append(f"{len(runs) - len(good)} damaged run rows")
-    out["runs"] = good
-    stages = raw.get("stages", {})
-    if not isinstance(stages, dict):
-        problems.append("stages is not an object")
-        stages = {}
-    out["stages"] = {s: st for s, st in stages.items() if isinstance(st, dict)
-                     and (not isinstance(st.get("levels"), list) or all(isinstance(v, str) for v in st["levels"]))}
-    if len(out["stages"]) < len(stages):
-        problems.append("damaged stages: " + ", ".join(sorted(set(stages) - set(out["stages"]))))
-    finals = raw.get("finals", {})
-    if not isinstance(finals, dict):
-        problems.append("finals is not an object")
-        finals = {}
-    out["finals"] = {m: f for m, f in finals.items() if m in MODELS and isinstance(f, dict)
-                     and isinstance(f.get("chain"), str)
-                     and (f.get("default") is None or isinstance(f["default"], str))
-                     and f.get("kept", "chain") in ("chain", "default")
-                     and isinstance(f.get("seeds", []), list)
-                     and all(isinstance(k, str) for k in f.get("seeds", []))}
-    if len(out["finals"]) < len(finals):
-        problems.append("damaged finals: " + ", ".join(sorted(map(str, set(finals) - set(out["finals"])))))
+    for part, kind, good in (("runs", list, _good_row), ("stages", dict, None), ("finals", dict, _good_final)):
+        got = raw.get(part, kind())
+        if not isinstance(got, kind):
+            problems.append(f"{part} is not a{' list' if kind is list else 'n object'}")
+            got = kind()
+        if part == "runs":
+            out["runs"] = [r for r in got if good(r)]
+            if len(out["runs"]) < len(got):
+                problems.append(f"{len(got) - len(out['runs'])} damaged run rows")
+            continue
+        ok = (lambda k, v: isinstance(v, dict) and (not isinstance(v.get("levels"), list) or all(
+            isinstance(x, str) for x in v["levels"]))) if part == "stages" else (lambda k, v: k in MODELS and good(v))
+        out[part] = {k: v for k, v in got.items() if ok(k, v)}
+        if len(out[part]) < len(got):
+            problems.append(f"damaged {part}: " + ", ".join(sorted(map(str, set(got) - set(out[part])))))
     if problems:
         log(f"warning: {path}: " + "; ".join(problems) + ": those parts ignored")
     return out
@@ -553,20 +453,15 @@ def study_records(records: dict[str, dict], manifest: dict) -> list[dict]:
     (or every run, without a manifest) under their own labels."""
     out, listed = [], set()
     for row in manifest.get("runs", []):
-        rec = records.get(row["key"])
-        if rec is None:
-            continue
-        listed.add(row["key"])
-        out.append({**rec, "study": row["study"], "variant": row["variant"],
-                    "role": row.get("role") or rec["role"]})
-    out += [rec for key, rec in records.items() if key not in listed]
-    return out
+        if (rec := records.get(row["key"])) is not None:
+            listed.add(row["key"])
+            out.append({**rec, "study": row["study"], "variant": row["variant"], "role": row.get("role") or rec["role"]})
+    return out + [rec for key, rec in records.items() if key not in listed]
 
 
 # ------------------------------------------------------------------------------------------ finals
-
 def _candidates(records: dict[str, dict], manifest: dict, model: str) -> dict | None:
-    """{"kept": name, "runs": {name: seed-0 record}, "seeds": [records of the kept candidate], "default_key"}
+    """{"kept": name, "runs": {name: seed-0 record}, "seeds": [records of the kept candidate], ...}
     from manifest "finals"; without it, from the final records (grouped by config, best val kept)."""
     spec = manifest.get("finals", {}).get(model)
     if spec:
@@ -575,26 +470,22 @@ def _candidates(records: dict[str, dict], manifest: dict, model: str) -> dict | 
         kept = spec.get("kept", "chain")
         if kept not in runs:
             return None
-        seed_keys = [k for k in dict.fromkeys([runs[kept]["key"], *spec.get("seeds", [])])
-                     if k in records and not records[k]["diverged"]]
-        seeds = sorted((records[k] for k in seed_keys), key=lambda r: r["seed"])
+        keys = [k for k in dict.fromkeys([runs[kept]["key"], *spec.get("seeds", [])])
+                if k in records and not records[k]["diverged"]]
         same = spec.get("default") is None or spec.get("default") == spec["chain"] or kept == "default"
-        return {"kept": kept, "runs": runs, "seeds": seeds,
+        return {"kept": kept, "runs": runs, "seeds": sorted((records[k] for k in keys), key=lambda r: r["seed"]),
                 "matches_module_default": spec.get("matches_module_default", same)}
-    finals = [r for r in records.values() if r["model"] == model and r["role"] == "final"
-              and not r["diverged"]]
-    if not finals:
-        return None
     groups: dict[str, list[dict]] = {}
-    for r in finals:
-        groups.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r)
+    for r in records.values():
+        if r["model"] == model and r["role"] == "final" and not r["diverged"]:
+            groups.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r)
+    if not groups:
+        return None
     firsts = {cfg: min(rs, key=lambda r: r["seed"]) for cfg, rs in groups.items()}
-    best_cfg = max(firsts, key=lambda c: firsts[c]["val_acc"])
+    best = max(firsts, key=lambda c: firsts[c]["val_acc"])
     names = {c: firsts[c]["variant"] or f"candidate {i}" for i, c in enumerate(firsts)}
-    runs = {names[c]: firsts[c] for c in firsts}
-    kept = names[best_cfg]
-    return {"kept": kept, "runs": runs, "seeds": sorted(groups[best_cfg], key=lambda r: r["seed"]),
-            "matches_module_default": None}
+    return {"kept": names[best], "runs": {names[c]: firsts[c] for c in firsts},
+            "seeds": sorted(groups[best], key=lambda r: r["seed"]), "matches_module_default": None}
 
 
 def _test_labels(rec: dict, splits) -> np.ndarray | None:
@@ -602,16 +493,14 @@ def _test_labels(rec: dict, splits) -> np.ndarray | None:
     test split when the sizes agree."""
     if isinstance(rec.get("test_true"), list):
         return np.asarray(rec["test_true"])
-    if splits is not None and rec.get("test_pred") is not None \
-            and len(getattr(splits, "y_test", ())) == len(rec["test_pred"]):
+    if splits is not None and len(getattr(splits, "y_test", ())) == len(rec.get("test_pred") or [None]):
         return np.asarray(splits.y_test)
     return None
 
 
 def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, splits) -> dict | None:
     ya, yb = _test_labels(ra, splits), _test_labels(rb, splits)
-    if ya is None or yb is None or len(ya) != len(yb) or not np.array_equal(ya, yb) \
-            or len(ra["test_pred"]) != len(rb["test_pred"]):
+    if ya is None or yb is None or not np.array_equal(ya, yb) or len(ra["test_pred"]) != len(rb["test_pred"]):
         return None
     return {"a": a, "b": b, "a_key": ra["key"], "b_key": rb["key"],
             **mcnemar(ra["test_pred"], rb["test_pred"], ya), "acc_a": ra["test_acc"], "acc_b": rb["test_acc"]}
@@ -636,31 +525,21 @@ def _model_summary(c: dict) -> dict:
         "test_acc_wilson95": _wilson_of(rec),
         "seeds": [{"seed": r["seed"], "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
                    "test_acc_wilson95": _wilson_of(r)} for r in c["seeds"]],
-        "test_acc_mean": _mean(seed_accs), "test_acc_std": sample_std(seed_accs),
+        "test_acc_mean": mean(seed_accs), "test_acc_std": sample_std(seed_accs),
         "candidates": [{"name": name, "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
                         "test_acc_wilson95": _wilson_of(r), "config": r["config"]}
                        for name, r in c["runs"].items()],
     }
 
 
+# ------------------------------------------------------------------------------------------ summary.json
 def _versions() -> dict:
     from importlib import metadata
     v = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
     for name in ("torch", "pandas", "matplotlib"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             v[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return v
-
-
-def _grid_seeds(manifest: dict, recs: list[dict]) -> dict[str, list[int]]:
-    """The grid's seeds per track: the manifest's, else those of the saved grid runs."""
-    seeds = manifest.get("seeds")
-    if isinstance(seeds, dict) and all(isinstance(v, list) for v in seeds.values()):
-        return seeds
-    return {m: sorted({r["seed"] for r in recs if r["role"] == "grid" and r["model"] == m})
-            for m in ("mlp", "cnn") if any(r["role"] == "grid" and r["model"] == m for r in recs)}
 
 
 def _plan_of(records: list[dict], manifest: dict, log: Callable) -> str | None:
@@ -670,35 +549,42 @@ def _plan_of(records: list[dict], manifest: dict, log: Callable) -> str | None:
         return manifest.get("plan") if manifest.get("plan") in ("quick", "full") else None
     if len(set(plans)) == 1:
         return plans[0]
-    finals = [r.get("plan") for r in records if r["role"] == "final" and r.get("plan")]
-    pick = max(sorted(set(finals or plans)), key=(finals or plans).count)
+    finals = [r.get("plan") for r in records if r["role"] == "final" and r.get("plan")] or plans
+    pick = max(sorted(set(finals)), key=finals.count)
     log(f"warning: the runs mix plans ({plans.count('full')} full, {plans.count('quick')} quick): "
         f"the results are labelled {pick}")
     return pick
 
 
-def _budgets(records: list[dict]) -> dict:
-    """The training budget of each kind of run, e.g. {"mlp_grid": {"subset": 20000, "epochs": 10}}; a
-    list where runs of one kind differ."""
-    out: dict[str, list] = {}
-    for r in records:
-        b = r.get("budget")
-        if isinstance(b, dict):
-            seen = out.setdefault(f"{r['model']}_{r['role']}", [])
-            if b not in seen:
-                seen.append(b)
-    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, workers, log) -> dict:
+    budgets: dict[str, list] = {}  # the training budget of each kind of run; a list where runs differ
+    for r in recs:
+        if isinstance(r.get("budget"), dict) and r["budget"] not in budgets.setdefault(f"{r['model']}_{r['role']}", []):
+            budgets[f"{r['model']}_{r['role']}"].append(r["budget"])
+    seeds = manifest.get("seeds")
+    if not (isinstance(seeds, dict) and all(isinstance(v, list) for v in seeds.values())):
+        seeds = {m: sorted({r["seed"] for r in recs if r["role"] == "grid" and r["model"] == m})
+                 for m in MODELS if any(r["role"] == "grid" and r["model"] == m for r in recs)}
+    prev = previous.get("study") if isinstance(previous, dict) else None
+    prev = prev if isinstance(prev, dict) else {}
+    finished = [r["finished_at"] for r in recs if isinstance(r.get("finished_at"), str)]
+    return {
+        "plan": _plan_of(recs, manifest, log), "seeds": seeds,
+        "grid_budget": {k: v[0] if len(v) == 1 else v for k, v in budgets.items()},
+        "n_runs": len(recs), "n_diverged": sum(bool(r["diverged"]) for r in recs),
+        "seconds": float(sum(r.get("seconds") or 0.0 for r in recs)),
+        "wall_seconds": wall_seconds if wall_seconds is not None else prev.get("wall_seconds"),
+        "workers": workers if workers is not None else prev.get("workers"),
+        "finished_at": max(finished) if finished else None, "versions": _versions()}
 
 
 def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manifest: dict, splits=None, *,
                   wall_seconds=None, workers=None, log: Callable = print) -> dict:
-    """summary.json (schema: the team contract) from the records and the manifest; returns it."""
+    """summary.json from the records and the manifest (each stage: its manifest entry, decision included,
+    with its table of levels); returns it."""
     results_dir = Path(results_dir)
-    summary: dict = {}
     cands = {m: _candidates(records, manifest, m) for m in MODELS}
-    for m, c in cands.items():
-        if c is not None:
-            summary[m] = _model_summary(c)
+    summary: dict = {m: _model_summary(c) for m, c in cands.items() if c is not None}
     tests = []
     if cands["mlp"] and cands["cnn"]:
         tests.append(("MLP", "CNN", cands["mlp"]["runs"][cands["mlp"]["kept"]],
@@ -706,13 +592,13 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
     for m, c in cands.items():
         if c and {"chain", "default"} <= set(c["runs"]) and c["runs"]["chain"]["key"] != c["runs"]["default"]["key"]:
             tests.append((f"{m.upper()} chain", f"{m.upper()} default", c["runs"]["chain"], c["runs"]["default"]))
-    summary["mcnemar"] = []
     if tests and splits is None and not all(isinstance(r.get("test_true"), list) for t in tests for r in t[2:]):
-        try:  # the test labels, to pair the predictions; the figures that need images get them too
+        try:  # the test labels, to pair the predictions
             import preprocessing
             splits = preprocessing.load_splits(download=False)
         except Exception as e:  # noqa: BLE001 - no data here: the McNemar tests are skipped below
             log(f"warning: no data ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    summary["mcnemar"] = []
     for a, b, ra, rb in tests:
         row = _mcnemar_row(a, b, ra, rb, splits)
         if row is None:
@@ -720,52 +606,25 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
                 f"(pass the data splits)")
         else:
             summary["mcnemar"].append(row)
-    summary["stages"] = {}
-    for study, st in manifest.get("stages", {}).items():
-        levels = st.get("levels") if isinstance(st.get("levels"), list) else None
-        summary["stages"][study] = {**st, "table": study_table(rows, study, levels)}
-    if not manifest.get("stages"):  # no (readable) manifest: every grid study, levels in run order
+    stages = manifest.get("stages", {})
+    summary["stages"] = {study: {**st, "table": study_table(rows, study, st.get("levels"))}
+                         for study, st in stages.items()}
+    if not stages:  # no (readable) manifest: every grid study, levels in run order
         for r in rows:
             if r["role"] == "grid" and r["study"] not in summary["stages"]:
                 summary["stages"][r["study"]] = {"model": r["model"], "table": study_table(rows, r["study"])}
-    abl = manifest.get("stages", {}).get("cnn_ablation", {})
-    summary["ablation"] = study_table(rows, "cnn_ablation", abl.get("levels") if isinstance(abl.get("levels"), list) else None)
-    recs = list(records.values())
+    summary["ablation"] = study_table(rows, "cnn_ablation", stages.get("cnn_ablation", {}).get("levels"))
     previous = read_json(results_dir / "summary.json", log, "its wall_seconds and workers are not kept")
-    prev_study = previous.get("study", {}) if isinstance(previous, dict) else {}
-    prev_study = prev_study if isinstance(prev_study, dict) else {}
-    finished = [r["finished_at"] for r in recs if isinstance(r.get("finished_at"), str)]
-    summary["study"] = {
-        "plan": _plan_of(recs, manifest, log),
-        "seeds": _grid_seeds(manifest, recs),
-        "grid_budget": _budgets(recs),
-        "n_runs": len(recs), "n_diverged": sum(bool(r["diverged"]) for r in recs),
-        "seconds": float(sum(r.get("seconds") or 0.0 for r in recs)),
-        "wall_seconds": wall_seconds if wall_seconds is not None else prev_study.get("wall_seconds"),
-        "workers": workers if workers is not None else prev_study.get("workers"),
-        "finished_at": max(finished) if finished else None,
-        "versions": _versions(),
-    }
+    summary["study"] = _study_facts(list(records.values()), manifest, previous, wall_seconds, workers, log)
     write_json(results_dir / "summary.json", summary)
     return summary
 
 
 # ------------------------------------------------------------------------------------------ tables
-
-def _cell(v):
-    if v is None:
-        return ""
-    if isinstance(v, (list, tuple)):
-        return " ".join(map(str, v)) if v else "none"
-    if isinstance(v, dict):
-        return json.dumps(v, sort_keys=True)
-    return v
-
-
 RUN_COLUMNS_HEAD = ["study", "variant", "seed", "role", "plan"]
 RUN_COLUMNS_TAIL = ["budget_subset", "budget_epochs", "n_train", "n_val", "epochs_run", "best_epoch", "train_loss",
                     "train_acc", "val_loss", "val_acc", "seconds", "sec_per_epoch", "threads", "device",
-                    "n_params", "macs", "diverged", "key", "error"]  # never a test column (contract)
+                    "n_params", "macs", "diverged", "key", "error"]  # never a test column: grid runs see no test set
 FINALS_COLUMNS = ["model", "study", "variant", "seed", "candidate", "kept", "key", "plan", "val_acc",
                   "train_acc", "test_loss", "test_acc", "test_macro_f1", "test_acc_wilson_lo",
                   "test_acc_wilson_hi", "n_test", "seconds", "epochs_run", "n_params", "macs", "diverged"]
@@ -773,152 +632,90 @@ CURVE_COLUMNS = ["key", "study", "variant", "seed", "role", "epoch", "phase", "l
                  "val_loss", "val_acc", "seconds"]
 
 
-def _csv_text(columns: list[str], rows: list[dict]) -> str:
-    import csv
-    import io
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return " ".join(map(str, v)) if v else "none"
+    return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
-    for row in rows:
-        w.writerow([_cell(row.get(c)) for c in columns])
-    return buf.getvalue()
+    w.writerows([_cell(row.get(c)) for c in columns] for row in rows)
+    cli.atomic_write(path, buf.getvalue())
 
 
-def write_tables(results_dir, rows: list[dict], records: dict[str, dict] | None = None,
-                 manifest: dict | None = None) -> list[Path]:
+def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manifest: dict) -> None:
     """mlp_runs.csv, cnn_runs.csv (every run, no test columns), finals.csv (final runs with their test
-    accuracy and its Wilson interval), curves.csv (per-epoch history). Returns the paths written."""
+    accuracy and its Wilson interval), curves.csv (per-epoch history)."""
     results_dir = Path(results_dir)
-    written = []
+    fixed = RUN_COLUMNS_HEAD + RUN_COLUMNS_TAIL
     for model in MODELS:
         recs = [r for r in rows if r["model"] == model]
-        cfg_cols: list[str] = []
-        for r in recs:
-            cfg_cols += [k for k in r["config"] if k not in cfg_cols and k not in ("seed", "device")
-                         and k not in RUN_COLUMNS_HEAD + RUN_COLUMNS_TAIL]
-        table = [{**{k: r["config"].get(k) for k in cfg_cols},
-                  **{k: r.get(k) for k in RUN_COLUMNS_HEAD + RUN_COLUMNS_TAIL},
-                  **{f"budget_{k}": v for k, v in (r.get("budget") or {}).items()}}
-                 for r in recs]
-        path = results_dir / f"{model}_runs.csv"
-        atomic_write(path, _csv_text(RUN_COLUMNS_HEAD + cfg_cols + RUN_COLUMNS_TAIL, table))
-        written.append(path)
-    records = records if records is not None else {r["key"]: r for r in rows}
+        cfg_cols = list(dict.fromkeys(k for r in recs for k in r["config"] if k not in ("seed", "device", *fixed)))
+        _write_csv(results_dir / f"{model}_runs.csv", RUN_COLUMNS_HEAD + cfg_cols + RUN_COLUMNS_TAIL,
+                   [{**{k: r["config"].get(k) for k in cfg_cols}, **{k: r.get(k) for k in fixed},
+                     **{f"budget_{k}": v for k, v in (r.get("budget") or {}).items()}} for r in recs])
     names, kept = {}, set()
     for m in MODELS:
-        c = _candidates(records, manifest or {}, m)
-        if c:
+        if c := _candidates(records, manifest, m):
             names.update({r["key"]: n for n, r in c["runs"].items()})
             kept.update(r["key"] for r in c["seeds"])
-            spec = (manifest or {}).get("finals", {}).get(m, {})
-            for k in spec.get("seeds", []):  # seed runs belong to the kept candidate
+            for k in manifest.get("finals", {}).get(m, {}).get("seeds", []):  # seed runs: the kept candidate's
                 names.setdefault(k, c["kept"])
-    finals = []
-    for r in sorted((r for r in records.values() if r["role"] == "final"),
-                    key=lambda r: (MODELS.index(r["model"]), r["variant"], r["seed"])):
-        lo_hi = _wilson_of(r) or [None, None]
-        finals.append({**r, "candidate": names.get(r["key"]), "kept": r["key"] in kept,
-                       "test_acc_wilson_lo": lo_hi[0], "test_acc_wilson_hi": lo_hi[1]})
-    path = results_dir / "finals.csv"
-    atomic_write(path, _csv_text(FINALS_COLUMNS, finals))
-    written.append(path)
-    curves = [{**h, "key": r["key"], "study": r["study"], "variant": r["variant"], "seed": r["seed"],
-               "role": r["role"]} for r in rows for h in r.get("history") or []]
-    path = results_dir / "curves.csv"
-    atomic_write(path, _csv_text(CURVE_COLUMNS, curves))
-    written.append(path)
-    return written
+    finals = sorted((r for r in records.values() if r["role"] == "final"),
+                    key=lambda r: (MODELS.index(r["model"]), r["variant"], r["seed"]))
+    _write_csv(results_dir / "finals.csv", FINALS_COLUMNS,
+               [{**r, "candidate": names.get(r["key"]), "kept": r["key"] in kept,
+                 **dict(zip(("test_acc_wilson_lo", "test_acc_wilson_hi"), _wilson_of(r) or [None, None]))}
+                for r in finals])
+    _write_csv(results_dir / "curves.csv", CURVE_COLUMNS,
+               [{**h, "key": r["key"], "study": r["study"], "variant": r["variant"], "seed": r["seed"],
+                 "role": r["role"]} for r in rows for h in r.get("history") or []])
 
 
-# ------------------------------------------------------------------------------------------ best models
-
-def _copy_dir_atomic(src: Path, dest: Path) -> None:
-    """Copy directory `src` over `dest`: into a unique temporary folder beside dest, then renamed in; the
-    old dest is moved away first and removed after, or restored if the rename fails."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=TMP_SUFFIX, dir=dest.parent))
-    old = None
-    try:
-        for f in sorted(src.rglob("*")):
-            if f.is_file():
-                atomic_write(tmp / f.relative_to(src), f.read_bytes())
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", suffix=TMP_SUFFIX, dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / dest.name).exists() and not dest.exists():
-            os.replace(old / dest.name, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def copy_best_models(results_dir, records: dict[str, dict], manifest: dict, log: Callable = print) -> list[Path]:
+def copy_best_models(results_dir, records: dict[str, dict], manifest: dict, log: Callable = print) -> None:
     """models/mlp_best.npz and models/cnn_best/: copies of the kept final models (seed 0), atomically."""
     results_dir = Path(results_dir)
-    written = []
     for model, dest in (("mlp", results_dir / "models" / "mlp_best.npz"),
                         ("cnn", results_dir / "models" / "cnn_best")):
-        c = _candidates(records, manifest, model)
-        if c is None:
+        if (c := _candidates(records, manifest, model)) is None:
             continue
-        rec = c["runs"][c["kept"]]
-        src = results_dir / rec["model_file"]
+        src = results_dir / c["runs"][c["kept"]]["model_file"]
         if not src.exists():
             log(f"warning: the {model.upper()} model {src} is missing: {dest.name} not updated")
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            _copy_dir_atomic(src, dest)
+        elif src.is_dir():
+            cli.atomic_folder(dest, {str(f.relative_to(src)): f.read_bytes()
+                                     for f in sorted(src.rglob("*")) if f.is_file()})
         else:
-            atomic_write(dest, src.read_bytes())
-        written.append(dest)
-    return written
+            cli.atomic_write(dest, src.read_bytes())
 
 
 # ------------------------------------------------------------------------------------------ all outputs
-
-def rebuild_outputs(results_dir, splits=None, *, plots: bool = True, log: Callable = print,
-                    wall_seconds: float | None = None, workers: int | None = None) -> dict:
-    """Every output from the saved runs and manifest.json, no training: the CSVs, summary.json,
-    models/*_best and (if `plots` and plots.py is there) the figures. Damaged records, manifest or
-    summary are skipped with a warning; one line names what was skipped. Returns the summary."""
+def rebuild_outputs(results_dir, splits=None, *, log: Callable = print, wall_seconds: float | None = None,
+                    workers=None) -> tuple[list[dict], dict, dict]:
+    """Every output but the figures from the saved runs and manifest.json, no training: the CSVs,
+    summary.json, models/*_best. Refused (StudyError, nothing written) while any run the manifest lists is
+    not usable (deleted, damaged, its model gone): statistics over part of the seeds would pass for the
+    study's. Returns (rows, manifest, summary): what plots.make_figures draws from."""
     results_dir = Path(results_dir)
     registry = Registry(results_dir, log=log)
     manifest = load_manifest(results_dir, log)
-    if manifest.get("runs") and not registry.records:  # e.g. runs/ lost: rebuilding would empty every output
-        raise StudyError(f"{registry.dir} holds none of the {len(manifest['runs'])} runs that manifest.json "
-                         f"lists: nothing to rebuild from, so the tables, summary and figures are left as they are")
+    missing = sorted({r["key"] for r in manifest["runs"]} - set(registry.records))
+    if missing:
+        raise StudyError(f"{len(missing)} of the {len({r['key'] for r in manifest['runs']})} runs that "
+                         f"manifest.json lists are missing or damaged in {registry.dir} (e.g. {missing[0]}): run "
+                         f"the study (python run_experiments.py) to retrain them; the tables, summary and "
+                         f"figures are left as they are")
+    if registry.set_aside or registry.missing_models:
+        log(f"skipped: {len(registry.set_aside) + len(registry.missing_models)} unusable runs the manifest does "
+            f"not list ({', '.join([*registry.set_aside, *sorted(registry.missing_models)][:5])})")
     rows = study_records(registry.records, manifest)
     write_tables(results_dir, rows, registry.records, manifest)
     copy_best_models(results_dir, registry.records, manifest, log)
     summary = write_summary(results_dir, rows, registry.records, manifest, splits,
                             wall_seconds=wall_seconds, workers=workers, log=log)
-    def some(names: list[str], n: int = 5) -> str:
-        return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-    skipped = []
-    if registry.set_aside:
-        skipped.append(f"{len(registry.set_aside)} damaged run records ({some(registry.set_aside)})")
-    if registry.missing_models:
-        skipped.append(f"{len(registry.missing_models)} final runs without their model "
-                       f"({some(sorted(registry.missing_models))})")
-    missing = ({r["key"] for r in manifest["runs"]} - set(registry.records) - set(registry.missing_models)
-               - {name.split(".")[0] for name in registry.set_aside})
-    if missing:
-        skipped.append(f"{len(missing)} runs of the manifest not done")
-    if skipped:
-        log("skipped: " + "; ".join(skipped))
-    if plots:
-        try:
-            import plots as plots_module  # lazily: matplotlib is slow to import
-        except ModuleNotFoundError as e:
-            if e.name != "plots":
-                raise
-            log("plots.py not found: no figures")
-        else:
-            plots_module.make_figures(results_dir, rows, manifest, summary, splits)
-    return summary
+    return rows, manifest, summary

@@ -27,8 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import cnn_torch  # noqa: E402
 from cnn_torch import CNNConfig  # noqa: E402
+from preprocessing import IMAGE_SIDE, NUM_CLASSES  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 FULL_EPOCH = 54_000
@@ -39,16 +41,26 @@ VARIANT_FILTERS = ((None, None), ("constant", 32), ("double", 8))
 def make_data(n: int, seed: int = 0) -> dict:
     """Random images and labels: speed does not depend on the pixel values."""
     g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return {"X": torch.rand(n, 1, 28, 28, generator=g), "y": y.numpy(), "y_device": y,
-            "X_val": torch.rand(16, 1, 28, 28, generator=g), "y_val": np.zeros(16, dtype=np.int64)}
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return {"X": torch.rand(n, 1, IMAGE_SIDE, IMAGE_SIDE, generator=g), "y": y.numpy(), "y_device": y,
+            "X_val": torch.rand(16, 1, IMAGE_SIDE, IMAGE_SIDE, generator=g), "y_val": np.zeros(16, dtype=np.int64)}
+
+
+def backbone_of(config: CNNConfig) -> cnn_torch.CNNBackbone:
+    backbone = cnn_torch.build_backbone(config)
+    return backbone.to(memory_format=torch.channels_last) if config.channels_last else backbone
+
+
+def batches_of(config: CNNConfig, data: dict) -> list:
+    """The training images in consecutive batches, in the config's memory format."""
+    X, y, b = data["X"], data["y_device"], config.batch_size
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    return [(X[i:i + b].contiguous(memory_format=fmt), y[i:i + b]) for i in range(0, len(X), b)]
 
 
 def loop_epoch_seconds(config: CNNConfig, data: dict) -> float:
     """One epoch of the real training loop; returns its training-pass seconds (validation excluded)."""
-    backbone = cnn_torch.build_backbone(config)
-    if config.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = backbone_of(config)
     head = cnn_torch.ScratchHead(cnn_torch.build_head(config, backbone.feature_dim), config)
     fit = cnn_torch.fit(replace(config, epochs=1), backbone, head, data, torch.device("cpu"),
                         progress=False, log=lambda line: None, phase="joint")
@@ -58,15 +70,10 @@ def loop_epoch_seconds(config: CNNConfig, data: dict) -> float:
 def bare_epoch_seconds(config: CNNConfig, data: dict) -> float:
     """The same model's forward / loss / backward / step alone (cnn_torch.train_step with the numpy head),
     over pre-sliced batches of the same size: no shuffling, indexing, augmentation, schedule or metrics."""
-    backbone = cnn_torch.build_backbone(config)
-    if config.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = backbone_of(config)
     head = cnn_torch.ScratchHead(cnn_torch.build_head(config, backbone.feature_dim), config)
     opt = cnn_torch.make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
-    X, y = data["X"], data["y_device"]
-    batches = [(X[i:i + config.batch_size], y[i:i + config.batch_size]) for i in range(0, len(X), config.batch_size)]
-    if config.channels_last:
-        batches = [(x.contiguous(memory_format=torch.channels_last), t) for x, t in batches]
+    batches = batches_of(config, data)
     backbone.train()
     t0 = time.perf_counter()
     for x, t in batches:
@@ -76,10 +83,8 @@ def bare_epoch_seconds(config: CNNConfig, data: dict) -> float:
 
 def torch_twin_epoch_seconds(config: CNNConfig, data: dict) -> float:
     """As bare_epoch_seconds, with an all-torch twin of the head instead of the numpy one."""
-    backbone = cnn_torch.build_backbone(config)
-    if config.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    dims = [backbone.feature_dim, *config.head_hidden, 10]
+    backbone = backbone_of(config)
+    dims = [backbone.feature_dim, *config.head_hidden, NUM_CLASSES]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(a, b))
@@ -88,10 +93,7 @@ def torch_twin_epoch_seconds(config: CNNConfig, data: dict) -> float:
     head = nn.Sequential(*layers)
     params = list(backbone.named_parameters()) + list(head.named_parameters())
     opt = cnn_torch.make_torch_optimizer(config, params, config.lr)
-    X, y = data["X"], data["y_device"]
-    batches = [(X[i:i + config.batch_size], y[i:i + config.batch_size]) for i in range(0, len(X), config.batch_size)]
-    if config.channels_last:
-        batches = [(x.contiguous(memory_format=torch.channels_last), t) for x, t in batches]
+    batches = batches_of(config, data)
     backbone.train()
     head.train()
     t0 = time.perf_counter()
@@ -106,7 +108,7 @@ def torch_twin_epoch_seconds(config: CNNConfig, data: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n-images", type=int, default=2560, help="training images timed per epoch (scaled to 54k)")
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is kept")

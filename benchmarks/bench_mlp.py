@@ -24,10 +24,23 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for its modules
 import mlp_scratch as ms  # noqa: E402
-from test_mlp import torch_twin  # noqa: E402  (the one torch copy of the MLP)
+from preprocessing import INPUT_DIM, NUM_CLASSES  # noqa: E402
+
+TORCH_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(ms.LEAKY_SLOPE), "tanh": nn.Tanh,
+                     "gelu": lambda: nn.GELU(approximate="tanh"), "sigmoid": nn.Sigmoid}
+
+
+def torch_mlp(hidden: list[int], activation: str, dropout: float) -> nn.Sequential:
+    """The same architecture in plain torch: Linear -> activation -> Dropout per hidden width -> Linear."""
+    dims = [INPUT_DIM, *hidden, NUM_CLASSES]
+    mods: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        mods.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(hidden):
+            mods += [TORCH_ACTIVATIONS[activation]()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+    return nn.Sequential(*mods)
 
 
 def torch_epoch(net, opt, X: torch.Tensor, y: torch.Tensor, order: np.ndarray, batch_size: int) -> float:
@@ -89,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     rng = np.random.default_rng(0)
-    X = rng.random((args.n, 784), dtype=np.float32)
-    y = rng.integers(0, 10, args.n)
-    model = ms.MLP(784, args.hidden, 10, args.activation, args.dropout, seed=0)
-    net = torch_twin(model)
+    X = rng.random((args.n, INPUT_DIM), dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, args.n)
+    model = ms.MLP(INPUT_DIM, args.hidden, NUM_CLASSES, args.activation, args.dropout, seed=0)
+    net = torch_mlp(args.hidden, args.activation, args.dropout)
     if args.optimizer == "adamw":
         ours = ms.make_optimizer("adamw", 1e-3, weight_decay=1e-2)
         theirs = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         theirs = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
-    print(f"MLP 784-{'-'.join(map(str, args.hidden))}-10 {args.activation}, dropout {args.dropout}, "
+    print(f"MLP {INPUT_DIM}-{'-'.join(map(str, args.hidden))}-{NUM_CLASSES} {args.activation}, dropout {args.dropout}, "
           f"batch {args.batch_size}, {args.optimizer}, {args.n} images/epoch, float32")
     print(f"threads: torch {torch.get_num_threads()}, OPENBLAS_NUM_THREADS="
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, numpy {np.__version__}, torch {torch.__version__}")
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         t_torch.append(time.perf_counter() - t0)
         print(f"  repeat {r + 1}: ours {t_ours[-1]:.2f}s  torch {t_torch[-1]:.2f}s")
     ours_s, torch_s = statistics.median(t_ours), statistics.median(t_torch)
-    mm_s, flops = matmul_epoch_seconds([784, *args.hidden, 10], args.n, args.batch_size)
+    mm_s, flops = matmul_epoch_seconds([INPUT_DIM, *args.hidden, NUM_CLASSES], args.n, args.batch_size)
     print(f"epoch time (median of {args.repeats}): ours {ours_s:.2f}s  torch {torch_s:.2f}s  "
           f"ratio ours/torch {ours_s / torch_s:.2f}x")
     print(f"GFLOP/s of the epoch's matmuls ({flops / 1e9:.0f} GFLOP): ours {flops / ours_s / 1e9:.1f}, "

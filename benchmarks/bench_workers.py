@@ -29,7 +29,7 @@ def bench_specs() -> list[rx.RunSpec]:
     study = rx.Study(None, plan)
     runs = []
     for name, levels in (("mlp_activation", 4), ("cnn_pool", 2)):
-        stage = next(s for s in rx.MLP_STAGES + rx.CNN_STAGES if s.study == name)
+        stage = rx.STAGE[name]
         cfg = rx.start_config(stage.model, plan)
         runs += [study.spec(stage, lv, 0, cfg) for lv in stage.levels(cfg)[:levels]]
     return runs

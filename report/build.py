@@ -33,8 +33,9 @@ GROUP_FILE = REPORT_DIR / "group.toml"
 
 sys.path.insert(0, str(REPO_DIR))  # the scripts live at the repository root
 from preprocessing import CLASS_NAMES, ArgumentParser, path_arg  # noqa: E402
-from study_results import NOISE_Z, atomic_write, noise_margin  # noqa: E402
-import study_results  # noqa: E402
+from cli import atomic_write  # noqa: E402
+from run_experiments import NOISE_Z, noise_margin  # noqa: E402
+import run_experiments  # noqa: E402
 from report import text  # noqa: E402
 from report.text import name  # noqa: E402
 
@@ -181,7 +182,7 @@ class Outcome:
 
 def pooled_sd(rows: list[dict]) -> float | None:
     """Seed-to-seed std of validation accuracy, pooled over the table rows run with 2+ seeds."""
-    return study_results.pooled_sd((r["n"], r["val_acc_std"]) for r in rows)
+    return run_experiments.pooled_sd((r["n"], r["val_acc_std"]) for r in rows)
 
 
 def _as_float(v) -> float | None:

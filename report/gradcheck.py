@@ -10,14 +10,10 @@ near zero). Takes about two seconds.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mlp_scratch  # noqa: E402
+import mlp_scratch  # run from the repository root: python -m report.gradcheck
 
 SHAPE = (12, [7, 6], 5)   # input, hidden widths, classes: every entry of every parameter is checked
 N = 8                     # batch rows

@@ -1,13 +1,9 @@
 """Shared fixtures: the real data once per session, small synthetic data, a tiny study plan."""
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the repo root
-
-import preprocessing  # noqa: E402
+import preprocessing  # the repository root is on the path through pytest.ini's pythonpath
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,13 @@ import copy
 import itertools
 import json
 import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +111,17 @@ def test_backbone_follows_the_config_defaults():
     assert d.init == "xavier" and net.init == "xavier" and d.kernel_size == net.kernel_size == 3
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == (5 if d.batchnorm else 0)
     assert cnn_torch.build_backbone(d).feature_dim == net.feature_dim == 128 * 3 * 3
-    assert not hasattr(cnn_torch, "FILTER_SCHEDULES") and not hasattr(cnn_torch, "lr_factor")
+
+
+def test_same_seed_same_weights_and_checkpoint_keys():
+    """build_backbone draws the weights from the seed alone; the state_dict keys are those of the committed
+    checkpoints (layers.<i>.*), so results/models/cnn_best still loads."""
+    a, b = (cnn_torch.build_backbone(CNNConfig(seed=3)).state_dict() for _ in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layers.0.weight"], cnn_torch.build_backbone(CNNConfig(seed=4)).state_dict()["layers.0.weight"])
+    committed = Path(__file__).resolve().parents[1] / "results" / "models" / "cnn_best"
+    config = json.loads((committed / "config.json").read_text())["config"]
+    assert set(torch.load(committed / "backbone.pt", weights_only=True)) == set(CNNBackbone(CNNConfig(**config)).state_dict())
 
 
 def test_kernel_size_one_is_a_level():
@@ -425,17 +442,19 @@ def test_describe_flag(capsys):
     assert "feature_dim" in capsys.readouterr().out
 
 
-def test_checkpoint_with_a_pickle_is_refused(tmp_path):
-    s = small_splits(64, 10)
-    clf = cnn_torch.train(tiny_config(), s).classifier
-    clf.save(tmp_path / "ck")
+@pytest.fixture
+def checkpoint(saved_classifier, tmp_path) -> Path:
+    """A fresh copy of a saved tiny classifier, to damage."""
+    return Path(shutil.copytree(saved_classifier[3], tmp_path / "ck"))
 
+
+def test_checkpoint_with_a_pickle_is_refused(checkpoint):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
-    torch.save({"x": Evil()}, tmp_path / "ck" / "backbone.pt")
+    torch.save({"x": Evil()}, checkpoint / "backbone.pt")
     with pytest.raises(ValueError, match="backbone.pt: not written by CNNClassifier.save") as exc:
-        cnn_torch.load_classifier(tmp_path / "ck")
+        cnn_torch.load_classifier(checkpoint)
     assert "pwned" not in str(exc.value) and "\n" not in str(exc.value)
 
 
@@ -446,13 +465,39 @@ def test_checkpoint_with_a_pickle_is_refused(tmp_path):
     ("backbone.pt", lambda p: p.write_bytes(p.read_bytes()[:200])),
     ("backbone.pt", lambda p: torch.save({"conv.weight": torch.zeros(3)}, p)),
 ])
-def test_a_damaged_checkpoint_file_is_named_in_one_line(tmp_path, file, damage):
-    s = small_splits(64, 10)
-    cnn_torch.train(tiny_config(), s).classifier.save(tmp_path / "ck")
-    damage(tmp_path / "ck" / file)
+def test_a_damaged_checkpoint_file_is_named_in_one_line(checkpoint, file, damage):
+    damage(checkpoint / file)
     with pytest.raises(ValueError, match=f"{file}: not written by CNNClassifier.save") as exc:
-        cnn_torch.load_classifier(tmp_path / "ck")
+        cnn_torch.load_classifier(checkpoint)
     assert "\n" not in str(exc.value)
+
+
+def test_a_nan_weight_in_the_backbone_is_refused(checkpoint):
+    """One NaN weight would make every prediction class 0: the file is refused, named."""
+    state = torch.load(checkpoint / "backbone.pt", weights_only=True)
+    state["layers.3.weight"][0, 0, 1, 1] = float("nan")
+    torch.save(state, checkpoint / "backbone.pt")
+    with pytest.raises(ValueError, match=r"backbone\.pt: layers\.3\.weight holds NaN") as exc:
+        cnn_torch.load_classifier(checkpoint)
+    assert str(checkpoint) in str(exc.value)
+
+
+@pytest.mark.parametrize("file", cnn_torch.CHECKPOINT_FILES)
+def test_a_missing_checkpoint_file_is_named(checkpoint, file):
+    (checkpoint / file).unlink()
+    with pytest.raises(ValueError, match=f"{file}: missing") as exc:
+        cnn_torch.load_classifier(checkpoint)
+    assert str(checkpoint / file) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_save_replaces_a_checkpoint_but_not_a_folder_of_other_files(saved_classifier, checkpoint):
+    clf = saved_classifier[0]
+    clf.save(checkpoint)  # an old checkpoint is replaced as a whole
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["ck"]
+    (checkpoint / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        clf.save(checkpoint)
+    assert (checkpoint / "notes.txt").read_text() == "mine"
 
 
 # --- input validation ------------------------------------------------------------------------------------
@@ -461,7 +506,7 @@ def saved_classifier(tmp_path_factory):
     s = small_splits(64, 20)
     clf = cnn_torch.train(tiny_config(), s).classifier
     path = clf.save(tmp_path_factory.mktemp("clf") / "ck")
-    return clf, cnn_torch.load_classifier(path), preprocessing.to_images(s.X_val)
+    return clf, cnn_torch.load_classifier(path), preprocessing.to_images(s.X_val), path
 
 
 def _bad_images(images):
@@ -477,7 +522,7 @@ def _bad_images(images):
 
 @pytest.mark.parametrize("case", list(_bad_images(np.zeros((4, 1, 28, 28), np.float32))))
 def test_bad_images_are_refused_everywhere(saved_classifier, case):
-    clf, loaded, images = saved_classifier
+    clf, loaded, images, _ = saved_classifier
     bad = _bad_images(images)[case]
     calls = [clf.predict, clf.predict_proba, clf.features, clf.logits, loaded.predict,
              lambda x: cnn_torch.extract_features(clf.backbone, x),
@@ -488,8 +533,16 @@ def test_bad_images_are_refused_everywhere(saved_classifier, case):
                 call(x)
 
 
+@pytest.mark.parametrize("bad", ["images.png", None, ["a", "b"], 3.0, {"x": 1}])
+def test_predict_on_what_is_not_an_array_of_images_is_one_value_error(saved_classifier, bad):
+    clf = saved_classifier[1]
+    for call in (clf.predict, clf.predict_proba):
+        with pytest.raises(ValueError, match="expected floating-point images"):
+            call(bad)
+
+
 def test_good_images_in_every_accepted_shape(saved_classifier):
-    clf, loaded, images = saved_classifier
+    clf, loaded, images, _ = saved_classifier
     expected = clf.predict(images)
     for x in (images, images.reshape(len(images), 28, 28), images.reshape(len(images), -1),
               images.astype(np.float64), torch.from_numpy(images)):
@@ -570,6 +623,59 @@ def test_out_of_memory_prints_one_line_and_exits_1(capsys, monkeypatch, fake_dat
     assert cnn_torch.main(TINY_ARGS) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cnn_torch.py: error: out of memory (") and "--batch-size" in err[0]
+
+
+def test_a_subset_larger_than_the_training_set_is_refused(capsys, fake_data):
+    assert cnn_torch.main(TINY_ARGS + ["--subset", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cnn_torch.py: error: subset 100 is more than the 64 training images"]
+
+
+def test_save_into_a_folder_of_other_files_is_refused_before_training(tmp_path, capsys, monkeypatch, fake_data):
+    (tmp_path / "keep.txt").write_text("x")
+    monkeypatch.setattr(cnn_torch, "train", lambda *a, **k: pytest.fail("trained before checking the path"))
+    with pytest.raises(SystemExit) as exc:
+        cnn_torch.main(TINY_ARGS + ["--save", str(tmp_path)])
+    assert exc.value.code == 2 and "holds other files (keep.txt)" in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli_limited(args: list[str], limit: int, value: int, n_train: int = 64) -> subprocess.CompletedProcess:
+    """cnn_torch.py's main in a fresh process on synthetic data (load_splits replaced), under a resource
+    limit: a real allocation failure (RLIMIT_AS) or a real full disk (RLIMIT_FSIZE: writes fail with EFBIG)."""
+    code = ("import sys, preprocessing, cnn_torch; preprocessing.load_splits = lambda *a, **k: "
+            f"preprocessing.synthetic_splits({n_train}, 20); sys.exit(cnn_torch.main(sys.argv[1:]))")
+
+    def limit_child():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
+        resource.setrlimit(limit, (value, value))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, preexec_fn=limit_child,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_out_of_memory_for_real_is_one_line():
+    """2048 filters on 4096 images of 28x28 (a 26 GB activation): torch's CPU allocator fails (a plain
+    RuntimeError) under a 4 GB limit. The other layers are small, so that building the net takes no time."""
+    args = ["--filters", "8,2048,8,8,8", "--batch-size", "4096", "--head-hidden", "16", "--epochs", "1",
+            "--precision", "fp32", "--device", "cpu", "--head-mode", "joint", "--no-augment", "--erase", "0"]
+    run = run_cli_limited(args, resource.RLIMIT_AS, 4 << 30, n_train=4096)
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0] and "Traceback" not in run.stderr
+
+
+def test_a_full_disk_on_save_leaves_no_partial_folder(tmp_path):
+    """backbone.pt (~600 kB) cannot be written under a 150 kB file-size limit: one line, exit 1, and neither
+    the checkpoint folder nor its temporary sibling is left."""
+    args = TINY_ARGS + ["--filters", "4,4,4,64,256", "--pool", "gap", "--epochs", "1", "--save",
+                        str(tmp_path / "out" / "ck")]  # later flags win
+    run = run_cli_limited(args, resource.RLIMIT_FSIZE, 150_000)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert len(run.stderr.strip().splitlines()) == 1 and "File too large" in run.stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(capsys, monkeypatch, fake_data):

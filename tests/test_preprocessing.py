@@ -2,13 +2,16 @@
 import gzip
 import hashlib
 import io
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cli
 import preprocessing as pp
 from preprocessing import DataError, IdxFile
 
@@ -65,6 +68,57 @@ def test_corrupt_gzip_is_a_data_error(tmp_path, tiny_images):
     path.write_bytes(gzip.compress(raw)[:-20])
     with pytest.raises(DataError, match="cannot read"):
         pp.read_idx_file(path, spec)
+
+
+def gzip_bomb(path: Path, head: bytes, gigabytes: int) -> Path:
+    """A real gzip file of a few MB that unpacks to `head` and then `gigabytes` GB of zeros: members
+    concatenated, as `cat a.gz b.gz` makes them, one 64 MB member of zeros compressed once, repeated."""
+    zeros = gzip.compress(bytes(64 << 20), mtime=0)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(head, mtime=0))
+        for _ in range(gigabytes * 16):
+            f.write(zeros)
+    return path
+
+
+def limited_memory(megabytes: int):
+    """preexec_fn of a subprocess whose address space is capped: an allocation past it fails for real."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (megabytes << 20, megabytes << 20))
+
+
+def test_a_header_is_refused_before_its_body_is_read(tmp_path):
+    spec = pp.FILES["train_images"]
+    huge = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2**32 - 1, 28, 28))
+    for head, message in ((huge, "dimensions"), (b"\x00\x00\x08\x01" + bytes(4), "wrong magic number")):
+        path = gzip_bomb(tmp_path / "f.gz", head, 1)
+        start = time.perf_counter()
+        with pytest.raises(DataError, match=message):
+            pp.read_idx_file(path, spec)
+        assert time.perf_counter() - start < 1
+
+
+@pytest.mark.parametrize("head, message", [
+    ((2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (60000, 28, 28)), "trailing data"),
+    (b"junk", "wrong magic number"),
+])
+def test_a_gzip_bomb_is_one_line_quickly_in_bounded_memory(tmp_path, head, message):
+    """6 GB of zeros behind a header that declares 47 MB (or a junk header): refused after reading at most
+    the declared size, under a 400 MB address-space limit (the script and numpy alone take 150 MB)."""
+    gzip_bomb(tmp_path / (pp.FILES["train_images"].name + ".gz"), head, 6)
+    for spec in list(pp.FILES.values())[1:]:
+        (tmp_path / spec.name).write_bytes(b"")
+    start = time.perf_counter()
+    result = run_cli("--data-dir", str(tmp_path), preexec_fn=limited_memory(400))
+    assert time.perf_counter() - start < 20
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("preprocessing.py: error: ") and message in result.stderr
+
+
+def test_out_of_memory_is_one_line():
+    """The data need 600 MB of address space; under 300 MB numpy's allocation fails for real."""
+    result = run_cli("--no-download", preexec_fn=limited_memory(300))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("preprocessing.py: error: out of memory") and result.stderr.count("\n") == 1
 
 
 def test_wrong_label_balance_is_refused():
@@ -159,18 +213,18 @@ def test_unreachable_host_says_what_to_do(isolated, monkeypatch):
 
 def test_cannot_write_says_what_is_in_the_way(tmp_path):
     (tmp_path / "a_file").write_text("")
-    assert pp.cannot_write(tmp_path / "a_file", folder=True) == f"{tmp_path / 'a_file'} is a file, not a folder"
-    assert pp.cannot_write(tmp_path / "a_file" / "x" / "y.json", folder=False) == \
+    assert cli.cannot_write(tmp_path / "a_file", folder=True) == f"{tmp_path / 'a_file'} is a file, not a folder"
+    assert cli.cannot_write(tmp_path / "a_file" / "x" / "y.json", folder=False) == \
         f"{tmp_path / 'a_file'} is a file, not a folder"
-    assert pp.cannot_write(tmp_path, folder=False) == f"{tmp_path} is a folder, not a file"
+    assert cli.cannot_write(tmp_path, folder=False) == f"{tmp_path} is a folder, not a file"
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
-    assert pp.cannot_write(tmp_path / "link", folder=True) == f"{tmp_path / 'link'} is a broken link, not a folder"
-    assert pp.cannot_write("/proc/no/such", folder=True).startswith("cannot write in /proc/no/such")
+    assert cli.cannot_write(tmp_path / "link", folder=True) == f"{tmp_path / 'link'} is a broken link, not a folder"
+    assert cli.cannot_write("/proc/no/such", folder=True).startswith("cannot write in /proc/no/such")
 
 
 def test_cannot_write_makes_the_missing_folders_of_a_writable_path(tmp_path):
-    assert pp.cannot_write(tmp_path / "a" / "b.npz", folder=False) is None and (tmp_path / "a").is_dir()
-    assert pp.cannot_write(tmp_path / "c" / "d", folder=True) is None and (tmp_path / "c" / "d").is_dir()
+    assert cli.cannot_write(tmp_path / "a" / "b.npz", folder=False) is None and (tmp_path / "a").is_dir()
+    assert cli.cannot_write(tmp_path / "c" / "d", folder=True) is None and (tmp_path / "c" / "d").is_dir()
     assert not list((tmp_path / "c" / "d").iterdir())  # the probe leaves nothing behind
 
 
@@ -236,9 +290,9 @@ def test_image_view_and_standardisation(synthetic_splits):
 
 # --------------------------------------------------------------------------- command line
 
-def run_cli(*args, env=None):
+def run_cli(*args, preexec_fn=None):
     return subprocess.run([sys.executable, str(REPO / "preprocessing.py"), *args],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, preexec_fn=preexec_fn)
 
 
 def test_cli_prints_summary():
@@ -251,6 +305,13 @@ def test_cli_corrupt_file_is_one_line_and_nonzero(tmp_path):
     for spec in pp.FILES.values():
         (tmp_path / spec.name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
     result = run_cli("--data-dir", str(tmp_path))
-    assert result.returncode != 0
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("preprocessing.py: error: ")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", str(cli.MAX_SEED + 1), "x"])
+def test_cli_bad_seed_is_a_one_line_usage_error(seed):
+    result = run_cli("--seed", seed)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("preprocessing.py: error: argument --seed: ")

@@ -5,8 +5,12 @@ Every results folder here is SYNTHETIC: `write_synthetic_results` writes random 
 schema of .contract.md (records, manifest, summary, CSVs) in well under a second; no study is run."""
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -474,8 +478,9 @@ def test_placeholders_shown_and_warned(tmp_path, built, capsys):
 # ------------------------------------------------------------------------------------------ figures
 def test_figures_print_at_size_and_fail_alone(results, capsys):
     import plots
+    import study_results
     d = results["base"]
-    recs = plots.load_records(d)
+    recs, _ = study_results.load_runs(d)
     summary = json.loads((d / "summary.json").read_text())
     written = plots.make_figures(d, recs, {}, summary, None,
                                  only=("per_class.png", "cnn_filters.png"))
@@ -490,18 +495,76 @@ def test_figures_print_at_size_and_fail_alone(results, capsys):
         plots.save(fig, d / "figures" / "tiny.png")
 
 
+def _plots_cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "plots.py"), *args], capture_output=True, text=True, **kw)
+
+
+def test_plots_refuses_a_results_folder_that_is_a_file_empty_or_missing(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for where, why in (("a_file", "is not a folder"), ("missing", "is not there"), ("empty", "holds no study results")):
+        result = _plots_cli("--results-dir", str(tmp_path / where), "--no-data")
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"plots.py: error: {tmp_path / where} {why}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "empty"]  # nothing created or written
+
+
+def test_ctrl_c_in_plots_is_one_line_and_exit_130(tmp_path):
+    """A real SIGINT while plots.py reads the run records: one record is a named pipe, so plots.py waits
+    in its read, at a known point, until the signal arrives."""
+    os.mkfifo(tmp_path / "runs.json")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs.json").rename(tmp_path / "runs" / "k.json")
+    proc = subprocess.Popen([sys.executable, str(REPO / "plots.py"), "--results-dir", str(tmp_path), "--no-data"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:  # opening the pipe's write end succeeds once plots.py has opened its read end
+        try:
+            fd = os.open(tmp_path / "runs" / "k.json", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["plots.py: interrupted (Ctrl-C); the figures already drawn are kept, "
+                                        "none half-written"]
+
+
+def test_plots_redraws_a_figure_from_the_saved_model_when_the_record_lacks_predictions(tmp_path, synthetic_splits):
+    """The confident-mistakes figure recomputes predictions from the final model when the record's own do not
+    cover the test set (a quick study's subset): the saved file, loaded back, gives them."""
+    import mlp_scratch
+    import plots
+    model = mlp_scratch.MLP(784, [16], 10, seed=0)
+    model.save(tmp_path / "models" / "m.npz")
+    n = len(synthetic_splits.y_test)
+    records = [{"key": "k", "model": "mlp", "final": True, "model_file": "models/m.npz"},
+               {"key": "c", "model": "cnn", "final": True, "test_pred": [0] * n, "test_prob_max": [0.5] * n}]
+    written = plots.make_figures(tmp_path, records, None, {}, synthetic_splits, only=("confident_mistakes.png",))
+    assert [p.name for p in written] == ["confident_mistakes.png"]
+    stats = json.loads((tmp_path / "figures" / "mistakes.json").read_text())
+    pred = model.forward(synthetic_splits.X_test).argmax(axis=1)
+    assert stats["mlp"]["n_wrong"] == int((pred != synthetic_splits.y_test).sum())
+
+
 # ------------------------------------------------------------------------------------------ zip
-def test_zip_holds_what_the_report_cites(tmp_path, built):
+def test_zip_holds_what_rebuilds_the_report(tmp_path, built):
     import make_zip
     repo = tmp_path / "repo"
-    for rel in ("a.py", "README.md", "Makefile", "requirements.txt", ".ci/run", "report/build.py",
+    for rel in ("a.py", "README.md", "Makefile", "requirements.txt", "pytest.ini", ".ci/run", "report/build.py",
                 "report/__init__.py", "report/report.typ", "report/references.bib", "tests/test_x.py",
                 "benchmarks/bench.py", "results/mlp_runs.csv", "results/summary.json", "results/manifest.json",
-                "results/gradcheck.json", "results/cnn_recipe_sweep.jsonl",
+                "results/gradcheck.json", "results/cnn_recipe_sweep.jsonl", "results/models/mlp_best.npz",
+                "results/models/cnn_best/backbone.pt", "results/runs/k.json", "results/figures/a.png",
+                "results/figures/pca.json",
                 # none of these may go in:
-                "data/fashion-mnist/train.gz", ".venv/bin/python", "tests/__pycache__/x.pyc",
-                "results/models/mlp_best.npz", "results/runs/k.json", "results/figures/a.png", "notes.txt",
-                "old.zip"):
+                "data/fashion-mnist/train.gz", ".venv/bin/python", "tests/__pycache__/x.pyc", "results/.lock",
+                "results/runs/j.json.bad", "results/figures/.a.png.x.tmp", "notes.txt", "old.zip"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("x")
     _group(repo / "report", FILLED)
@@ -509,15 +572,28 @@ def test_zip_holds_what_the_report_cites(tmp_path, built):
         make_zip.make_zip(repo)
     shutil.copy(built[0], repo / "report" / "report.pdf")
     out = make_zip.make_zip(repo)
-    assert out.name == "team-7.zip"
+    assert out.name == "team-7.zip" and sorted(p.name for p in repo.glob("*.zip*")) == ["old.zip", "team-7.zip"]
     with zipfile.ZipFile(out) as zf:
         names = sorted(zf.namelist())
     expected = sorted("team-7/" + r for r in (
-        "a.py", "README.md", "Makefile", "requirements.txt", ".ci/run", "report/build.py", "report/__init__.py",
-        "report/report.typ", "report/references.bib", "report/group.toml", "report/report.pdf", "tests/test_x.py",
-        "benchmarks/bench.py", "results/mlp_runs.csv", "results/summary.json", "results/manifest.json",
-        "results/gradcheck.json", "results/cnn_recipe_sweep.jsonl"))
+        "a.py", "README.md", "Makefile", "requirements.txt", "pytest.ini", ".ci/run", "report/build.py",
+        "report/__init__.py", "report/report.typ", "report/references.bib", "report/group.toml", "report/report.pdf",
+        "tests/test_x.py", "benchmarks/bench.py", "results/mlp_runs.csv", "results/summary.json",
+        "results/manifest.json", "results/gradcheck.json", "results/cnn_recipe_sweep.jsonl",
+        "results/models/mlp_best.npz", "results/models/cnn_best/backbone.pt", "results/runs/k.json",
+        "results/figures/a.png", "results/figures/pca.json"))
     assert names == expected
+
+
+def test_make_zip_refusals_are_one_line(tmp_path):
+    bad = _group(tmp_path, "group_name = 7\n")
+    for args, message in ((["--group-file", str(tmp_path / "nope.toml")], "nope.toml"),
+                          (["--group-file", str(bad)], "group.toml"),
+                          (["--out-dir", ""], "argument --out-dir: must not be empty")):
+        result = subprocess.run([sys.executable, str(REPO / "make_zip.py"), *args], capture_output=True, text=True)
+        assert result.returncode == (2 if "argument" in message else 1), result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("make_zip.py: error: ")
+        assert message in result.stderr
 
 
 def test_levels_over_the_multiply_add_cap_and_edges_are_named():

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+import cli
 import study_results as sr
 
 
@@ -57,9 +58,9 @@ def write_raw(results, name, text):
 
 def test_atomic_write_text_and_bytes(tmp_path):
     p = tmp_path / "a" / "b.txt"
-    sr.atomic_write(p, "hello")
+    cli.atomic_write(p, "hello")
     assert p.read_text() == "hello"
-    sr.atomic_write(p, b"\x00\x01")
+    cli.atomic_write(p, b"\x00\x01")
     assert p.read_bytes() == b"\x00\x01"
     assert sorted(os.listdir(p.parent)) == ["b.txt"]  # no temporary left
 
@@ -73,7 +74,7 @@ def test_atomic_write_disk_full_leaves_original_and_no_temporary(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, fail, full)
     with pytest.raises(OSError) as e:
-        sr.atomic_write(p, "new contents")
+        cli.atomic_write(p, "new contents")
     monkeypatch.undo()
     assert e.value.errno == errno.ENOSPC
     assert p.read_text() == "original"
@@ -93,13 +94,13 @@ def test_registry_add_disk_full_writes_nothing(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ lock
 
 def test_lock_held_twice_names_the_holder(tmp_path):
-    with sr.ResultsLock(tmp_path):
+    with sr.results_lock(tmp_path):
         with pytest.raises(sr.StudyError) as e:
-            with sr.ResultsLock(tmp_path):
+            with sr.results_lock(tmp_path):
                 pass
         msg = str(e.value)
         assert f"pid {os.getpid()}" in msg and str(tmp_path) in msg and "\n" not in msg
-    with sr.ResultsLock(tmp_path):  # released: free again
+    with sr.results_lock(tmp_path):  # released: free again
         pass
 
 
@@ -311,8 +312,9 @@ def read_csv(path):
 def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     build_study(tmp_path)
     logs = []
-    summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=False, log=logs.append, wall_seconds=12.5,
-                                 workers=2)
+    rows, manifest, summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append, wall_seconds=12.5,
+                                                 workers=2)
+    assert len(rows) == 13 and manifest["stages"]["mlp_width"]["winner"] == "256"  # what the figures draw from
     assert logs == [] or all("warning" not in m for m in logs), logs
     on_disk = strict_loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -350,16 +352,17 @@ def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     # best models: copies of the kept seed-0 runs; a second rebuild replaces the CNN folder
     assert (tmp_path / "models" / "mlp_best.npz").read_bytes() == b"mlp0"
     assert (tmp_path / "models" / "cnn_best" / "backbone.pt").read_bytes() == b"cnn"
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=False, log=logs.append)
+    sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["cnn_best", "mlp_best.npz", "runs"]
     assert strict_loads((tmp_path / "summary.json").read_text())["study"]["wall_seconds"] == 12.5  # kept
 
 
 def test_one_seed_summary_is_strict_json_with_null_std(tmp_path):
-    build_study(tmp_path, mlp_seeds=(0,), with_default=False)
+    manifest = build_study(tmp_path, mlp_seeds=(0,), with_default=False)
     for p in (tmp_path / "runs").glob("w*s1.json"):
         p.unlink()
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=False, log=lambda m: None)
+    sr.write_json(tmp_path / "manifest.json", {**manifest, "runs": [r for r in manifest["runs"] if r["seed"] == 0]})
+    sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=lambda m: None)
     summary = strict_loads((tmp_path / "summary.json").read_text())
     assert summary["mlp"]["test_acc_std"] is None and summary["mlp"]["test_acc_mean"] == summary["mlp"]["test_acc"]
     table = summary["stages"]["mlp_width"]["table"]
@@ -374,7 +377,7 @@ def test_garbage_manifest_summary_and_records_give_warnings_not_tracebacks(tmp_p
     write_raw(tmp_path, "zz.json", "[]")
     (tmp_path / "models" / "runs" / "mchain2.npz").unlink()
     logs = []
-    summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=False, log=logs.append)
+    _, _, summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append)
     assert any("manifest.json" in m for m in logs) and any("summary.json" in m for m in logs)
     skipped = [m for m in logs if m.startswith("skipped:")]
     assert len(skipped) == 1 and "zz.json" in skipped[0] and "mchain2" in skipped[0]
@@ -405,24 +408,28 @@ def test_mixed_plans_warn_and_follow_the_finals(tmp_path):
     reg = sr.Registry(tmp_path)
     reg.add(make_record("extra", plan="quick"))
     logs = []
-    summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=False, log=logs.append)
+    _, _, summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append)
     assert summary["study"]["plan"] == "full" and any("mix plans" in m for m in logs)
 
 
-def test_plots_are_called_only_when_asked(tmp_path, monkeypatch):
-    import sys
-    import types
+def test_a_rebuild_with_runs_of_the_manifest_missing_is_refused_and_writes_nothing(tmp_path):
     build_study(tmp_path)
-    calls = []
-    fake = types.ModuleType("plots")
-    fake.make_figures = lambda *a: calls.append(a) or []
-    monkeypatch.setitem(sys.modules, "plots", fake)
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=False, log=lambda m: None)
-    assert calls == []
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), plots=True, log=lambda m: None)
-    (results_dir, records, manifest, summary, splits), = calls
-    assert results_dir == tmp_path and summary["mlp"]["key"] == "mchain0" and "stages" in manifest
-    assert len(records) == 13 and isinstance(splits, FakeSplits)
+    sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=lambda m: None)
+    (tmp_path / "runs" / "w128s1.json").unlink()
+    (tmp_path / "runs" / "w256s0.json").write_text("[]")  # damaged: set aside, and missing like the other
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(sr.StudyError, match=r"^2 of the 13 runs that manifest.json lists are missing or damaged"):
+        sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_the_one_reader_reads_without_renaming_anything(tmp_path):
+    build_study(tmp_path)
+    write_raw(tmp_path, "zz.json", "[]")
+    logs = []
+    rows, manifest = sr.load_runs(tmp_path, log=logs.append)
+    assert len(rows) == 13 and set(manifest["stages"]) == {"mlp_width", "cnn_ablation"}
+    assert len(logs) == 1 and "zz.json" in logs[0] and (tmp_path / "runs" / "zz.json").exists()
 
 
 def test_missing_labels_skip_mcnemar_with_a_warning(tmp_path, monkeypatch):
@@ -430,5 +437,5 @@ def test_missing_labels_skip_mcnemar_with_a_warning(tmp_path, monkeypatch):
     build_study(tmp_path)
     monkeypatch.setattr(preprocessing, "load_splits", lambda **k: (_ for _ in ()).throw(FileNotFoundError("no data")))
     logs = []
-    summary = sr.rebuild_outputs(tmp_path, None, plots=False, log=logs.append)
+    _, _, summary = sr.rebuild_outputs(tmp_path, None, log=logs.append)
     assert summary["mcnemar"] == [] and any("McNemar" in m for m in logs)

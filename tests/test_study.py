@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _study(out, splits, plan, **kw):
-    opts = rx.Options(results_dir=out, report=False, plots=False, **{"only": "mlp", **kw})
+    opts = rx.Options(results_dir=out, plots=False, **{"only": "mlp", **kw})
     return rx.run_study(opts, splits=splits, plan=plan, log=lambda *a: None)
 
 
@@ -59,7 +59,7 @@ class FakeEngine:
 
 
 def _decide(score, study="mlp_lr", seconds=None):
-    stage = next(s for s in rx.MLP_STAGES + rx.CNN_STAGES if s.study == study)
+    stage = rx.STAGE[study]
     study_ = rx.Study(FakeEngine(score, seconds), rx.FULL_PLAN, only=stage.model)
     study_.run_stage(stage, rx.start_config(stage.model, rx.FULL_PLAN))
     return study_.stages[study], study_.engine.asked
@@ -69,6 +69,7 @@ def test_a_stage_holds_the_default_and_a_level_on_each_side_of_it():
     stage, asked = _decide(lambda s: 0.8)
     assert stage["default"] == "0.001" and stage["levels"] == ["0.000333", "0.001", "0.003"]
     assert stage["winner"] == "0.001" and not stage["extended"] and not stage["edge"]  # a tie keeps the default
+    assert stage["leader"] == "0.001" and stage["gap"] == 0.0 and stage["noise"] < 1e-12  # the decision, stored
     assert len(asked) == 3 * len(rx.FULL_PLAN.mlp_seeds)
     assert all(s.role == "grid" and s.budget == rx.FULL_PLAN.mlp_grid for s in asked)
 
@@ -90,17 +91,22 @@ def _seeded(means: dict, spread: float):
 def test_a_level_replaces_the_incumbent_only_by_more_than_the_seed_noise():
     levels = {"a": 0.900, "b": 0.903, "c": 0.899}
     # seed std 0.0028 (spread 0.002): noise = 2 * 0.0028 * sqrt(1/2 + 1/2) = 0.0057 > 0.003
-    assert rx.choose(_seeded(levels, 0.002), "a", eligible=set(levels)) == "a"
+    held = rx.decide(_seeded(levels, 0.002), "a", eligible=set(levels))
+    assert held["winner"] == "a" and held["leader"] == "b" and held["compared"] == "a"
+    assert held["gap"] == pytest.approx(0.003) and held["noise"] == pytest.approx(2 * np.std([0.898, 0.902], ddof=1))
     # seed std 0.00014: the same 0.3-point gap is now clear
-    assert rx.choose(_seeded(levels, 0.0001), "a", eligible=set(levels)) == "b"
+    assert rx.decide(_seeded(levels, 0.0001), "a", eligible=set(levels))["winner"] == "b"
     one_seed = {v: [{"val_acc": m, "diverged": False}] for v, m in levels.items()}
-    assert rx.choose(one_seed, "a", eligible=set(levels)) == "b"  # no noise estimate: the best mean
+    assert rx.decide(one_seed, "a", eligible=set(levels))["winner"] == "b"  # no noise estimate: the best mean
+    # the incumbent on top is measured against the runner-up
+    top = rx.decide(_seeded({"a": 0.91, "b": 0.90}, 0.0001), "a", eligible={"a", "b"})
+    assert top["winner"] == top["leader"] == "a" and top["compared"] == "b" and top["gap"] == pytest.approx(0.01)
 
 
 def test_a_level_with_a_diverged_seed_or_a_contrast_level_never_wins():
     recs = {"a": [{"val_acc": 0.9, "diverged": False}], "b": [{"val_acc": 0.95, "diverged": True}],
             "c": [{"val_acc": 0.99, "diverged": False}]}
-    assert rx.choose(recs, "a", eligible={"a", "b"}) == "a"
+    assert rx.decide(recs, "a", eligible={"a", "b"})["winner"] == "a"
     stage, _ = _decide(lambda s: 0.5 if s.config["batchnorm"] else 0.9, study="cnn_init")
     assert stage["winner"] == "xavier" and set(stage["contrast"]) == {"random, no BN", "xavier, no BN", "he, no BN"}
 
@@ -228,8 +234,7 @@ def test_a_second_start_trains_nothing(mlp_study, synthetic_splits, tiny_plan):
 
 def test_a_study_resumes_after_losing_runs_and_a_final_model(mlp_study, synthetic_splits, tiny_plan, tmp_path):
     out, first = mlp_study
-    copy = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    copy = _copy(out, tmp_path)
     runs = sorted((copy / "runs").glob("*.json"))
     runs[0].unlink()
     runs[1].write_text("[]")  # damaged: set aside and retrained
@@ -242,19 +247,17 @@ def test_a_study_resumes_after_losing_runs_and_a_final_model(mlp_study, syntheti
 
 
 def test_a_rebuild_without_any_run_record_changes_nothing(mlp_study, synthetic_splits, tmp_path):
-    copy = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(mlp_study[0]), str(copy)], check=True)
+    copy = _copy(mlp_study[0], tmp_path)
     for p in (copy / "runs").glob("*.json"):
         p.unlink()
     before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
-    with pytest.raises(study_results.StudyError, match="holds none of the .* runs that manifest.json lists"):
-        study_results.rebuild_outputs(copy, synthetic_splits, plots=False, log=lambda *a: None)
+    with pytest.raises(study_results.StudyError, match=r"^\d+ of the \d+ runs that manifest.json lists are missing"):
+        study_results.rebuild_outputs(copy, synthetic_splits, log=lambda *a: None)
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
 
 
 def test_a_record_under_another_runs_name_or_with_impossible_values_is_set_aside(mlp_study, tmp_path):
-    copy = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(mlp_study[0]), str(copy)], check=True)
+    copy = _copy(mlp_study[0], tmp_path)
     runs = sorted((copy / "runs").glob("*.json"))
     stray = copy / "runs" / f"backup-{runs[0].name}"
     stray.write_text(runs[0].read_text().replace('"val_acc": ', '"val_acc": 0.99, "x": '))  # a hand-made copy
@@ -270,16 +273,17 @@ def test_a_record_under_another_runs_name_or_with_impossible_values_is_set_aside
 
 
 def test_an_unavailable_device_stops_with_one_line_and_records_nothing(tmp_path):
-    proc = _run_cli("--quick", "--only", "cnn", "--device", "cuda:7", "--no-report", "--results-dir", str(tmp_path))
+    proc = _run_cli("--quick", "--only", "cnn", "--device", "cuda:7", "--results-dir", str(tmp_path))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--device cuda:7" in proc.stderr
     assert not list(tmp_path.glob("runs/*.json"))
 
 
 @pytest.mark.parametrize("args", [["--seeds", "-1"], ["--seeds", "99999999999"], ["--final-seeds", "a"],
-                                  ["--workers", "0"], ["--threads", "0"], ["--threads", "x"], ["--data-dir", ""]])
+                                  ["--workers", "0"], ["--threads", "0"], ["--threads", "x"], ["--data-dir", ""],
+                                  ["--scheduler", ""], ["--no-report"]])
 def test_bad_flags_get_one_line(args, tmp_path):
     proc = _run_cli(*args, "--results-dir", str(tmp_path / "r"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
 def test_an_address_that_is_no_dask_scheduler_gets_one_line():
@@ -297,18 +301,18 @@ def test_an_address_that_is_no_dask_scheduler_gets_one_line():
 def test_an_unwritable_results_folder_stops_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = _run_cli("--quick", "--no-report", "--results-dir", str(blocker / "sub"))
-    assert proc.returncode == 1 and proc.stderr == f"error: {blocker} is a file, not a folder\n"
+    proc = _run_cli("--quick", "--results-dir", str(blocker / "sub"))
+    assert proc.returncode == 1 and proc.stderr == f"run_experiments.py: error: {blocker} is a file, not a folder\n"
 
 
 def test_a_second_study_on_the_same_folder_is_refused(tmp_path, synthetic_splits, tiny_plan):
-    with study_results.ResultsLock(tmp_path):
+    with study_results.results_lock(tmp_path):
         with pytest.raises(study_results.StudyError, match=f"pid {os.getpid()}"):
             _study(tmp_path, synthetic_splits, tiny_plan)
 
 
 def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_runs(tmp_path):
-    proc = subprocess.Popen([sys.executable, "run_experiments.py", "--quick", "--no-report", "--only", "mlp",
+    proc = subprocess.Popen([sys.executable, "run_experiments.py", "--quick", "--only", "mlp",
                              "--results-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
@@ -317,8 +321,47 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_runs(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "run the same command again to resume" in err
+    assert err.strip().count("\n") == 0 and "run the same command again to resume" in err
     assert list(tmp_path.glob("runs/*.json"))
+
+
+def _copy(folder, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+    return copy
+
+
+def test_plots_only_on_an_empty_or_missing_folder_refuses_and_creates_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        proc = _run_cli("--plots-only", "--results-dir", str(folder))
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "holds no study results" in proc.stderr
+    assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
+
+
+def test_plots_only_with_runs_missing_refuses_and_keeps_the_summary(mlp_study, tmp_path):
+    copy = _copy(mlp_study[0], tmp_path)
+    for p in sorted((copy / "runs").glob("*.json"))[:2]:
+        p.unlink()
+    before = (copy / "summary.json").read_bytes()
+    proc = _run_cli("--plots-only", "--results-dir", str(copy))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "error: 2 of the" in proc.stderr and "run the study" in proc.stderr
+    assert (copy / "summary.json").read_bytes() == before
+
+
+def test_ctrl_c_while_rebuilding_the_outputs_exits_130_in_one_line(mlp_study, tmp_path):
+    copy = _copy(mlp_study[0], tmp_path)
+    (copy / ".lock").unlink()
+    proc = subprocess.Popen([sys.executable, "run_experiments.py", "--plots-only", "--results-dir", str(copy)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not (copy / ".lock").exists() and time.time() < deadline:  # the rebuild has started
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().count("\n") == 0 and "interrupted" in err, err
 
 
 CTRL_C_MID_TRANSFER = """
@@ -471,7 +514,7 @@ def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(mlp_stud
 
 def test_both_tracks_with_one_seed_build_every_output(tmp_path, synthetic_splits, tiny_plan):
     plan = dataclasses.replace(tiny_plan, mlp_seeds=(0,), cnn_seeds=(0,), mlp_final_seeds=(0,))
-    study = rx.run_study(rx.Options(results_dir=tmp_path, report=False, plots=False), splits=synthetic_splits,
+    study = rx.run_study(rx.Options(results_dir=tmp_path, plots=False), splits=synthetic_splits,
                          plan=plan, log=lambda *a: None)
     summary = study_results.loads((tmp_path / "summary.json").read_text())
     assert set(study.finals) == {"mlp", "cnn"} and summary["mlp"]["test_acc_std"] is None

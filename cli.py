@@ -1,0 +1,178 @@
+"""What every script shares at its edge: the command line's checks, atomic writes, and one way of turning a
+user's or the machine's error into one line and an exit code.
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main, "mlp_scratch.py"))
+
+Exit codes: 0 done; 1 bad data, a damaged or unwritable file, out of memory, a full disk; 2 a usage error;
+3 a training run that diverged; 130 Ctrl-C. `run` turns a closed list of errors into one line on stderr:
+UserError (raised by our code with the line to print), KeyboardInterrupt, out of memory (numpy's
+MemoryError, torch's OutOfMemoryError and its CPU allocator's RuntimeError) and the OSErrors of a file
+system (full, read-only, no permission, no such file). Any other exception is a bug and keeps its traceback.
+Numpy only: the MLP's side of the project imports no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
+MAX_SEED = 2**31 - 1  # every seed of the project: torch.manual_seed and numpy take it, 2**31-1 keeps it portable
+FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+               errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EIO}
+
+
+class UserError(Exception):
+    """An error the user can fix: its message is the whole line printed, and `exit_code` the exit status."""
+    exit_code = EXIT_ERROR
+
+
+class Diverged(UserError):
+    exit_code = EXIT_DIVERGED
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """numpy's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing, which raises
+    a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def run(main, prog: str, argv: list[str] | None = None, *, oom_hint: str = "",
+        on_interrupt: str = "nothing was saved") -> int:
+    """main(argv)'s exit code, with the closed list of user and environment errors printed as one line."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted (Ctrl-C); {on_interrupt}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno not in FILE_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or _first_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"{prog}: error: out of memory ({_first_line(e)}){oom_hint}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# ------------------------------------------------------------------------------------------- command line
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line, `prog: error: <what> (see --help)`, exit status 2,
+    not the whole usage block. Every script's command line uses it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def path_arg(text: str) -> str:
+    """argparse type of every path flag: an empty path (a variable that expanded to nothing) would silently
+    mean the current folder or no path at all, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of every seed flag: an integer in [0, MAX_SEED]."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {seed}")
+    return seed
+
+
+def cannot_write(path: str | Path, *, folder: bool) -> str | None:
+    """Why `path` (a folder, or a file) cannot be written, or None if it can: checked before training, so
+    that a typo costs a second and not a run. Missing folders are made, as the write would make them."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        return f"{path} is a folder, not a file"
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except (FileExistsError, NotADirectoryError):  # a file stands where a folder must be
+        blocker = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), target)
+        return f"{blocker} is {'a file' if blocker.exists() else 'a broken link'}, not a folder"
+    except OSError as e:
+        return f"cannot write in {target}: {e.strerror or e}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, outputs get the usual 0666 & ~umask
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path, data: str | bytes) -> None:
+    """Write `data` to `path` through a unique temporary file in the same folder, fsync, os.replace.
+    Readers see the old file or the new one, never half of one. On any failure (a full disk: OSError
+    ENOSPC) the temporary file is removed, the original is untouched, and the error is re-raised."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_folder(path, files: dict[str, bytes]) -> Path:
+    """Write the folder `path` holding `files` (name -> bytes) all at once: built as a hidden sibling, then
+    renamed into place, so a reader finds the old folder or the whole new one, never part of one. A failure
+    (a full disk) removes the partial copy and leaves the old folder as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    old = None
+    try:
+        for name, data in files.items():
+            atomic_write(tmp / name, data)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{TMP_SUFFIX}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
