@@ -11,8 +11,6 @@ MemoryError, torch's OutOfMemoryError and its CPU allocator's RuntimeError) and 
 system (full, read-only, no permission, no such file). Any other exception is a bug and keeps its traceback.
 Numpy only: the MLP's side of the project imports no torch.
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
 import errno
@@ -26,6 +24,7 @@ EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 MAX_SEED = 2**31 - 1  # every seed of the project: torch.manual_seed and numpy take it, 2**31-1 keeps it portable
 FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
                errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EIO}
+OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory")  # torch's RuntimeErrors that are out of memory
 
 
 class UserError(Exception):
@@ -35,19 +34,6 @@ class UserError(Exception):
 
 class Diverged(UserError):
     exit_code = EXIT_DIVERGED
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """numpy's MemoryError, torch's (CUDA) OutOfMemoryError, or torch's CPU allocator failing, which raises
-    a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def run(main, prog: str, argv: list[str] | None = None, *, oom_hint: str = "",
@@ -65,12 +51,15 @@ def run(main, prog: str, argv: list[str] | None = None, *, oom_hint: str = "",
         if e.errno not in FILE_ERRNOS:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror or _first_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {where}{e.strerror}", file=sys.stderr)  # errno set: strerror is too
         return EXIT_ERROR
     except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
+        # numpy's MemoryError; torch's OutOfMemoryError ("CUDA out of memory"), a RuntimeError, and its CPU
+        # allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")
+        if isinstance(e, RuntimeError) and not any(s in str(e).lower() for s in OUT_OF_MEMORY_TEXTS):
             raise
-        print(f"{prog}: error: out of memory ({_first_line(e)}){oom_hint}", file=sys.stderr)
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"{prog}: error: out of memory ({first_line}){oom_hint}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -96,9 +85,9 @@ def seed_arg(text: str) -> int:
     try:
         seed = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {seed}")
+        seed = None
+    if seed is None or not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
     return seed
 
 
@@ -111,8 +100,7 @@ def cannot_write(path: str | Path, *, folder: bool) -> str | None:
     target = path if folder else path.parent
     try:
         target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target):
-            pass
+        tempfile.TemporaryFile(dir=target).close()  # a probe: can a file be made there?
     except (FileExistsError, NotADirectoryError):  # a file stands where a folder must be
         blocker = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), target)
         return f"{blocker} is {'a file' if blocker.exists() else 'a broken link'}, not a folder"
@@ -158,21 +146,19 @@ def atomic_folder(path, files: dict[str, bytes]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
-    old = None
+    old = path.with_name(f".{path.name}.old{TMP_SUFFIX}")  # the folder being replaced, until the new one is in
+    shutil.rmtree(old, ignore_errors=True)  # a leftover of an interrupted write
     try:
         for name, data in files.items():
             atomic_write(tmp / name, data)
         os.chmod(tmp, 0o777 & ~_UMASK)
         if path.exists():
-            old = path.with_name(f".{path.name}.old{TMP_SUFFIX}")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
+        if old.exists() and not path.exists():
             os.replace(old, path)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return path

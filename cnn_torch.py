@@ -26,7 +26,8 @@ Filters: "constant" (base_filters in every layer), "double" (base_filters * 2**i
 explicit list of five counts such as "32,32,64,64,128" (base_filters is then unused). Kernel sizes 1, 3, 5, 7.
 Initialisation of the convolution weights (biases are zero), by mlp_scratch.init_std as for the MLP: "random"
 N(0, 0.01^2); "xavier" Glorot normal, std = sqrt(2 / (fan_in + fan_out)); "he" Kaiming normal,
-std = sqrt(2 / fan_in), where fan_in = C_in * k * k and fan_out = C_out * k * k. With BatchNorm the convolutions have no bias (BatchNorm's shift replaces it).
+std = sqrt(2 / fan_in), where fan_in = C_in * k * k and fan_out = C_out * k * k. With BatchNorm the
+convolutions have no bias (BatchNorm's shift replaces it).
 
 The classifier (Q3d) is the numpy `MLP` of question 2. In joint mode every batch goes
 images -> backbone (torch autograd) -> features -> MLP.forward (numpy) -> softmax_cross_entropy (hand-written)
@@ -53,13 +54,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 import cli
 import mlp_scratch
@@ -68,7 +70,7 @@ from preprocessing import IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, Splits
 
 POOLS = ("max", "avg", "gap")
 KERNELS = (1, 3, 5, 7)  # odd, so that 'same' padding is k // 2 on every side
-INITS = ("random", "xavier", "he")  # the formulas: mlp_scratch.init_std (one for both models); this order is the study's
+INITS = ("random", "xavier", "he")  # formulas: mlp_scratch.init_std (one for both models); the study's order
 HEAD_MODES = ("joint", "frozen")
 OPTIMIZERS = ("adamw", "adam", "sgd")  # names mlp_scratch.make_optimizer also knows, for the head
 SCHEDULES = ("onecycle", "cosine")
@@ -77,6 +79,7 @@ ONECYCLE_WARMUP = 0.25  # "onecycle" = "cosine" after a linear warm-up over this
 # Caps that turn absurd sizes into one-line errors instead of an out-of-memory crash much later.
 MAX_FILTERS, MAX_BATCH, MAX_THREADS = 2048, 65536, 1024
 MAX_HEAD_WIDTH, MAX_EPOCHS = mlp_scratch.MAX_WIDTH, mlp_scratch.MAX_EPOCHS
+VAL_BATCH, PREDICT_BATCH = 1024, 512  # images per forward pass when validating / predicting (results depend on it)
 CHECKPOINT_FILES = ("backbone.pt", "head.npz", "config.json")
 IMAGES_MESSAGE = (f"expected floating-point images of shape (N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}), (N, {IMAGE_SIDE}, "
                   f"{IMAGE_SIDE}) or (N, {INPUT_DIM}) with finite pixels in [0, 1]; got {{}}. Scale pixels to "
@@ -158,11 +161,9 @@ CHOICES = {"kernel_size": KERNELS, "pool": POOLS, "init": INITS, "head_mode": HE
 CONFIG_FIELDS = {f.name for f in fields(CNNConfig)}
 
 
-def parse_filters(filters: str | list[int], base_filters: int = 32) -> list[int]:
+def parse_filters(filters: str, base_filters: int = 32) -> list[int]:
     """The five per-layer filter counts of "constant", "double" or an explicit list; ValueError if invalid."""
-    if isinstance(filters, (list, tuple)):
-        counts = [int(c) for c in filters]
-    elif filters in ("constant", "double"):
+    if filters in ("constant", "double"):
         counts = [base_filters * (2 ** i if filters == "double" else 1) for i in range(5)]
     else:
         try:
@@ -177,16 +178,16 @@ def parse_filters(filters: str | list[int], base_filters: int = 32) -> list[int]
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda, then mps, then cpu; an explicit name must be available here."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        return torch.device(next(kind for kind, here in available.items() if here))
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
+    if device is None or device.type not in available:
         raise ValueError(f"device must be auto, cpu, cuda[:i] or mps, got {name!r}")
-    if device.type != "cpu" and not (torch.cuda.is_available() if device.type == "cuda" else mps):
+    if not available[device.type]:
         raise ValueError(f"device {name!r} requested but {device.type.upper()} is not available here")
     return device
 
@@ -196,13 +197,11 @@ def resolve_device(name: str) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------
 class CNNBackbone(nn.Module):
     """(N, 1, 28, 28) images in [0, 1] -> (N, feature_dim) features: five conv(+BN)+ReLU blocks and three
-    pooling sites, as `config` says. The weights are drawn from torch's global RNG (build_backbone seeds it)."""
+    pooling sites, as `config` (checked by CNNConfig.validate) says. The weights are drawn from torch's global
+    RNG (build_backbone seeds it)."""
 
     def __init__(self, config: CNNConfig, input_mean: float = 0.0, input_std: float = 1.0):
         super().__init__()
-        if config.pool not in POOLS or config.kernel_size not in KERNELS:
-            raise ValueError(f"pool, kernel_size must be in {POOLS}, {KERNELS}; got {config.pool!r}, "
-                             f"{config.kernel_size!r}")
         c1, c2, c3, c4, c5 = self.channels = parse_filters(config.filters, config.base_filters)
         self.kernel_size = k = config.kernel_size
         self.init, bn = config.init, config.batchnorm
@@ -274,9 +273,8 @@ def check_images(images) -> torch.Tensor:
     x = torch.as_tensor(x)
     if tuple(x.shape[1:]) not in ((1, IMAGE_SIDE, IMAGE_SIDE), (IMAGE_SIDE, IMAGE_SIDE), (INPUT_DIM,)):
         raise ValueError(IMAGES_MESSAGE.format(f"shape {tuple(x.shape)}"))
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(IMAGES_MESSAGE.format("non-finite pixels"))
-    if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+    # min() and max() propagate NaN, so this one test refuses NaN and inf as well as 0-255 pixels.
+    if x.numel() and not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):
         raise ValueError(IMAGES_MESSAGE.format(f"pixels in [{float(x.min()):g}, {float(x.max()):g}]"))
     return x.float().reshape(len(x), 1, IMAGE_SIDE, IMAGE_SIDE)
 
@@ -285,33 +283,28 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _map_features(backbone: CNNBackbone, x: torch.Tensor, fn: Callable[[torch.Tensor], np.ndarray],
-                  device: torch.device, precision: str, channels_last: bool, batch_size: int) -> np.ndarray:
-    """fn applied to the eval-mode float32 features (B, feature_dim) of consecutive batches of checked images
-    x (N, 1, 28, 28), outside autocast; the results concatenated."""
+def map_batches(backbone: CNNBackbone, fn: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor,
+                config: CNNConfig, batch_size: int, tta: bool = False) -> np.ndarray:
+    """fn (a head's logits, or the features as numpy) of the eval-mode float32 features (B, feature_dim) of
+    consecutive batches of checked images x (N, 1, 28, 28), outside autocast; the results concatenated. With
+    `tta`, fn gives logits, and the result is the logits of the mean softmax of each image and its mirror.
+    Every evaluation goes through here: validation during training and the classifier's predictions."""
     backbone.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].to(device)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), _autocast(device, precision):
-            features = backbone(xb).float()
-        out.append(fn(features))
-    return np.concatenate(out)
+    device = next(backbone.parameters()).device
 
+    def over_batches(images: torch.Tensor) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            xb = images[start:start + batch_size].to(device)
+            if config.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), _autocast(device, config.precision):
+                features = backbone(xb).float()
+            out.append(fn(features))
+        return np.concatenate(out) if out else fn(torch.zeros(0, backbone.feature_dim, device=device))
 
-def extract_features(backbone: CNNBackbone, images, batch_size: int = 512, device: str | torch.device = "cpu",
-                     precision: str = "fp32", channels_last: bool = False) -> np.ndarray:
-    """Features of `images` in [0, 1] with the backbone in eval mode -> (N, feature_dim) float32.
-
-    The backbone is left in eval mode on `device`."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    x = check_images(images)
-    backbone.to(device)
-    if len(x) == 0:
-        return np.zeros((0, backbone.feature_dim), np.float32)
-    return _map_features(backbone, x, lambda f: f.cpu().numpy(), device, precision, channels_last, batch_size)
+    z = over_batches(x)
+    return mean_softmax_logits(z, over_batches(x.flip(3))).astype(np.float32) if tta else z
 
 
 def mean_softmax_logits(logits_a: np.ndarray, logits_b: np.ndarray) -> np.ndarray:
@@ -322,16 +315,9 @@ def mean_softmax_logits(logits_a: np.ndarray, logits_b: np.ndarray) -> np.ndarra
     return np.logaddexp(log_a, log_b) - np.log(2.0)
 
 
-def _with_tta(tta: bool, logits_of: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor) -> np.ndarray:
-    """logits_of(x), or with test-time mirroring those of the mean softmax of each image and its mirror."""
-    z = logits_of(x)
-    return mean_softmax_logits(z, logits_of(x.flip(3))).astype(np.float32) if tta else z
-
-
 def scores(logits: np.ndarray, y) -> dict:
-    """{"loss": mean cross-entropy, "acc": accuracy} of logits (N, 10): the CNN's one evaluation, through the
-    project's one loss (mlp_scratch.softmax_cross_entropy). mlp_scratch.evaluate takes an MLP and inputs; the
-    CNN's logits come from the backbone, batch by batch, so this takes the logits."""
+    """{"loss": mean cross-entropy, "acc": accuracy} of logits (N, 10), through the project's one loss
+    (mlp_scratch.softmax_cross_entropy) on all the logits at once."""
     y = np.asarray(y, dtype=np.int64)
     loss, _ = mlp_scratch.softmax_cross_entropy(logits, y)
     return {"loss": float(loss), "acc": float((logits.argmax(axis=1) == y).mean())}
@@ -348,41 +334,36 @@ class CNNClassifier:
     def n_params(self) -> int:
         return self.backbone.n_params + int(self.head.n_params)
 
-    def features(self, images, batch_size: int = 512) -> np.ndarray:
+    def features(self, images, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """(N, feature_dim) float32 features of images in [0, 1]."""
-        device = next(self.backbone.parameters()).device
-        return extract_features(self.backbone, images, batch_size, device, self.config.precision,
-                                self.config.channels_last)
+        return map_batches(self.backbone, lambda f: f.cpu().numpy(), check_images(images), self.config, batch_size)
 
-    def logits(self, images, batch_size: int = 512) -> np.ndarray:
+    def logits(self, images, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """(N, 10) logits; with config.tta, those of the mean softmax over each image and its mirror."""
-        x = check_images(images)
         with threadpool_limits(limits=1, user_api="blas"):
-            return _with_tta(self.config.tta, lambda v: self.head.forward(self.features(v, batch_size)), x)
+            return map_batches(self.backbone, lambda f: self.head.forward(f.cpu().numpy()), check_images(images),
+                               self.config, batch_size, self.config.tta)
 
-    def predict_proba(self, images, batch_size: int = 512) -> np.ndarray:
+    def predict_proba(self, images, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         return mlp_scratch.softmax(self.logits(images, batch_size).astype(np.float64)).astype(np.float32)
 
-    def predict(self, images, batch_size: int = 512) -> np.ndarray:
+    def predict(self, images, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         return self.logits(images, batch_size).argmax(axis=1)  # (N,) class ids
 
-    def checkpoint_files(self) -> dict[str, bytes]:
-        """The checkpoint's three files as bytes: backbone.pt (the backbone's state_dict, tensors only),
-        head.npz (MLP.save) and config.json ({"config": CNNConfig.to_dict(), "feature_dim": int})."""
+    def save(self, path) -> Path:
+        """Write the checkpoint DIRECTORY `path` all at once (cli.atomic_folder: a full disk leaves the old
+        folder, or none, never part of one): backbone.pt (the backbone's state_dict, tensors only), head.npz
+        (the MLP's file) and config.json ({"config": CNNConfig.to_dict(), "feature_dim": int}). A folder
+        holding anything but a checkpoint is refused."""
+        if why := not_a_checkpoint_folder(path):
+            raise ValueError(why)
         backbone = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, backbone)
         with tempfile.TemporaryDirectory() as tmp:  # MLP.save writes a path; its bytes are what we keep
             head = self.head.save(Path(tmp) / "head.npz").read_bytes()
         meta = {"config": self.config.to_dict(), "feature_dim": self.backbone.feature_dim}
-        return {"backbone.pt": backbone.getvalue(), "head.npz": head,
-                "config.json": (json.dumps(meta, indent=2) + "\n").encode()}
-
-    def save(self, path) -> Path:
-        """Write the checkpoint DIRECTORY `path` all at once (cli.atomic_folder): a full disk leaves the old
-        folder, or none, never part of one. A folder holding anything but a checkpoint is refused."""
-        if why := not_a_checkpoint_folder(path):
-            raise ValueError(why)
-        return cli.atomic_folder(path, self.checkpoint_files())
+        return cli.atomic_folder(path, {"backbone.pt": backbone.getvalue(), "head.npz": head,
+                                        "config.json": (json.dumps(meta, indent=2) + "\n").encode()})
 
 
 def not_a_checkpoint_folder(path) -> str | None:
@@ -510,17 +491,7 @@ def lr_scale_schedule(config: CNNConfig, total_steps: int) -> Callable[[int], fl
 # ----------------------------------------------------------------------------------------------------------
 # The bridge: where the CNN's features enter the scratch MLP
 # ----------------------------------------------------------------------------------------------------------
-class Head(Protocol):
-    """What fit() trains on the backbone's features: ScratchHead (the numpy MLP, the classifier) or
-    LinearHead (frozen mode's temporary torch layer, discarded after the backbone phase)."""
-    def forward_backward(self, features: torch.Tensor, y: torch.Tensor, label_smoothing: float): ...
-    def step(self, lr_scale: float) -> None: ...
-    def logits(self, features: torch.Tensor) -> np.ndarray: ...
-    def state(self): ...
-    def load_state(self, state) -> None: ...
-
-
-def forward_backward(backbone: CNNBackbone, head: Head, x: torch.Tensor, y: torch.Tensor,
+def forward_backward(backbone: CNNBackbone, head, x: torch.Tensor, y: torch.Tensor,
                      precision: str = "fp32", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """THE BRIDGE. torch computes the features; the head (for ScratchHead: numpy, by hand) computes the loss
     and dL/dfeatures; features.backward(dL/dfeatures) continues the chain rule into the backbone exactly as if
@@ -534,48 +505,45 @@ def forward_backward(backbone: CNNBackbone, head: Head, x: torch.Tensor, y: torc
     return loss, logits
 
 
+# The two heads fit() trains on the features answer the same calls: forward_backward, step, logits, and
+# `model`, the layer(s) whose weights fit() keeps from the best epoch.
 class ScratchHead:
     """The numpy MLP of question 2 as the training head: features cross into numpy, dL/dfeatures comes back."""
 
     def __init__(self, mlp: mlp_scratch.MLP, config: CNNConfig):
-        self.mlp, self.base_lr = mlp, config.head_lr
+        self.model, self.base_lr = mlp, config.head_lr
         self.optimizer = mlp_scratch.make_optimizer(config.optimizer, config.head_lr, config.momentum,
                                                     config.weight_decay)
 
     def forward_backward(self, features, y, label_smoothing):
         """features (B, F) detached, y (B,) -> (loss, logits (B, 10), dL/dfeatures (B, F)) as tensors on the
-        features' device; fills mlp.grads."""
-        logits = self.mlp.forward(features.cpu().numpy(), train=True)                            # numpy forward
+        features' device; fills the MLP's grads."""
+        logits = self.model.forward(features.cpu().numpy(), train=True)                          # numpy forward
         loss, dlogits = mlp_scratch.softmax_cross_entropy(logits, y.cpu().numpy(), label_smoothing)  # by hand
-        dfeatures = self.mlp.backward(dlogits)                                                   # numpy backward
+        dfeatures = self.model.backward(dlogits)                                                 # numpy backward
         return (torch.tensor(loss, dtype=torch.float64), torch.from_numpy(logits).to(features.device),
                 torch.from_numpy(np.ascontiguousarray(dfeatures, np.float32)).to(features.device))
 
     def step(self, lr_scale: float) -> None:
         self.optimizer.lr = self.base_lr * lr_scale
-        self.optimizer.step(self.mlp.params, self.mlp.grads)
+        self.optimizer.step(self.model.params, self.model.grads)
 
     def logits(self, features: torch.Tensor) -> np.ndarray:
-        return self.mlp.forward(features.cpu().numpy(), train=False)
-
-    def state(self):
-        return self.mlp.state()
-
-    def load_state(self, state) -> None:
-        self.mlp.load_state(state)
+        return self.model.forward(features.cpu().numpy(), train=False)
 
 
 class LinearHead:
-    """Frozen mode's temporary head: a torch nn.Linear behind the same calls, stepped at the backbone's rate."""
+    """Frozen mode's temporary head: a torch nn.Linear behind the same calls, stepped at the backbone's rate,
+    discarded after the backbone phase."""
 
     def __init__(self, config: CNNConfig, feature_dim: int, device: torch.device):
         torch.manual_seed(config.seed + 7)
-        self.linear, self.base_lr = nn.Linear(feature_dim, NUM_CLASSES).to(device), config.lr
-        self.optimizer = make_torch_optimizer(config, list(self.linear.named_parameters()), config.lr)
+        self.model, self.base_lr = nn.Linear(feature_dim, NUM_CLASSES).to(device), config.lr
+        self.optimizer = make_torch_optimizer(config, list(self.model.named_parameters()), config.lr)
 
     def forward_backward(self, features, y, label_smoothing):
         features.requires_grad_(True)
-        loss = F.cross_entropy(logits := self.linear(features), y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits := self.model(features), y, label_smoothing=label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach(), logits.detach(), features.grad
@@ -587,16 +555,10 @@ class LinearHead:
 
     def logits(self, features: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return self.linear(features).cpu().numpy()
-
-    def state(self):
-        return copy.deepcopy(self.linear.state_dict())
-
-    def load_state(self, state) -> None:
-        self.linear.load_state_dict(state)
+            return self.model(features).cpu().numpy()
 
 
-def train_step(backbone: CNNBackbone, head: Head, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def train_step(backbone: CNNBackbone, head, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor, config: CNNConfig, lr_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One step at lr_scale x the peak rates: forward_backward, then both optimizers step. (loss, logits)."""
     for g in optimizer.param_groups:
@@ -607,11 +569,11 @@ def train_step(backbone: CNNBackbone, head: Head, optimizer: torch.optim.Optimiz
     return loss, logits
 
 
-def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: Head, optimizer, X: torch.Tensor,
-                y: torch.Tensor, lr_scale_at: Callable[[int], float], step0: int, gen: torch.Generator,
-                shuffle_gen: torch.Generator, bar=None) -> dict:
-    """One pass over X (N, 1, 28, 28) and y (N,), both on the device, in a fresh order, augmented.
-    Returns {"loss", "acc"} (running means, train mode), "steps" and "diverged" (a non-finite loss).
+def train_epoch(config: CNNConfig, backbone: CNNBackbone, head, optimizer, X: torch.Tensor, y: torch.Tensor,
+                lr_scale_at: Callable[[int], float], step0: int, gen: torch.Generator, shuffle_gen: torch.Generator,
+                bar_title: str | None = None) -> tuple[float, float]:
+    """One pass over X (N, 1, 28, 28) and y (N,), both on the device, in a fresh order, augmented (a progress
+    bar with `bar_title`, unless None). Returns the running mean loss and accuracy (train mode).
 
     The running sums stay on the device, read once at the end: a GPU never waits for the host mid-epoch. A
     non-finite loss is therefore caught at the end of its epoch (NaN weights stay NaN, so nothing is missed)."""
@@ -619,8 +581,8 @@ def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: Head, optimizer,
     order = torch.randperm(len(X), generator=shuffle_gen).to(X.device)  # drawn on the CPU: same on every device
     loss_sum = torch.zeros((), dtype=torch.float64, device=X.device)
     correct = torch.zeros((), dtype=torch.int64, device=X.device)
-    steps = 0
-    for start in range(0, len(X), config.batch_size):
+    starts = range(0, len(X), config.batch_size)
+    for step, start in enumerate(tqdm(starts, bar_title, leave=False, dynamic_ncols=True, disable=not bar_title)):
         idx = order[start:start + config.batch_size]
         x, yb = X[idx], y[idx]
         if config.augment:
@@ -629,80 +591,54 @@ def train_epoch(config: CNNConfig, backbone: CNNBackbone, head: Head, optimizer,
             x = erase_batch(x, gen, config.erase)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, logits = train_step(backbone, head, optimizer, x, yb, config, lr_scale_at(step0 + steps))
-        steps += 1
+        loss, logits = train_step(backbone, head, optimizer, x, yb, config, lr_scale_at(step0 + step))
         loss_sum += loss.double() * len(idx)
         correct += (logits.argmax(dim=1) == yb).sum()
-        if bar is not None:
-            bar.update(1)
-            if steps % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / (start + len(idx)):.4f}", refresh=False)
-    loss = loss_sum.item() / len(X)
-    if not math.isfinite(loss):
-        return {"loss": float("nan"), "acc": float("nan"), "steps": steps, "diverged": True}
-    return {"loss": loss, "acc": correct.item() / len(X), "steps": steps, "diverged": False}
+    return loss_sum.item() / len(X), correct.item() / len(X)
 
 
-def fit(config: CNNConfig, backbone: CNNBackbone, head: Head, data: dict, device: torch.device, *,
+def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torch.device, *,
         progress: bool, log: Callable[[str], None], phase: str) -> dict:
     """config.epochs of train_epoch + validation on data {"X", "y_device", "X_val", "y_val"} (training tensors
-    on the device, validation labels in numpy); the weights of the epoch with the best val accuracy are
-    restored. Returns {"history", "best_epoch", "epochs_run", "diverged"}."""
+    on the device, validation labels in numpy) with a ScratchHead or a LinearHead. The backbone ends with the
+    weights of the epoch with the best val accuracy; returns {"history", "best_epoch", "epochs_run",
+    "diverged", "head"} (a copy of head.model from that epoch)."""
     optimizer = make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
     steps_per_epoch = math.ceil(len(data["X"]) / config.batch_size)
     lr_scale_at = lr_scale_schedule(config, steps_per_epoch * config.epochs)
     gen = torch.Generator(device=device).manual_seed(config.seed)   # augmentation
     shuffle_gen = torch.Generator().manual_seed(config.seed + 1)    # batch order
-    best = {"val_acc": -1.0, "epoch": 0, "backbone": copy.deepcopy(backbone.state_dict()), "head": head.state()}
-    history, diverged, step = [], False, 0
+    best = {"val_acc": -1.0, "epoch": 0, "weights": copy.deepcopy((backbone.state_dict(), head.model))}
+    history, diverged = [], False
     for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        bar = _progress_bar(progress, steps_per_epoch, f"{phase} epoch {epoch}/{config.epochs}")
-        stats = train_epoch(config, backbone, head, optimizer, data["X"], data["y_device"], lr_scale_at, step, gen,
-                            shuffle_gen, bar)
-        if bar is not None:
-            bar.close()
+        t0, step = time.perf_counter(), (epoch - 1) * steps_per_epoch
+        train_loss, train_acc = train_epoch(config, backbone, head, optimizer, data["X"], data["y_device"],
+                                            lr_scale_at, step, gen, shuffle_gen,
+                                            f"{phase} epoch {epoch}/{config.epochs}" if progress else None)
         train_seconds = time.perf_counter() - t0
-        val = {"loss": math.nan, "acc": math.nan} if stats["diverged"] else scores(_with_tta(
-            config.tta, lambda v: _map_features(backbone, v, head.logits, device, config.precision,
-                                                config.channels_last, 1024), data["X_val"]), data["y_val"])
+        val = {"loss": math.nan, "acc": math.nan} if not math.isfinite(train_loss) else scores(
+            map_batches(backbone, head.logits, data["X_val"], config, VAL_BATCH, config.tta), data["y_val"])
         if mlp_scratch.loss_blew_up(val["loss"], NUM_CLASSES):  # NaN when training itself hit a non-finite loss
             diverged = True
             log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(val['loss'], NUM_CLASSES)} -- diverged; "
                 f"best weights so far restored")
             break
-        row = {"epoch": epoch, "lr": config.lr * lr_scale_at(step), "train_loss": stats["loss"],
-               "train_acc": stats["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
+        row = {"epoch": epoch, "lr": config.lr * lr_scale_at(step), "train_loss": train_loss,
+               "train_acc": train_acc, "val_loss": val["loss"], "val_acc": val["acc"],
                "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "phase": phase}
-        step += stats["steps"]
         history.append(row)
-        log(f"[{phase}] epoch {epoch:3d}/{config.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  {row['seconds']:.1f}s")
+        log(f"[{phase}] epoch {epoch:3d}/{config.epochs}  lr {row['lr']:.2e}  train loss {train_loss:.4f} "
+            f"acc {train_acc:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  {row['seconds']:.1f}s")
         if val["acc"] > best["val_acc"]:
-            best = {"val_acc": val["acc"], "epoch": epoch, "backbone": copy.deepcopy(backbone.state_dict()),
-                    "head": head.state()}
+            best = {"val_acc": val["acc"], "epoch": epoch,
+                    "weights": copy.deepcopy((backbone.state_dict(), head.model))}
         elif config.patience and epoch - best["epoch"] >= config.patience:
             log(f"early stop: no val improvement for {config.patience} epochs (best {best['val_acc']:.4f} "
                 f"at epoch {best['epoch']})")
             break
-    backbone.load_state_dict(best["backbone"])
-    head.load_state(best["head"])
-    return {"history": history, "best_epoch": best["epoch"], "epochs_run": len(history), "diverged": diverged}
-
-
-def _progress_bar(progress: bool, total: int, desc: str):
-    """A tqdm bar on a terminal only: redraws never go into a log file."""
-    if not (progress and sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def subset_error(config: CNNConfig, n_train: int) -> str | None:
-    """Why config.subset cannot be drawn from n_train training images (it asks for more), or None."""
-    if config.subset is not None and config.subset > n_train:
-        return f"subset {config.subset} is more than the {n_train} training images"
-    return None
+    backbone.load_state_dict(best["weights"][0])
+    return {"history": history, "best_epoch": best["epoch"], "epochs_run": len(history), "diverged": diverged,
+            "head": best["weights"][1]}
 
 
 def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
@@ -710,13 +646,13 @@ def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
     """Train backbone + scratch MLP head on splits.X_train, choosing the epoch on splits.X_val.
 
     `config.subset` (if set) trains on a stratified subset of that many images (more than there are is a
-    ValueError); val (and test) stay whole. Never raises for a diverging run: it returns diverged=True with
+    cli.UserError); val (and test) stay whole. Never raises for a diverging run: it returns diverged=True with
     the best weights so far. numpy's BLAS is held at one thread meanwhile (its idle threads would steal
     torch's cores); torch's thread count is the caller's. Progress bars only when stderr is a terminal; `log`
     gets one line per epoch."""
     config.validate()
-    if why := subset_error(config, len(splits.y_train)):
-        raise ValueError(why)
+    if config.subset is not None and config.subset > len(splits.y_train):
+        raise cli.UserError(f"subset {config.subset} is more than the {len(splits.y_train)} training images")
     with threadpool_limits(limits=1, user_api="blas"):
         return _train(config, splits, progress=progress and sys.stderr.isatty(), log=log or (lambda line: None))
 
@@ -737,14 +673,15 @@ def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[
             "X_val": check_images(splits.X_val).to(device), "y_val": np.ascontiguousarray(splits.y_val, np.int64)}
     run = dict(progress=progress, log=log)
     if config.head_mode == "joint":
-        head = build_head(config, backbone.feature_dim)
-        fit_result = fit(config, backbone, ScratchHead(head, config), data, device, phase="joint", **run)
+        head = ScratchHead(build_head(config, backbone.feature_dim), config)
+        fit_result = fit(config, backbone, head, data, device, phase="joint", **run)
+        head = fit_result["head"]
     else:
         fit_result = fit(config, backbone, LinearHead(config, backbone.feature_dim, device), data, device,
                          phase="backbone", **run)
         head = build_head(config, backbone.feature_dim)
         if not fit_result["diverged"]:
-            head = _train_frozen_head(config, backbone, data, device, fit_result, **run)
+            head = _train_frozen_head(config, backbone, data, fit_result, **run)
     backbone.eval()
     classifier = CNNClassifier(backbone, head, config)
     return CNNTrainResult(classifier=classifier, history=fit_result["history"],
@@ -753,12 +690,12 @@ def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[
                           device=str(device), n_params=classifier.n_params)
 
 
-def _train_frozen_head(config: CNNConfig, backbone: CNNBackbone, data: dict, device: torch.device,
-                       fit_result: dict, *, progress: bool, log) -> mlp_scratch.MLP:
+def _train_frozen_head(config: CNNConfig, backbone: CNNBackbone, data: dict, fit_result: dict, *, progress: bool,
+                       log) -> mlp_scratch.MLP:
     """Frozen mode's second phase: mlp_scratch.train on the trained backbone's features (eval mode). Appends
     the head's epochs to fit_result (phase "head") and returns the trained MLP."""
     def features(X):
-        return extract_features(backbone, X, 1024, device, config.precision, config.channels_last)
+        return map_batches(backbone, lambda f: f.cpu().numpy(), X, config, VAL_BATCH)
 
     mlp_config = mlp_scratch.MLPConfig(
         hidden=list(config.head_hidden), activation=config.head_activation, dropout=config.head_dropout,
@@ -805,17 +742,16 @@ def init_statistics(config: CNNConfig, images, y) -> list[dict]:
 # The README table and the command line
 # ----------------------------------------------------------------------------------------------------------
 def describe(config: CNNConfig | None = None) -> str:
-    """Markdown table: for each pooling variant of `config`, feature size, parameters and compute."""
+    """Markdown table: for each pooling variant of `config` (the module docstring says what each pools where),
+    feature size, parameters and compute."""
     config = config or CNNConfig()
     lines = [f"Filters {parse_filters(config.filters, config.base_filters)}, kernel {config.kernel_size}, "
              f"BatchNorm {'on' if config.batchnorm else 'off'}, head hidden {list(config.head_hidden)}:", "",
-             "| pool | 2 downsampling sites | final site | feature_dim | backbone params | head params "
-             "| conv MMACs/image |", "|---|---|---|---:|---:|---:|---:|"]
-    for pool, down, final in (("max", "2x2 max", "2x2 max"), ("avg", "2x2 avg", "2x2 avg"),
-                              ("gap", "2x2 max", "global avg")):
+             "| pool | feature_dim | backbone params | head params | conv MMACs/image |", "|---|---:|---:|---:|---:|"]
+    for pool in POOLS:
         b = CNNBackbone(replace(config, pool=pool))
-        lines.append(f"| {pool} | {down} | {final} | {b.feature_dim} | {b.n_params:,} | "
-                     f"{build_head(config, b.feature_dim).n_params:,} | {b.conv_macs() / 1e6:.1f} |")
+        lines.append(f"| {pool} | {b.feature_dim} | {b.n_params:,} | {build_head(config, b.feature_dim).n_params:,} "
+                     f"| {b.conv_macs() / 1e6:.1f} |")
     return "\n".join(lines)
 
 
@@ -848,34 +784,34 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(_main, "cnn_torch.py", argv, oom_hint=OOM_HINT)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 data, memory or write error, 2 usage error, 3 diverged, 130 interrupted."""
+    return cli.run(_main, "cnn_torch.py", argv, oom_hint=OOM_HINT)
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = CNNConfig(**{k: v for k, v in vars(args).items() if k in CONFIG_FIELDS})
     try:
         config.validate()
-        if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-            raise ValueError(f"threads must be in [1, {MAX_THREADS}], got {args.threads}")
-        for flag, path, folder in (("--save", args.save, True), ("--json", args.json, False)):
-            # --save: its parent is checked (and made), so that a failed save leaves no empty folder behind.
-            if path and not args.describe and (why := cli.cannot_write(Path(path).parent if folder else path,
-                                                                       folder=folder)
-                                               or folder and not_a_checkpoint_folder(path)):
-                raise ValueError(f"{flag}: {why}")
     except ValueError as e:
         parser.error(str(e))
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.describe:
         print(describe(config))
         return 0
+    # --save: its parent is checked (and made), so that a failed save leaves no empty folder behind.
+    if args.save and (why := cli.cannot_write(Path(args.save).parent, folder=True)
+                      or not_a_checkpoint_folder(args.save)):
+        parser.error(f"--save: {why}")
+    if args.json and (why := cli.cannot_write(args.json, folder=False)):
+        parser.error(f"--json: {why}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print("config:", json.dumps(config.to_dict()))
-    try:
-        splits = preprocessing.load_splits(args.data_dir)
-    except preprocessing.DataError as e:  # until DataError is a cli.UserError itself
-        raise cli.UserError(str(e)) from None
-    if why := subset_error(config, len(splits.y_train)):
-        raise cli.UserError(why)
+    splits = preprocessing.load_splits(args.data_dir)
     result = train(config, splits, progress=not args.no_progress, log=print)
     if result.diverged:
         raise cli.Diverged(f"training diverged (the loss blew up) after {result.epochs_run} epochs; try a lower "

@@ -8,8 +8,6 @@ figures with their json data, the saved models), so that the figures and the rep
 unpacked zip without training. Never the data, a virtual environment, caches, hidden or temporary files
 (a lock, a half-written `.tmp`) or damaged run records set aside as `*.bad`.
 """
-from __future__ import annotations
-
 import io
 import sys
 import zipfile
@@ -21,14 +19,10 @@ from report.build import GROUP_FILE, ReportError, load_group
 REPO_DIR = Path(__file__).resolve().parent
 FILES = ("*.py", "requirements*.txt", "README.md", "Makefile", "pytest.ini", ".ci/run", "report/*.py",
          "report/report.typ", "report/group.toml", "report/references.bib", "report/report.pdf")
-TREES = ("tests", "benchmarks", "results")  # every file below them but those SKIPPED
+TREES = ("tests", "benchmarks", "results")  # every file below them but those skipped
 REQUIRED = {"report/report.pdf": "build it first with `make report` (or `python -m report.build`)",
             "results/summary.json": "run the study first (`make study`)",
             "README.md": "", "Makefile": "", "requirements.txt": ""}
-
-
-class ZipError(cli.UserError):
-    """One-line reason why the zip cannot be built."""
 
 
 def skipped(rel: Path) -> bool:
@@ -36,24 +30,24 @@ def skipped(rel: Path) -> bool:
 
 
 def submission_files(repo: Path = REPO_DIR) -> list[str]:
-    """Paths (relative, POSIX) that go into the zip; raises ZipError when a required one is missing."""
+    """Paths (relative, POSIX) that go into the zip; raises cli.UserError when a required one is missing."""
     for rel, hint in REQUIRED.items():
         if not (repo / rel).is_file():
-            raise ZipError(f"{rel} is missing from {repo}" + (f": {hint}" if hint else ""))
-    files = {p for pattern in FILES for p in repo.glob(pattern) if p.is_file()}
-    files |= {p for tree in TREES for p in (repo / tree).rglob("*")
-              if p.is_file() and not skipped(p.relative_to(repo))}
+            raise cli.UserError(f"{rel} is missing from {repo}" + (f": {hint}" if hint else ""))
+    files = {p for pattern in FILES for p in repo.glob(pattern)}
+    files |= {p for tree in TREES for p in (repo / tree).rglob("*") if not skipped(p.relative_to(repo))}
     if (repo / "results/summary.json").stat().st_mtime > (repo / "report/report.pdf").stat().st_mtime:
         print("warning: results/summary.json is newer than report/report.pdf: rebuild it with `make report`",
               file=sys.stderr)
-    return sorted(p.relative_to(repo).as_posix() for p in files)
+    return sorted(p.relative_to(repo).as_posix() for p in files if p.is_file())
 
 
 def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Write <out_dir>/<group_name>.zip (atomically) and say so; returns its path."""
     try:
         group = load_group(group_file or repo / "report" / "group.toml")
     except ReportError as e:
-        raise ZipError(str(e)) from None
+        raise cli.UserError(str(e)) from None
     if group["placeholder"]:
         print(f"warning: {group_file or 'report/group.toml'} is not filled in: the zip is named "
               f"{group['zip_name']}.zip and the report shows placeholders", file=sys.stderr)
@@ -66,6 +60,7 @@ def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Pat
             zf.write(repo / rel, f"{name}/{rel}")
     out = (out_dir or repo) / f"{name}.zip"
     cli.atomic_write(out, buf.getbuffer())  # never a half-written zip under the final name
+    print(f"wrote {out} ({len(files)} files, {buf.getbuffer().nbytes / 1e6:.1f} MB)")
     return out
 
 
@@ -76,10 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=cli.path_arg, default=str(REPO_DIR),
                    help="where to write the zip (default: the repository root)")
     args = p.parse_args(argv)
-    out = make_zip(REPO_DIR, Path(args.group_file), Path(args.out_dir))
-    with zipfile.ZipFile(out) as zf:
-        n = len(zf.namelist())
-    print(f"wrote {out} ({n} files, {out.stat().st_size / 1e6:.1f} MB)")
+    make_zip(REPO_DIR, Path(args.group_file), Path(args.out_dir))
     return 0
 
 

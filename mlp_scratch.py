@@ -31,7 +31,6 @@ from preprocessing import IMAGE_SIDE, INPUT_DIM, NUM_CLASSES
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "sigmoid")
 INITS = ("he", "xavier", "random")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
 LEAKY_SLOPE = 0.01  # torch's default negative slope
 EVAL_BATCH = 4096  # rows per forward pass when evaluating: bounds memory, big enough for fast matmuls
 PIXEL_RANGE = (0.0, 1.0)  # input_range of a model fed pixels; None for a head fed CNN features
@@ -204,6 +203,7 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray,
     return float(nll), dlogits
 
 
+
 # --------------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------------
@@ -226,18 +226,15 @@ class MLP:
             raise ValueError(f"hidden widths must be in [1, {MAX_WIDTH}], got {list(hidden)}")
         self.in_dim, self.hidden, self.out_dim = int(in_dim), [int(h) for h in hidden], int(out_dim)
         self.activation, self.dropout, self.init, self.seed = activation, float(dropout), init, seed
-        self.dtype = np.dtype(dtype)
+        self.dtype, self.input_mean, self.input_std = np.dtype(dtype), None, None
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
-        self.input_mean: float | None = None
-        self.input_std: float | None = None
         self.rng = np.random.default_rng(seed)  # initial weights and dropout masks; never the global seed
         dims = [self.in_dim, *self.hidden, self.out_dim]
         self.linears = [Linear(a, b, init, self.rng, self.dtype) for a, b in zip(dims[:-1], dims[1:])]
-        self.body: list = []
-        for i, linear in enumerate(self.linears):
-            if i:  # between two Linear layers: the activation, then dropout
-                self.body.append(ACTIVATION_LAYERS[activation]())
-                self.body += [Dropout(self.dropout, self.rng)] if self.dropout > 0 else []
+        self.body: list = [self.linears[0]]
+        for linear in self.linears[1:]:  # between two Linear layers: the activation, then dropout
+            self.body.append(ACTIVATION_LAYERS[activation]())
+            self.body += [Dropout(self.dropout, self.rng)] if self.dropout > 0 else []
             self.body.append(linear)
         self.params = {f"{k}{i}": p for i, lin in enumerate(self.linears, 1) for k, p in lin.params.items()}
 
@@ -288,38 +285,28 @@ class MLP:
         for k, v in self.params.items():
             v[...] = state[k]  # in place: optimizers and layers hold these very arrays
 
-    def save(self, path: str | Path) -> Path:
-        return save_model(self, path)
-
-    @staticmethod
-    def load(path: str | Path) -> "MLP":
-        return load_model(path)
-
 
 # --------------------------------------------------------------------------------------------------
 # Beside the maths: what input the model takes, and its file
 # --------------------------------------------------------------------------------------------------
-IMAGE_SHAPES = ((IMAGE_SIDE, IMAGE_SIDE), (1, IMAGE_SIDE, IMAGE_SIDE))
-
-
 def check_input(model: MLP, X) -> np.ndarray:
     """X as (N, in_dim) if it is what the model takes: rows (N, in_dim), or for a 784-input model images
     (N, 28, 28) / (N, 1, 28, 28); floating, finite and, for a pixel model, inside input_range. Otherwise one
     ValueError saying what to do."""
     X = np.asarray(X)
-    if model.in_dim == INPUT_DIM and X.shape[1:] in IMAGE_SHAPES:
+    if model.in_dim == INPUT_DIM and X.shape[1:] in ((IMAGE_SIDE, IMAGE_SIDE), (1, IMAGE_SIDE, IMAGE_SIDE)):
         X = X.reshape(len(X), INPUT_DIM)
     if X.ndim != 2 or X.shape[1] != model.in_dim:
         images = ", (N, 28, 28) or (N, 1, 28, 28)" if model.in_dim == INPUT_DIM else ""
         raise ValueError(f"input must have shape (N, {model.in_dim}){images}, got {X.shape}")
-    pixels, lo_hi = model.input_range is not None, model.input_range
+    lo_hi = model.input_range
     if X.dtype.kind != "f":
         raise ValueError(f"input must be floating point, got {X.dtype}"
-                         + (": scale pixels to [0, 1], divide uint8 images by 255" if pixels else ""))
+                         + (": scale pixels to [0, 1], divide uint8 images by 255" if lo_hi else ""))
     if not np.isfinite(X).all():
         raise ValueError(f"input holds {np.isnan(X).sum()} NaN and {np.isinf(X).sum()} infinite values: "
                          "remove or repair those rows")
-    if pixels and X.size and (X.min() < lo_hi[0] or X.max() > lo_hi[1]):
+    if lo_hi and X.size and (X.min() < lo_hi[0] or X.max() > lo_hi[1]):
         raise ValueError(f"pixels must be scaled to [{lo_hi[0]:g}, {lo_hi[1]:g}], got values in "
                          f"[{X.min():g}, {X.max():g}]: divide uint8 images by 255")
     return X
@@ -338,8 +325,8 @@ def model_bytes(model: MLP) -> bytes:
 
 
 def save_model(model: MLP, path: str | Path) -> Path:
-    """Writes the model's .npz atomically (a full disk leaves any old file as it was, never half a file).
-    Returns the path written (.npz is appended when missing)."""
+    """Writes model_bytes atomically (a full disk leaves any old file as it was). Returns the path written
+    (.npz appended if missing)."""
     path = Path(path)
     path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
     cli.atomic_write(path, model_bytes(model))
@@ -347,8 +334,8 @@ def save_model(model: MLP, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path) -> MLP:
-    """The model save_model wrote. Anything else (a pickle, wrong shapes, weights that are not finite
-    floating-point numbers, a std <= 0) raises one ValueError naming the file."""
+    """The model save_model wrote. Anything else (truncated, a pickle, wrong shapes, weights that are not
+    finite floating-point numbers, a std <= 0) raises one ValueError naming the file."""
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".npz").exists():
         path = path.with_name(path.name + ".npz")
@@ -358,35 +345,36 @@ def load_model(path: str | Path) -> MLP:
             model = MLP(meta["in_dim"], meta["hidden"], meta["out_dim"], meta["activation"], meta["dropout"],
                         meta["init"], meta["seed"], dtype=meta["dtype"], input_range=meta.get("input_range"))
             arrays = {k: f[k] for k in model.params}
-            if model.dtype.kind != "f":
-                raise ValueError(f"dtype {model.dtype} is not floating point")
+        if model.dtype.kind != "f":
+            raise ValueError(f"dtype {model.dtype} is not floating point")
+        for k, a in arrays.items():
+            if a.dtype.kind != "f":
+                raise ValueError(f"{k} holds {a.dtype} values, expected floating-point weights")
+            if a.shape != model.params[k].shape:
+                raise ValueError(f"{k} has shape {a.shape}, expected {model.params[k].shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{k} holds NaN or infinite weights")
+        stats = meta.get("input_mean"), meta.get("input_std")
+        if stats != (None, None) and not (all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats)
+                                          and stats[1] > 0):
+            raise ValueError(f"input_mean {stats[0]} / input_std {stats[1]}: need a finite mean and std > 0")
     except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a model written by MLP.save ({e})") from None
-    for k, a in arrays.items():
-        if a.dtype.kind != "f":
-            raise ValueError(f"{path}: {k} holds {a.dtype} values, expected floating-point weights")
-        if a.shape != model.params[k].shape:
-            raise ValueError(f"{path}: {k} has shape {a.shape}, expected {model.params[k].shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"{path}: {k} holds NaN or infinite weights")
-    mean, std = meta.get("input_mean"), meta.get("input_std")
-    number = (int, float)
-    if not ((mean is None and std is None) or (isinstance(mean, number) and isinstance(std, number)
-                                               and math.isfinite(mean) and math.isfinite(std) and std > 0)):
-        raise ValueError(f"{path}: input_mean {mean} / input_std {std}: need a finite mean and std > 0")
     model.load_state(arrays)
-    model.input_mean, model.input_std = mean, std
+    model.input_mean, model.input_std = stats
     return model
 
 
-def evaluate(model, X, y: np.ndarray, batch_size: int = EVAL_BATCH) -> dict:
-    """{"loss": mean cross-entropy, "acc": accuracy} in eval mode (no dropout), batch_size rows at a time.
-    model: an MLP (X is checked first: check_input), or any function from a batch of X to logits."""
-    X, y = check_input(model, X) if isinstance(model, MLP) else X, np.asarray(y)
-    logits_of = model.forward if isinstance(model, MLP) else model
+MLP.save, MLP.load = save_model, staticmethod(load_model)  # model.save(path), MLP.load(path): the file format
+
+
+def evaluate(model: MLP, X, y: np.ndarray, batch_size: int = EVAL_BATCH) -> dict:
+    """{"loss": mean cross-entropy, "acc": accuracy} in eval mode (no dropout), batch_size rows at a time, of X
+    checked first (check_input)."""
+    X, y = check_input(model, X), np.asarray(y)
     total_loss, correct = 0.0, 0
     for i in range(0, len(X), batch_size):
-        logits, yb = logits_of(X[i:i + batch_size]), y[i:i + batch_size]
+        logits, yb = model.forward(X[i:i + batch_size]), y[i:i + batch_size]
         total_loss += softmax_cross_entropy(logits, yb)[0] * len(yb)
         correct += int((logits.argmax(axis=1) == yb).sum())
     n = max(1, len(X))
@@ -443,10 +431,7 @@ class Adam:
             p -= (self.lr / (1 - b1 ** t)) * (m / denom)
 
 
-Optimizer = SGD | Adam
-
-
-def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Optimizer:
+def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> SGD | Adam:
     """"sgd" | "nesterov" | "adam" | "adamw". momentum is SGD's; Adam uses betas (0.9, 0.999)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
@@ -455,11 +440,17 @@ def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: fl
     return Adam(lr, weight_decay=weight_decay, decoupled=name == "adamw")
 
 
+# The learning rate after warm-up, from the peak lr and the fraction of the decay phase done.
+DECAYS = {"cosine": lambda lr, frac: lr * 0.5 * (1.0 + math.cos(math.pi * frac)),  # to 0 at the end
+          "step": lambda lr, frac: lr * 0.1 ** ((frac >= 0.5) + (frac >= 0.75)),  # x0.1 at 50% and 75%
+          "constant": lambda lr, frac: lr}
+SCHEDULES = tuple(DECAYS)
+
+
 def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
-    """lr_at(step) for step = 0 .. total_steps - 1: linear warm-up over warmup_steps, then
-    "cosine" (to 0 at the end), "step" (x0.1 at 50% and again at 75% of the rest) or "constant".
+    """lr_at(step) for step = 0 .. total_steps - 1: linear warm-up over warmup_steps, then DECAYS[kind].
     The CNN's one-cycle is "cosine" with warmup_steps = 25% of total_steps."""
-    if kind not in SCHEDULES:
+    if kind not in DECAYS:
         raise ValueError(f"unknown schedule {kind!r}; choose from {SCHEDULES}")
     warmup_steps = max(0, min(int(warmup_steps), total_steps))
     decay_steps = max(1, total_steps - warmup_steps)
@@ -467,12 +458,7 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
     def lr_at(step: int) -> float:
         if step < warmup_steps:
             return base_lr * (step + 1) / warmup_steps
-        frac = min(1.0, (step - warmup_steps) / decay_steps)  # fraction of the decay phase done
-        if kind == "cosine":
-            return base_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        if kind == "step":
-            return base_lr * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
-        return base_lr
+        return DECAYS[kind](base_lr, min(1.0, (step - warmup_steps) / decay_steps))
 
     return lr_at
 
@@ -480,63 +466,70 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _integer(lo: int, hi: int):
+    return (lambda v: _is_int(v) and lo <= v <= hi), f"an integer in [{lo}, {hi}]"
+
+
+def _number(test, text: str):
+    real = (int, float, np.integer, np.floating)
+    return (lambda v: isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) and test(v)), \
+        f"a finite number {text}"
+
+
+def _flag(default, help: str, valid=None, **argparse_options):
+    """A field of MLPConfig and its command-line flag in one place: the default, the flag's help, what a valid
+    value is ((test, description); `choices` imply it) and any argparse options the default's type does not."""
+    if valid is None:
+        choices = argparse_options["choices"]
+        valid = (lambda v: v in choices), "one of " + ", ".join(choices)
+    default_of = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**default_of, metadata={"help": help, "valid": valid, "argparse": argparse_options})
+
+
 @dataclass
 class MLPConfig:
-    """One run's hyperparameters. The defaults are the chosen configuration (picked on validation accuracy;
-    the study in run_experiments.py compares more)."""
-    hidden: list[int] = field(default_factory=lambda: [1024, 1024])  # hidden widths; [] = softmax regression
-    activation: str = "relu"  # relu | leaky_relu | tanh | gelu | sigmoid
-    dropout: float = 0.3  # drop probability after each hidden activation
-    init: str = "he"  # he | xavier | random (N(0, 0.01^2))
-    optimizer: str = "adamw"  # sgd | nesterov | adam | adamw
-    lr: float = 1e-3  # peak learning rate (after warm-up)
-    momentum: float = 0.9  # SGD / Nesterov only
-    weight_decay: float = 1e-2  # decoupled for adamw, L2 in the gradient otherwise
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 1.0  # linear warm-up length, in epochs
-    epochs: int = 20
-    batch_size: int = 256
-    patience: int = 0  # early stopping: epochs without a better val acc; 0 = off (best epoch still restored)
-    standardize: bool = True  # subtract the training inputs' mean, divide by their std (stored in the model)
-    seed: int = 0  # weights, dropout masks and batch order
-    subset: int | None = None  # train on this many training images (quick runs); None = all
+    """One run's hyperparameters, each a flag of `python mlp_scratch.py`. The defaults are the chosen
+    configuration (picked on validation accuracy; the study in run_experiments.py compares more)."""
+    hidden: list[int] = _flag([1024, 1024], f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)",
+                              (lambda v: isinstance(v, (list, tuple)) and all(_is_int(h) and 1 <= h <= MAX_WIDTH
+                                                                              for h in v),
+                               f"a list of widths in [1, {MAX_WIDTH}]"), type=int, nargs="*")
+    activation: str = _flag("relu", "hidden activation", choices=ACTIVATIONS)
+    dropout: float = _flag(0.3, "drop probability after each hidden activation",
+                           _number(lambda v: 0 <= v < 1, "in [0, 1)"))
+    init: str = _flag("he", "weight initialisation (init_std)", choices=INITS)
+    optimizer: str = _flag("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = _flag(1e-3, "peak learning rate (after warm-up)", _number(lambda v: v > 0, "> 0"))
+    momentum: float = _flag(0.9, "SGD / Nesterov momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = _flag(1e-2, "weight decay (decoupled for adamw, L2 in the gradient otherwise)",
+                                _number(lambda v: v >= 0, ">= 0"))
+    schedule: str = _flag("cosine", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = _flag(1.0, "linear warm-up, in epochs", _number(lambda v: v >= 0, ">= 0"))
+    epochs: int = _flag(20, "training epochs", _integer(1, MAX_EPOCHS))
+    batch_size: int = _flag(256, "mini-batch size", _integer(1, 1 << 20))
+    patience: int = _flag(0, "early-stopping patience in epochs (0: off; the best epoch is restored anyway)",
+                          _integer(0, MAX_EPOCHS))
+    standardize: bool = _flag(True, "standardise the input with the training pixel mean and std (kept in the model)",
+                              (lambda v: isinstance(v, (bool, np.bool_)), "true or false"))
+    seed: int = _flag(0, "random seed: weights, dropout masks and batch order", _integer(0, cli.MAX_SEED),
+                      type=cli.seed_arg)
+    subset: int | None = _flag(None, "train on N training images (quick runs); None: all",
+                               (lambda v: v is None or _is_int(v) and v >= 10,
+                                "None or an integer >= 10 (one image per class)"), type=int)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> "MLPConfig":
         """Returns self, or raises ValueError("<field>: <what is wrong>") on the first invalid field."""
-        def bad(name, why):
-            raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not (isinstance(self.hidden, (list, tuple)) and all(is_int(h) and 1 <= h <= MAX_WIDTH for h in self.hidden)):
-            bad("hidden", f"must be a list of widths in [1, {MAX_WIDTH}]")
-        for name, choices in (("activation", ACTIVATIONS), ("init", INITS), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES)):
-            if getattr(self, name) not in choices:
-                bad(name, f"must be one of {', '.join(choices)}")
-        for name, lo, hi in (("dropout", 0.0, 1.0), ("momentum", 0.0, 1.0)):
-            if not (is_num(getattr(self, name)) and lo <= getattr(self, name) < hi):
-                bad(name, f"must be a number in [{lo:g}, {hi:g})")
-        if not (is_num(self.lr) and self.lr > 0):
-            bad("lr", "must be a finite number > 0")
-        for name in ("weight_decay", "warmup_epochs"):
-            if not (is_num(getattr(self, name)) and getattr(self, name) >= 0):
-                bad(name, "must be a finite number >= 0")
-        for name, lo, hi in (("epochs", 1, MAX_EPOCHS), ("batch_size", 1, 1 << 20), ("patience", 0, MAX_EPOCHS),
-                             ("seed", 0, cli.MAX_SEED)):
-            if not (is_int(getattr(self, name)) and lo <= getattr(self, name) <= hi):
-                bad(name, f"must be an integer in [{lo}, {hi}]")
-        if not isinstance(self.standardize, (bool, np.bool_)):
-            bad("standardize", "must be true or false")
-        if self.subset is not None and not (is_int(self.subset) and self.subset >= 10):
-            bad("subset", "must be None or an integer >= 10 (one image per class)")
+        for f in fields(self):
+            test, must_be = f.metadata["valid"]
+            if not test(getattr(self, f.name)):
+                raise ValueError(f"{f.name}: must be {must_be}, got {getattr(self, f.name)!r}")
         return self
 
 
@@ -550,43 +543,29 @@ class TrainResult:
     seconds: float
 
 
-def train_epoch(model: MLP, optimizer: Optimizer, X: np.ndarray, y: np.ndarray, batch_size: int,
-                rng: np.random.Generator, lr_at: Callable[[int], float] | None = None, step0: int = 0,
-                bar=None) -> dict:
-    """One pass over (X, y) in a fresh random order. Returns {"loss", "acc", "steps", "diverged"}; loss and
-    acc are running means over the epoch's mini-batches (training mode, so with dropout)."""
-    n = len(X)
-    order = rng.permutation(n)
-    total_loss, correct, steps = 0.0, 0, 0
-    for start in range(0, n, batch_size):
+def train_epoch(model: MLP, optimizer, X: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator,
+                lr_at: Callable[[int], float] | None = None, step0: int = 0, bar=None) -> tuple[float, float]:
+    """One pass over (X, y) in a fresh random order: (loss, acc), running means over the epoch's mini-batches
+    (training mode, so with dropout). A batch loss that is not finite stops the epoch: loss NaN."""
+    order = rng.permutation(len(X))
+    total_loss, correct = 0.0, 0
+    for step, start in enumerate(range(0, len(X), batch_size), step0):
         idx = order[start:start + batch_size]
         xb, yb = X[idx], y[idx]
         if lr_at is not None:
-            optimizer.lr = lr_at(step0 + steps)
+            optimizer.lr = lr_at(step)
         logits = model.forward(xb, train=True)
         loss, dlogits = softmax_cross_entropy(logits, yb)
         if not math.isfinite(loss):
-            return {"loss": float("nan"), "acc": correct / max(1, start), "steps": steps, "diverged": True}
+            return math.nan, math.nan
         model.backward(dlogits, need_dx=False)
         optimizer.step(model.params, model.grads)
         total_loss += loss * len(idx)
         correct += int((logits.argmax(axis=1) == yb).sum())
-        steps += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    return {"loss": total_loss / n, "acc": correct / n, "steps": steps, "diverged": False}
-
-
-def build_model(config: MLPConfig, X_train: np.ndarray, n_classes: int,
-                input_range: tuple[float, float] | None = None) -> MLP:
-    """A fresh MLP for config, holding the training inputs' mean and std when config.standardize."""
-    model = MLP(X_train.shape[1], config.hidden, n_classes, config.activation, config.dropout, config.init,
-                config.seed, input_range=input_range)
-    if config.standardize:
-        mean, std = preprocessing.standardization_stats(X_train)
-        model.input_mean, model.input_std = mean, std or 1.0  # a constant input: nothing to scale
-    return model
+    return total_loss / len(X), correct / len(X)
 
 
 def loss_blew_up(val_loss: float, n_classes: int) -> bool:
@@ -610,35 +589,36 @@ def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np
     pixels, so the model (and its saved file) refuses out-of-range input later; None for features."""
     t_start, log = time.perf_counter(), log or (lambda line: None)
     rng = np.random.default_rng(config.validate().seed)  # batch order and the subset; the model has its own
-    X_train = np.ascontiguousarray(X_train, dtype=np.float32)
-    y_train = np.asarray(y_train, dtype=np.int64)
+    X_train, y_train = np.ascontiguousarray(X_train, dtype=np.float32), np.asarray(y_train, dtype=np.int64)
     if config.subset is not None and config.subset < len(X_train):
         keep = np.sort(rng.permutation(len(X_train))[:config.subset])
         X_train, y_train = X_train[keep], y_train[keep]
     X_val, y_val = np.ascontiguousarray(X_val, dtype=np.float32), np.asarray(y_val, dtype=np.int64)
     # Ten Fashion-MNIST classes, more only if the labels say so (a small subset still has 10 outputs).
     n_classes = max(NUM_CLASSES, int(max(y_train.max(), y_val.max() if len(y_val) else 0)) + 1)
-    model = build_model(config, X_train, n_classes, input_range)
+    model = MLP(X_train.shape[1], config.hidden, n_classes, config.activation, config.dropout, config.init,
+                config.seed, input_range=input_range)
+    if config.standardize:
+        mean, std = preprocessing.standardization_stats(X_train)
+        model.input_mean, model.input_std = mean, std or 1.0  # a constant input: nothing to scale
     check_input(model, X_train)
     optimizer = make_optimizer(config.optimizer, config.lr, config.momentum, config.weight_decay)
     steps_per_epoch = math.ceil(len(X_train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     lr_at = make_schedule(config.schedule, config.lr, total_steps, round(config.warmup_epochs * steps_per_epoch))
-    history: list[dict] = []
-    best_acc, best_epoch, best_state, diverged, step = -1.0, 0, model.state(), False, 0
+    history, best_acc, best_epoch, best_state, diverged = [], -1.0, 0, model.state(), False
     with tqdm(total=total_steps, unit="batch", dynamic_ncols=True, leave=False, disable=not progress) as bar:
         for epoch in range(1, config.epochs + 1):
-            t0, lr = time.perf_counter(), lr_at(step)
-            stats = train_epoch(model, optimizer, X_train, y_train, config.batch_size, rng, lr_at, step, bar)
-            step += stats["steps"]
-            val = evaluate(model, X_val, y_val) if not stats["diverged"] else {"loss": math.nan, "acc": 0.0}
+            t0, step0 = time.perf_counter(), (epoch - 1) * steps_per_epoch
+            loss, acc = train_epoch(model, optimizer, X_train, y_train, config.batch_size, rng, lr_at, step0, bar)
+            val = evaluate(model, X_val, y_val) if not math.isnan(loss) else {"loss": math.nan, "acc": 0.0}
             if loss_blew_up(val["loss"], n_classes):  # NaN when training itself hit a non-finite loss
                 diverged = True
                 log(f"epoch {epoch:3d}: {blew_up_message(val['loss'], n_classes)}; the run diverged (lr {config.lr:g})")
                 break
-            history.append({"epoch": epoch, "lr": lr, "train_loss": stats["loss"], "train_acc": stats["acc"],
+            history.append({"epoch": epoch, "lr": lr_at(step0), "train_loss": loss, "train_acc": acc,
                             "val_loss": val["loss"], "val_acc": val["acc"], "seconds": time.perf_counter() - t0})
-            log(f"epoch {epoch:3d}/{config.epochs}  lr {lr:.2e}  train loss {stats['loss']:.4f} acc {stats['acc']:.4f}"
+            log(f"epoch {epoch:3d}/{config.epochs}  lr {lr_at(step0):.2e}  train loss {loss:.4f} acc {acc:.4f}"
                 f"  val loss {val['loss']:.4f} acc {val['acc']:.4f}  {history[-1]['seconds']:.1f}s")
             if val["acc"] > best_acc:
                 best_acc, best_epoch, best_state = val["acc"], epoch, model.state()
@@ -652,48 +632,27 @@ def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np
 
 def layer_statistics(model: MLP, X: np.ndarray, y: np.ndarray) -> list[dict]:
     """Per hidden layer, at the model's current weights, from one eval-mode forward and backward on (X, y):
-    act_mean / act_std of the activations; dead_frac, the fraction of dead units: units whose activation is
-    exactly 0 for every input of the batch (`== 0` after the activation; for ReLU, pre-activation <= 0);
+    act_mean / act_std of the activations (the inputs of the next Linear); dead_frac, the fraction of dead
+    units: units whose activation is exactly 0 for every input of the batch (for ReLU, pre-activation <= 0);
     grad_norm, the Frobenius norm of dLoss/dW of the Linear feeding that layer."""
-    h = np.asarray(check_input(model, X), model.dtype)
-    acts = []
-    for layer in model.layers:
-        h = layer.forward(h, False)
-        if type(layer) in ACTIVATION_LAYERS.values():
-            acts.append(h)
-    _, dlogits = softmax_cross_entropy(h, np.asarray(y))
-    model.backward(dlogits, need_dx=False)
-    return [{"layer": i + 1, "act_mean": float(a.mean()), "act_std": float(a.std()),
-             "dead_frac": float((a == 0).all(axis=0).mean()),
-             "grad_norm": float(np.linalg.norm(model.grads[f"W{i + 1}"]))} for i, a in enumerate(acts)]
-
+    logits = model.forward(check_input(model, X))
+    model.backward(softmax_cross_entropy(logits, np.asarray(y))[1], need_dx=False)
+    return [{"layer": i, "act_mean": float(lin.x.mean()), "act_std": float(lin.x.std()),
+             "dead_frac": float((lin.x == 0).all(axis=0).mean()),
+             "grad_norm": float(np.linalg.norm(model.grads[f"W{i}"]))} for i, lin in enumerate(model.linears[1:], 1)]
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line. Exit codes (cli.run): 0 done, 1 data or file error, 2 usage error, 3 diverged, 130 Ctrl-C.
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> cli.ArgumentParser:
-    d = MLPConfig()
+    """One flag per MLPConfig field (its default, help and type from the field), and the run's outputs."""
     p = cli.ArgumentParser(description="Train the numpy MLP on Fashion-MNIST; defaults are the chosen configuration.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, nargs="*", default=d.hidden,
-                   help=f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)")
-    p.add_argument("--activation", choices=ACTIVATIONS, default=d.activation, help="hidden activation")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="drop probability after each hidden layer")
-    p.add_argument("--init", choices=INITS, default=d.init, help="weight initialisation")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD/Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up, in epochs")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
-    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs (0: off)")
-    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=d.standardize,
-                   help="standardise the input with the training pixel mean and std")
-    p.add_argument("--seed", type=cli.seed_arg, default=d.seed, help=f"random seed in [0, {cli.MAX_SEED}]")
-    p.add_argument("--subset", type=int, default=d.subset, help="train on N training images (quick runs)")
+    for f, default in ((f, getattr(MLPConfig(), f.name)) for f in fields(MLPConfig)):
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        p.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata["help"],
+                       **{**kind, **f.metadata["argparse"]})
     p.add_argument("--data-dir", type=cli.path_arg, default=None,
                    help="folder with the Fashion-MNIST files (None: searched for as preprocessing.py does)")
     p.add_argument("--save", type=cli.path_arg, default=None, help="write the trained model to this .npz")
@@ -704,27 +663,20 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> MLPConfig:
-    """Builds and validates the config (finite numbers in range) and checks the output paths, stopping with
-    a one-line usage error."""
-    config = MLPConfig(**{f.name: getattr(args, f.name) for f in fields(MLPConfig)})
-    try:
-        config.validate()
-    except ValueError as e:
-        name, _, why = str(e).partition(": ")
-        parser.error(f"--{name.replace('_', '-')}: {why}")
-    for flag, value in (("--save", args.save), ("--json", args.json)):
-        if value and (why := cli.cannot_write(value, folder=False)):
-            parser.error(f"{flag}: {why}")
-    return config
-
-
 def train_from_args(argv: list[str] | None = None) -> int:
     """The command line's work; the errors it raises (cli.UserError, preprocessing.DataError, cli.Diverged,
     a full disk, out of memory) become one line in main."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = config_from_args(args, parser)
+    config = MLPConfig(**{f.name: getattr(args, f.name) for f in fields(MLPConfig)})
+    try:  # finite numbers in range, then outputs that can be written: before any data is loaded
+        config.validate()
+    except ValueError as e:
+        name, _, why = str(e).partition(": ")
+        parser.error(f"--{name.replace('_', '-')}: {why}")
+    for flag, path in (("--save", args.save), ("--json", args.json)):
+        if path and (why := cli.cannot_write(path, folder=False)):
+            parser.error(f"{flag}: {why}")
     splits = preprocessing.load_splits(args.data_dir)
     if config.subset is not None:
         splits = splits.subset(config.subset, None, seed=config.seed)  # stratified; val and test stay whole
@@ -739,7 +691,7 @@ def train_from_args(argv: list[str] | None = None) -> int:
         raise cli.Diverged(f"training diverged (the loss blew up after {result.epochs_run} epochs): try a lower "
                            "--lr or --weight-decay")
     model = result.model
-    val, test = evaluate(model, splits.X_val, splits.y_val), evaluate(model, splits.X_test, splits.y_test)
+    val, test = (evaluate(model, X, y) for X, y in ((splits.X_val, splits.y_val), (splits.X_test, splits.y_test)))
     print(f"best epoch {result.best_epoch}/{result.epochs_run}  val acc {val['acc']:.4f}  test acc {test['acc']:.4f}"
           f"  ({result.seconds:.1f}s training, {model.n_params:,} parameters)")
     if args.save:

@@ -8,8 +8,6 @@ is what report.typ places it at), so the 7 pt minimum for text holds on paper; `
 smaller text. Accuracy panels are dot plots or curves, never truncated bars. A figure that cannot be
 drawn (a missing model, no data) prints one warning line and the others are still drawn.
 """
-from __future__ import annotations
-
 import io
 import json
 import sys
@@ -18,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 import cli
-from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, DataError, to_images
+import mlp_scratch
+from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, DataError, load_splits, to_images
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
 HALF_WIDTH_IN = 3.35
@@ -35,6 +34,10 @@ COLORS = ["#1b6ca8", "#d95f02", "#2a9d3a", "#7b3294", "#b8860b", "#555555", "#e7
 
 
 # ------------------------------------------------------------------------------------------ drawing, saving
+def warn(line: str) -> None:
+    print(line, file=sys.stderr)  # sys.stderr looked up at each call: a test may have replaced it
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -49,24 +52,25 @@ def _figure(width_in: float, height_in: float, **kw):
     return _plt().subplots(figsize=(width_in, height_in), layout="constrained", **kw)
 
 
-def _bare(ax, frame: bool = False) -> None:
-    """An image panel: no ticks, and a frame only where asked."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(frame)
+def _bare(*axes, frame: bool = False) -> None:
+    """Image panels: no ticks, and a frame only where asked."""
+    for ax in axes:
+        ax.set(xticks=[], yticks=[])
+        for spine in ax.spines.values():
+            spine.set_visible(frame)
 
 
-def small_texts(fig) -> list[str]:
-    """Visible texts of `fig` set under MIN_FONT_PT (the figure is drawn at its printed size)."""
-    from matplotlib.text import Text
-    return [t.get_text() for t in fig.findobj(Text)
-            if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT_PT - 1e-9]
+def _image(ax, x: np.ndarray) -> None:
+    ax.imshow(x.reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="gray_r", vmin=0, vmax=1)
 
 
 def save(fig, path: Path) -> Path:
+    """Write `fig` as a PNG, atomically; refused (ValueError) if a visible text is under MIN_FONT_PT (the
+    figure is drawn at its printed size, so this is the size on paper)."""
+    from matplotlib.text import Text
     try:
-        small = small_texts(fig)
+        small = [t.get_text() for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT_PT - 1e-9]
         if small:
             raise ValueError(f"text under {MIN_FONT_PT:g} pt: {small[:3]}")
         buf = io.BytesIO()
@@ -77,26 +81,12 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def _save_json(ctx, name: str, data: dict) -> None:
-    cli.atomic_write(ctx["root"] / "figures" / name, json.dumps(data, indent=1).encode())
-
-
 # ------------------------------------------------------------------------------------------ inputs
-def final_record(records: list[dict], summary: dict, model: str) -> dict | None:
-    """The record of the saved final model (summary[model]["key"]), else the first final of the model."""
+def final_record(records: list[dict], summary: dict, model: str) -> dict:
+    """The record of the saved final model (summary[model]["key"]), else the first final of the model, else {}."""
     key = (summary.get(model) or {}).get("key")
     finals = [r for r in records if r.get("model") == model and r.get("final")]
-    return next((r for r in finals if r.get("key") == key), finals[0] if finals else None)
-
-
-def model_path(ctx, model: str) -> Path:
-    rec, root = ctx["finals"][model], ctx["root"]
-    if rec and rec.get("model_file") and (root / rec["model_file"]).exists():
-        return root / rec["model_file"]
-    best = root / "models" / ("mlp_best.npz" if model == "mlp" else "cnn_best")
-    if best.exists():
-        return best
-    raise FileNotFoundError(f"no saved {model.upper()} model ({rec and rec.get('model_file')})")
+    return next((r for r in finals if r.get("key") == key), finals[0] if finals else {})
 
 
 def _splits(ctx):
@@ -106,12 +96,15 @@ def _splits(ctx):
 
 
 def final_model(ctx, model: str):
-    """The saved final model: mlp_scratch.MLP or cnn_torch's classifier (imported here: torch is slow)."""
+    """The final record's saved model: an mlp_scratch.MLP, or cnn_torch's classifier (cnn_torch is imported here:
+    torch is slow to import)."""
+    rec = ctx["finals"][model]
+    if not rec.get("model_file"):
+        raise FileNotFoundError(f"no saved {model.upper()} model")
     if model == "mlp":
-        import mlp_scratch
-        return mlp_scratch.MLP.load(model_path(ctx, model))
+        return mlp_scratch.MLP.load(ctx["root"] / rec["model_file"])
     import cnn_torch
-    return cnn_torch.load_classifier(model_path(ctx, model))
+    return cnn_torch.load_classifier(ctx["root"] / rec["model_file"])
 
 
 def features(ctx, model: str, X: np.ndarray) -> np.ndarray:
@@ -133,9 +126,7 @@ def predictions(ctx, model: str) -> tuple[np.ndarray, np.ndarray]:
     if rec.get("test_pred") is not None and len(rec["test_pred"]) == len(X) and rec.get("test_prob_max") is not None:
         return np.asarray(rec["test_pred"]), np.asarray(rec["test_prob_max"], dtype=float)
     net = final_model(ctx, model)
-    z = np.asarray(net.forward(X) if model == "mlp" else net.logits(to_images(X)), dtype=np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p = mlp_scratch.softmax(np.asarray(net.forward(X) if model == "mlp" else net.logits(to_images(X)), np.float64))
     return p.argmax(axis=1), p.max(axis=1)
 
 
@@ -145,112 +136,93 @@ def fig_class_samples(ctx, width):
     fig, axes = _figure(width, 3.9, nrows=NUM_CLASSES, ncols=6, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
     for c in range(NUM_CLASSES):
         for j, i in enumerate(np.flatnonzero(splits.y_train == c)[:6]):
-            axes[c, j].imshow(splits.X_train[i].reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="gray_r", vmin=0, vmax=1)
-        for ax in axes[c]:
-            _bare(ax)
+            _image(axes[c, j], splits.X_train[i])
+        _bare(*axes[c])
         axes[c, 0].set_ylabel(CLASS_NAMES[c], rotation=0, ha="right", va="center", fontsize=7)
     return fig
 
 
-def _phase_start(history: list[dict]) -> int | None:
-    """First epoch of the head phase (frozen-feature training), if the history has phases."""
-    for prev, h in zip(history, history[1:]):
-        if h.get("phase") != prev.get("phase") and h.get("phase") is not None:
-            return int(h["epoch"])
-    return None
-
-
 def fig_learning_curves(ctx, width):
     fig, axes = _figure(width, 4.2, nrows=2, ncols=2, sharex="row")
-    for row, model in enumerate(MODELS):
+    for ax, (model, metric) in zip(axes.flat, [(m, metric) for m in MODELS for metric in ("loss", "acc")]):
         rec = ctx["finals"][model]
-        hist = (rec or {}).get("history") or []
-        for col, metric in enumerate(("loss", "acc")):
-            ax = axes[row, col]
-            ax.set_title(f"{model.upper()} final: {'cross-entropy loss' if metric == 'loss' else 'accuracy'}")
-            if not hist:
-                ax.text(0.5, 0.5, "no history saved", ha="center", transform=ax.transAxes)
-                continue
-            ep = [h["epoch"] for h in hist]
-            ax.plot(ep, [h[f"train_{metric}"] for h in hist], "-", color=COLORS[0], label="training")
-            ax.plot(ep, [h[f"val_{metric}"] for h in hist], "--", color=COLORS[1], label="validation")
-            start = _phase_start(hist)
-            if start is not None:
-                ax.axvline(start - 0.5, color="#7b3294", lw=1, label="head starts training on frozen features")
-            if rec.get("best_epoch"):
-                ax.axvline(rec["best_epoch"], color="grey", ls=":", lw=1, label="epoch whose weights were kept")
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes.flat:  # one legend for all panels, above them (off the data)
-        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+        hist = rec.get("history") or []
+        # the first epoch of the head phase (training on frozen features), if the history has phases
+        starts = [h["epoch"] for prev, h in zip(hist, hist[1:]) if h.get("phase") not in (None, prev.get("phase"))]
+        ax.set_title(f"{model.upper()} final: {'cross-entropy loss' if metric == 'loss' else 'accuracy'}")
+        if not hist:
+            ax.text(0.5, 0.5, "no history saved", ha="center", transform=ax.transAxes)
+            continue
+        ep = [h["epoch"] for h in hist]
+        ax.plot(ep, [h[f"train_{metric}"] for h in hist], "-", color=COLORS[0], label="training")
+        ax.plot(ep, [h[f"val_{metric}"] for h in hist], "--", color=COLORS[1], label="validation")
+        if starts:
+            ax.axvline(starts[0] - 0.5, color="#7b3294", lw=1, label="head starts training on frozen features")
+        if rec.get("best_epoch"):
+            ax.axvline(rec["best_epoch"], color="grey", ls=":", lw=1, label="epoch whose weights were kept")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    # one legend for all panels, above them (off the data): each label once, in order of first appearance
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncol=2, frameon=False)
     return fig
 
 
 def _init_stats(ctx, model: str):
-    """init_stats.csv (written by the study beside the run records), and its rows of `model`."""
+    """The rows of `model` in init_stats.csv (written by the study beside the run records)."""
     import pandas as pd
-    path = ctx["root"] / "init_stats.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    stats = pd.read_csv(path)
-    if "batchnorm" not in stats:
-        stats["batchnorm"] = False
+    stats = pd.read_csv(ctx["root"] / "init_stats.csv")
     if not (stats["model"] == model).any():
         raise ValueError(f"init_stats.csv has no {model.upper()} rows")
-    return stats, stats[stats["model"] == model]
+    return stats[stats["model"] == model]
 
 
-def _init_panels(axes, stats, model: str, groups: list[tuple[str, bool | None]], what: str):
+# the three panels of an initialisation figure: column of init_stats.csv, title, y axis
+INIT_PANELS = (("act_std", "activation std", {"yscale": "log"}),
+               ("grad_norm", "weight-gradient norm", {"yscale": "log"}),
+               ("dead_frac", "dead-unit fraction", {"ylim": (-0.03, 1.03)}))
+
+
+def _init_panels(axes, stats, groups: list[tuple[str, bool | None]], what: str):
     """One line per (scheme, batchnorm) on each of three panels; colour = scheme, dashed = no BatchNorm.
     Lines are nudged sideways (by up to +-0.12 layer) so that coinciding ones, e.g. dead-unit
     fractions all at 0, stay visible."""
     import matplotlib.ticker
     n, schemes = len(groups), list(dict.fromkeys(g[0] for g in groups))
     for k, (scheme, bn) in enumerate(groups):
-        d = stats[(stats["model"] == model) & (stats["scheme"].astype(str) == scheme)]
+        d = stats[stats["scheme"] == scheme].sort_values("layer")
         if bn is not None:
-            d = d[d["batchnorm"].astype(str).str.lower().isin(["true", "1", "1.0"]) == bn]
-        d = d.sort_values("layer")
+            d = d[d["batchnorm"] == bn]
         if d.empty:
             continue
         colour = COLORS[schemes.index(scheme)]
         label = SCHEME_NAMES.get(scheme, scheme) + ("" if bn is None else (", BatchNorm" if bn else ", no BN"))
         x = d["layer"].to_numpy(float) + (k - (n - 1) / 2) * (0.24 / max(n - 1, 1))
-        for ax, col in zip(axes, ("act_std", "grad_norm", "dead_frac")):
+        for ax, (col, _, _) in zip(axes, INIT_PANELS):
             ax.plot(x, d[col].to_numpy(float), ls="-" if bn in (None, True) else "--", marker=MARKERS[k % 8],
                     ms=3.5, mfc="none" if bn is False else colour, color=colour, lw=1, label=label)
-    for ax, title, log in zip(axes, ("activation std", "weight-gradient norm", "dead-unit fraction"),
-                              (True, True, False)):
-        ax.set_title(title)
-        ax.set_xlabel(what)
-        if log:
-            ax.set_yscale("log")
-        else:
-            ax.set_ylim(-0.03, 1.03)
+    for ax, (_, title, y_axis) in zip(axes, INIT_PANELS):
+        ax.set(title=title, xlabel=what, **y_axis)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
 
 
 def fig_init_stats_cnn(ctx, width):
-    stats, d = _init_stats(ctx, "cnn")
-    bns = [True, False] if d["batchnorm"].nunique() > 1 else [None]
+    d = _init_stats(ctx, "cnn")
     fig, axes = _figure(width, 2.6, ncols=3)
-    _init_panels(axes, stats, "cnn", [(s, bn) for bn in bns for s in dict.fromkeys(d["scheme"].astype(str))],
-                 "convolution")
+    _init_panels(axes, d, [(s, bn) for bn in (True, False) for s in dict.fromkeys(d["scheme"])], "convolution")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
     return fig
 
 
 def fig_init_stats_mlp(ctx, width):
-    stats, d = _init_stats(ctx, "mlp")
-    schemes = list(dict.fromkeys(d["scheme"].astype(str)))
-    inits = [s for s in schemes if s in ("random", "xavier", "he")]
+    d = _init_stats(ctx, "mlp")
+    schemes = list(dict.fromkeys(d["scheme"]))
+    inits = [s for s in schemes if s in mlp_scratch.INITS]
     rows = [g for g in (inits, [s for s in schemes if s not in inits]) if g]  # initialisations, activations
     fig, axes = _figure(width, 2.2 * len(rows) + 0.4, nrows=len(rows), ncols=3, squeeze=False)
     for ax_row, group in zip(axes, rows):
-        _init_panels(ax_row, stats, "mlp", [(s, None) for s in group], "hidden layer")
+        _init_panels(ax_row, d, [(s, None) for s in group], "hidden layer")
         ax_row[2].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig
 
@@ -263,19 +235,16 @@ def fig_confusion(ctx, width):
         if not m.get("confusion"):
             raise ValueError(f"summary.json has no {model} confusion matrix")
         cm = np.asarray(m["confusion"], dtype=int)
-        off = cm.copy()
-        np.fill_diagonal(off, 0)
+        off = cm * (1 - np.eye(NUM_CLASSES, dtype=int))  # the errors only
         ax.imshow(np.log1p(off), cmap="Reds")  # colour shows the errors; the diagonal is shown as numbers
-        for i in range(NUM_CLASSES):
-            for j in range(NUM_CLASSES):
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                        color="#1b6ca8" if i == j else ("white" if off[i, j] > off.max() / 2 else "black"))
+        for i, j in np.ndindex(cm.shape):
+            ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                    color="#1b6ca8" if i == j else ("white" if off[i, j] > off.max() / 2 else "black"))
         ax.set_xticks(range(NUM_CLASSES), short, rotation=60, ha="right")
         ax.set_yticks(range(NUM_CLASSES), short if model == "mlp" else [])
-        ax.set_xlabel("predicted class")
+        ax.set(xlabel="predicted class", title=model.upper())
         if model == "mlp":
             ax.set_ylabel("true class")
-        ax.set_title(model.upper())
     return fig
 
 
@@ -297,12 +266,9 @@ def fig_per_class(ctx, width):
 
 
 def fig_cnn_filters(ctx, width):
-    import torch
-    conv = next(m for m in final_model(ctx, "cnn").backbone.modules() if isinstance(m, torch.nn.Conv2d))
-    w = conv.weight.detach().float().cpu().numpy()[:, 0]  # (C_out, k, k)
-    ncol = 8
-    nrow = -(-len(w) // ncol)
-    fig, axes = _figure(width, 0.42 * nrow + 0.2, nrows=nrow, ncols=ncol, squeeze=False)
+    w = final_model(ctx, "cnn").backbone.convs[0].weight.detach().float().cpu().numpy()[:, 0]  # (C_out, k, k)
+    nrow = -(-len(w) // 8)
+    fig, axes = _figure(width, 0.42 * nrow + 0.2, nrows=nrow, ncols=8, squeeze=False)
     lim = float(np.abs(w).max()) or 1.0
     for i, ax in enumerate(axes.flat):
         if i < len(w):
@@ -325,41 +291,30 @@ def _centroid_acc(P: np.ndarray, y: np.ndarray) -> float:
     return float((((P[:, None, :] - means[None]) ** 2).sum(-1).argmin(1) == y).mean())
 
 
-def pca_views(ctx) -> tuple[list[dict], np.ndarray]:
-    """[{title, label, P (N, 2), variance, centroid_acc}] for raw pixels and each final model's features."""
+def fig_pca(ctx, width):
+    """N_PCA test images as raw pixels and as each final model's features, on their first two principal
+    components; pca.json keeps each view's share of the variance and nearest-class-mean accuracy."""
     splits = _splits(ctx)
-    rng = np.random.default_rng(0)
-    idx = np.sort(rng.choice(len(splits.y_test), size=min(N_PCA, len(splits.y_test)), replace=False))
+    n = len(splits.y_test)
+    idx = np.sort(np.random.default_rng(0).choice(n, size=min(N_PCA, n), replace=False))
     X, y = splits.X_test[idx], splits.y_test[idx]
     views = [("raw pixels", f"raw pixels ({INPUT_DIM})", X)]
     for model in MODELS:
         F = features(ctx, model, X)
         views.append((f"the {model.upper()}'s features", f"{model.upper()} features ({F.shape[1]})", F))
-    out = []
-    for title, label, F in views:
-        P, share = _pca2(F)
-        out.append({"title": title, "label": label, "P": P, "variance": share, "centroid_acc": _centroid_acc(P, y)})
-    return out, y
-
-
-def fig_pca(ctx, width):
-    views, y = pca_views(ctx)
     fig, axes = _figure(width, 2.75, ncols=3)
     cmap = _plt().get_cmap("tab10")
-    for ax, v in zip(axes, views):
+    stats = []
+    for ax, (title, label, F) in zip(axes, views):
+        P, share = _pca2(F)
+        stats.append({"title": title, "variance": share, "centroid_acc": _centroid_acc(P, y)})
         for c in range(NUM_CLASSES):
-            m = y == c
-            ax.scatter(v["P"][m, 0], v["P"][m, 1], s=2, color=cmap(c), alpha=0.6, lw=0, rasterized=True)
-        ax.set_title(f"{v['label']}: {100 * v['variance']:.0f}% of variance")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
+            ax.scatter(P[y == c, 0], P[y == c, 1], s=2, color=cmap(c), alpha=0.6, lw=0, rasterized=True)
+        ax.set(title=f"{label}: {100 * share:.0f}% of variance", xticks=[], yticks=[], xlabel="PC 1", ylabel="PC 2")
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker="o", ls="", color=cmap(c), ms=4) for c in range(NUM_CLASSES)]
     fig.legend(handles, CLASS_NAMES, loc="outside lower center", ncol=5, frameon=False)
-    _save_json(ctx, "pca.json", {"n": int(len(y)), "views": [{k: v[k] for k in ("title", "variance", "centroid_acc")}
-                                                              for v in views]})
+    cli.atomic_write(ctx["root"] / "figures" / "pca.json", json.dumps({"n": int(len(y)), "views": stats}, indent=1))
     return fig
 
 
@@ -368,21 +323,18 @@ def fig_confident_mistakes(ctx, width):
     fig, axes = _figure(width, 2.6, nrows=2, ncols=N_MISTAKES, squeeze=False)
     stats = {}
     for row, model in zip(axes, MODELS):
-        if ctx["finals"][model] is None:
-            raise ValueError(f"no final {model} record")
         pred, conf = predictions(ctx, model)
         wrong = np.flatnonzero(pred != splits.y_test)
         worst = wrong[np.argsort(-conf[wrong], kind="stable")][:N_MISTAKES]
         stats[model] = {"n_wrong": int(len(wrong)), "n_confident": int((conf[wrong] > CONFIDENT).sum()),
                         "threshold": CONFIDENT, "n_test": int(len(pred))}
         for ax, i in zip(row, worst):
-            ax.imshow(splits.X_test[i].reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="gray_r", vmin=0, vmax=1)
+            _image(ax, splits.X_test[i])
             ax.set_title(f"{CLASS_NAMES[splits.y_test[i]]}\n→ {CLASS_NAMES[pred[i]]}\n{100 * conf[i]:.1f}%",
                          fontsize=7)
-        for ax in row:
-            _bare(ax)
+        _bare(*row)
         row[0].set_ylabel(model.upper(), fontsize=8)
-    _save_json(ctx, "mistakes.json", stats)
+    cli.atomic_write(ctx["root"] / "figures" / "mistakes.json", json.dumps(stats, indent=1))
     return fig
 
 
@@ -410,24 +362,14 @@ def make_figures(results_dir, records: list[dict], manifest: dict | None, summar
     ctx = {"root": Path(results_dir), "summary": summary, "splits": splits,
            "finals": {m: final_record(records, summary, m) for m in MODELS}}
     written = []
-    for name, (width, draw) in FIGURES.items():
-        if only is not None and name not in only:
-            continue
+    for name in [name for name in FIGURES if only is None or name in only]:
+        width, draw = FIGURES[name]
         try:
             written.append(save(draw(ctx, width), ctx["root"] / "figures" / name))
         except Exception as exc:  # noqa: BLE001 - one figure must not stop the others
             _plt().close("all")
-            print(f"warning: figure {name} not drawn: {type(exc).__name__}: {exc}".splitlines()[0],
-                  file=sys.stderr)
+            warn(f"warning: figure {name} not drawn: {type(exc).__name__}: {exc}".splitlines()[0])
     return written
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        print(f"warning: {path} is not readable JSON ({type(exc).__name__}): skipped", file=sys.stderr)
-        return None
 
 
 def main(argv=None) -> int:
@@ -441,18 +383,17 @@ def main(argv=None) -> int:
         raise cli.UserError(f"{rd} is {'not a folder' if rd.exists() else 'not there'}: "
                             "point --results-dir at the study's output folder")
     import study_results  # the one reader of run records
-    records, manifest = study_results.load_runs(rd, log=lambda line: print(line, file=sys.stderr))
-    summary = _read_json(rd / "summary.json") if (rd / "summary.json").exists() else None
+    records, manifest = study_results.load_runs(rd, log=warn)
+    summary = study_results.read_json(rd / "summary.json", log=warn, what="skipped")
     if not records and not summary:
         raise cli.UserError(f"{rd} holds no study results (no runs/*.json, no summary.json): "
                             "run the study first (`python run_experiments.py`)")
     splits = None
     if not args.no_data:
-        import preprocessing
         try:
-            splits = preprocessing.load_splits(download=False)
+            splits = load_splits(download=False)
         except DataError as exc:  # the figures that need no images are still drawn
-            print(f"warning: no data ({exc}): the image figures are skipped", file=sys.stderr)
+            warn(f"warning: no data ({exc}): the image figures are skipped")
     written = make_figures(rd, records, manifest, summary if isinstance(summary, dict) else {}, splits)
     print(f"wrote {len(written)} of {len(FIGURES)} figures to {rd / 'figures'}")
     return 0 if len(written) == len(FIGURES) else 1

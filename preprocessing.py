@@ -17,13 +17,11 @@ corrupt, truncated or substituted file stops with a one-line `DataError` instead
 
     python preprocessing.py             # get and verify the data, print a summary
 """
-from __future__ import annotations
-
 import gzip
 import hashlib
+import io
 import os
 import sys
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -39,13 +37,12 @@ NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIDE = 28
 INPUT_DIM = IMAGE_SIDE * IMAGE_SIDE
 
-REPO_DIR = Path(__file__).resolve().parent
-DEFAULT_DATA_DIR = REPO_DIR / "data" / "fashion-mnist"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data" / "fashion-mnist"
 SYSTEM_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
-DOWNLOAD_URLS = (  # the dataset's own GitHub repository, then its original S3 host
-    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-)
+DOWNLOAD_URLS = ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",  # its GitHub
+                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/")  # its original host
+WHERE_TO_GET_IT = ("put the four official files in ./data/fashion-mnist or point --data-dir / FASHION_MNIST_DIR at "
+                   "them, install Debian's package dataset-fashion-mnist, or connect to the internet")
 
 
 @dataclass(frozen=True)
@@ -82,14 +79,10 @@ def read_idx(stream, spec: IdxFile, where: str) -> tuple[np.ndarray, str]:
     dimensions) is checked before any of the body is read, and the body is read no further than the size
     the header declares plus one byte (to see trailing data): a file that would unpack to gigabytes (a
     gzip bomb) costs no more time or memory than the real file."""
-    header = stream.read(4)
-    if len(header) < 4:
-        raise DataError(f"{where}: truncated IDX file ({len(header)} bytes, no header)")
-    magic = int.from_bytes(header, "big")
+    header = stream.read(4 + 4 * len(spec.shape))  # the magic number, then one 4-byte size per dimension
+    magic = int.from_bytes(header[:4], "big")
     if magic != spec.magic:
-        raise DataError(f"{where}: wrong magic number {magic} (expected {spec.magic}); not an IDX "
-                        f"{'image' if spec.magic == 2051 else 'label'} file")
-    header += stream.read(4 * header[3])  # the magic's last byte is the number of dimensions
+        raise DataError(f"{where}: wrong magic number {magic}, expected {spec.magic}")
     if len(header) < 4 + 4 * len(spec.shape):
         raise DataError(f"{where}: truncated IDX header")
     dims = tuple(int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4))
@@ -97,25 +90,23 @@ def read_idx(stream, spec: IdxFile, where: str) -> tuple[np.ndarray, str]:
         raise DataError(f"{where}: dimensions {dims}, expected {spec.shape}")
     size = int(np.prod(dims))
     body = stream.read(size + 1)
-    if len(body) < size:
-        raise DataError(f"{where}: {len(header) + len(body)} bytes, expected {len(header) + size} (truncated)")
-    if len(body) > size:
-        raise DataError(f"{where}: more than the {len(header) + size} bytes its header declares (trailing data)")
-    digest = hashlib.sha256(header)
-    digest.update(body)
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims), digest.hexdigest()
+    if len(body) != size:
+        raise DataError(f"{where}: {'truncated' if len(body) < size else 'trailing data'} (its header declares "
+                        f"{len(header) + size} bytes)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims), hashlib.sha256(header + body).hexdigest()
 
 
-def read_idx_file(path: Path, spec: IdxFile, verify: bool = True) -> np.ndarray:
-    """Read a plain or gzipped IDX file; with `verify`, its content must match the official SHA-256."""
+def read_idx_file(path: Path | str, spec: IdxFile, data: bytes | None = None) -> np.ndarray:
+    """Read a plain or gzipped IDX file (or its bytes `data`, already in memory: a download) whose content
+    must match the official SHA-256."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if data is None else io.BytesIO(data) as f:
             gzipped = f.read(2) == b"\x1f\x8b"
             f.seek(0)
             array, sha256 = read_idx(gzip.GzipFile(fileobj=f) if gzipped else f, spec, str(path))
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; zlib.error: damaged deflate data
         raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    if verify and sha256 != spec.sha256:
+    if sha256 != spec.sha256:
         raise DataError(f"{path}: checksum mismatch; the file is corrupt or not the official "
                         f"Fashion-MNIST {spec.name} (delete it to re-fetch)")
     return array
@@ -128,27 +119,21 @@ def _file_in(folder: Path, spec: IdxFile) -> Path | None:
 
 
 def _download(spec: IdxFile, folder: Path) -> None:
-    """Fetch one file, check its published MD5 and content, and only then rename it into place."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Fetch one file, check its published MD5 and its content, and only then write it (atomically)."""
     errors = []
-    for base in DOWNLOAD_URLS:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{spec.name}.", suffix=".part")
+    for url in (base + spec.name + ".gz" for base in DOWNLOAD_URLS):
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(base + spec.name + ".gz",
-                                                                    timeout=30) as response:
+            with urllib.request.urlopen(url, timeout=30) as response:
                 data = response.read()
-                out.write(data)
             if (gz_md5 := hashlib.md5(data).hexdigest()) != spec.gz_md5:
                 raise DataError(f"MD5 {gz_md5} differs from the published {spec.gz_md5}")
-            read_idx_file(Path(tmp), spec)
-            os.replace(tmp, folder / (spec.name + ".gz"))
+            read_idx_file(spec.name + ".gz", spec, data)  # the name only names it in an error
+            cli.atomic_write(folder / (spec.name + ".gz"), data)
             return
         except (OSError, DataError) as e:
-            errors.append(f"{base}: {e}")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    raise DataError(f"could not download {spec.name}.gz ({'; '.join(errors)})")
+            errors.append(f"{url}: {e}")
+    raise DataError(f"Fashion-MNIST not found and could not download {spec.name}.gz ({'; '.join(errors)}); "
+                    f"{WHERE_TO_GET_IT}")
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
@@ -160,16 +145,11 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = Tr
             return folder
     if explicit:
         raise DataError(f"{explicit}: the four Fashion-MNIST files are not all there")
-    hint = ("put the four official files in ./data/fashion-mnist or point --data-dir / FASHION_MNIST_DIR "
-            "at them, install Debian's package dataset-fashion-mnist, or connect to the internet")
     if not download:
-        raise DataError(f"Fashion-MNIST not found; {hint}")
-    try:
-        for spec in FILES.values():
-            if not _file_in(DEFAULT_DATA_DIR, spec):
-                _download(spec, DEFAULT_DATA_DIR)
-    except DataError as e:
-        raise DataError(f"Fashion-MNIST not found and {e}; {hint}") from None
+        raise DataError(f"Fashion-MNIST not found; {WHERE_TO_GET_IT}")
+    for spec in FILES.values():
+        if not _file_in(DEFAULT_DATA_DIR, spec):
+            _download(spec, DEFAULT_DATA_DIR)
     return DEFAULT_DATA_DIR
 
 
@@ -177,18 +157,12 @@ def load_raw(data_dir: str | os.PathLike | None = None, download: bool = True) -
     """The four official arrays (uint8 images (N, 28, 28), int64 labels (N,)), checked."""
     folder = find_data_dir(data_dir, download)
     arrays = {key: read_idx_file(_file_in(folder, spec), spec) for key, spec in FILES.items()}
-    for key, name in (("train_labels", "training"), ("test_labels", "test")):
-        arrays[key] = arrays[key].astype(np.int64)
-        _check_balance(arrays[key], len(arrays[key]) // NUM_CLASSES, name)
+    for key in ("train_labels", "test_labels"):  # classes 0-9, balanced (a label outside is an 11th count)
+        arrays[key] = labels = arrays[key].astype(np.int64)
+        counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+        if counts != [len(labels) // NUM_CLASSES] * NUM_CLASSES:
+            raise DataError(f"{key}: per-class counts {counts}, expected {len(labels) // NUM_CLASSES} of each class")
     return arrays
-
-
-def _check_balance(labels: np.ndarray, per_class: int, name: str) -> None:
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DataError(f"{name} labels outside 0-{NUM_CLASSES - 1}")
-    counts = np.bincount(labels, minlength=NUM_CLASSES)
-    if not np.all(counts == per_class):
-        raise DataError(f"{name} labels: per-class counts {counts.tolist()}, expected {per_class} each")
 
 
 # ----------------------------------------------------------------------------------------- splitting
@@ -241,37 +215,26 @@ class Splits:
                 return X, y
             idx = np.sort(stratified_split(y, (n / len(y), 1 - n / len(y)), seed)[0])
             return X[idx], y[idx]
-        return Splits(*take(self.X_train, self.y_train, n_train),
-                      *take(self.X_val, self.y_val, n_eval),
+        return Splits(*take(self.X_train, self.y_train, n_train), *take(self.X_val, self.y_val, n_eval),
                       *take(self.X_test, self.y_test, n_eval))
 
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
 
-
-SPLITS = ("official", "pooled")
-
-
-def load_splits(data_dir=None, split: str = "official", seed: int = 0, val_size: int = 6000,
-                download: bool = True) -> Splits:
+def load_splits(data_dir=None, split: str = "official", seed: int = 0, val_size: int = 6000, download=True) -> Splits:
     """Scaled, flattened, disjoint splits; the same for the same seed.
 
     split="official": the official 10,000 test images are the test set (results compare with published
     ones) and a stratified `val_size` validation set is carved from the 60,000 training images.
     split="pooled": an exact stratified 80/10/10 split of all 70,000 images.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     raw = load_raw(data_dir, download)
+    X, y = scale(raw["train_images"]), raw["train_labels"]
+    X_test, y_test = scale(raw["test_images"]), raw["test_labels"]
     if split == "official":
-        X, y = scale(raw["train_images"]), raw["train_labels"]
-        train_idx, val_idx = stratified_split(y, (1 - val_size / len(y), val_size / len(y)), seed)
-        return Splits(X[train_idx], y[train_idx], X[val_idx], y[val_idx],
-                      scale(raw["test_images"]), raw["test_labels"])
-    X = np.concatenate([scale(raw["train_images"]), scale(raw["test_images"])])
-    y = np.concatenate([raw["train_labels"], raw["test_labels"]])
-    train_idx, val_idx, test_idx = stratified_split(y, (0.8, 0.1, 0.1), seed)
-    return Splits(X[train_idx], y[train_idx], X[val_idx], y[val_idx], X[test_idx], y[test_idx])
+        train, val = stratified_split(y, (1 - val_size / len(y), val_size / len(y)), seed)
+        return Splits(X[train], y[train], X[val], y[val], X_test, y_test)
+    X, y = np.concatenate([X, X_test]), np.concatenate([y, y_test])
+    train, val, test = stratified_split(y, (0.8, 0.1, 0.1), seed)
+    return Splits(X[train], y[train], X[val], y[val], X[test], y[test])
 
 
 def synthetic_splits(n_train: int = 600, n_eval: int = 200, seed: int = 0) -> Splits:
@@ -289,34 +252,25 @@ def synthetic_splits(n_train: int = 600, n_eval: int = 200, seed: int = 0) -> Sp
 
 # ----------------------------------------------------------------------------------------- command line
 
-def summary(splits: Splits, folder: Path) -> str:
-    lines = [f"Fashion-MNIST from {folder} (checksums verified)",
-             f"{'split':<6} {'images':>7}  per class" + "  pixel mean  pixel std"]
-    for name in ("train", "val", "test"):
-        X, y = getattr(splits, f"X_{name}"), getattr(splits, f"y_{name}")
-        counts = " ".join(f"{c:>4}" for c in np.bincount(y, minlength=NUM_CLASSES))
-        lines.append(f"{name:<6} {len(y):>7}  {counts}  {X.mean():10.4f} {X.std():10.4f}")
-    lines.append("classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES)))
-    return "\n".join(lines)
-
-
-# Thin aliases while other scripts still import them from here; they live in cli.py.
-ArgumentParser, path_arg, cannot_write = cli.ArgumentParser, cli.path_arg, cli.cannot_write
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
     parser.add_argument("--data-dir", type=cli.path_arg, default=None,
                         help="folder with the four IDX files (default: $FASHION_MNIST_DIR, "
                              "./data/fashion-mnist, /usr/share/datasets/fashion-mnist, else download)")
-    parser.add_argument("--split", choices=SPLITS, default="official",
-                        help="official: 54k/6k/official 10k test; pooled: 80/10/10 of all 70k "
-                             "(default: official)")
+    parser.add_argument("--split", choices=("official", "pooled"), default="official",
+                        help="official: 54k/6k/official 10k test; pooled: 80/10/10 of all 70k (default: official)")
     parser.add_argument("--seed", type=cli.seed_arg, default=0, help="seed of the validation split (default: 0)")
     parser.add_argument("--no-download", action="store_true", help="never download; fail if not found")
     args = parser.parse_args(argv)
     folder = find_data_dir(args.data_dir, download=not args.no_download)
-    print(summary(load_splits(folder, args.split, args.seed), folder))
+    splits = load_splits(folder, args.split, args.seed)
+    print(f"Fashion-MNIST from {folder} (checksums verified)")
+    print(f"{'split':<6} {'images':>7}  per class  pixel mean  pixel std")
+    for name in ("train", "val", "test"):
+        X, y = getattr(splits, f"X_{name}"), getattr(splits, f"y_{name}")
+        counts = " ".join(f"{c:>4}" for c in np.bincount(y, minlength=NUM_CLASSES))
+        print(f"{name:<6} {len(y):>7}  {counts}  {X.mean():10.4f} {X.std():10.4f}")
+    print("classes: " + ", ".join(f"{i}={n}" for i, n in enumerate(CLASS_NAMES)))
     return 0
 
 

@@ -382,7 +382,8 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
         splits.subset(spec.budget.subset, spec.budget.n_eval, seed=spec.seed)
     t0 = time.perf_counter()
     with threadpool_limits(limits=threads):
-        out, files = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
+        out, save, suffix = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
+        files = _model_files(spec, save, suffix)
     if files:
         out["model_file"] = os.path.commonpath(list(files)) if len(files) > 1 else next(iter(files))
     best = next((h for h in out["history"] if h.get("epoch") == out["best_epoch"]), {})
@@ -399,6 +400,31 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
     return clean(record), files
 
 
+def _train_mlp(spec: RunSpec, data: Splits, device: str):
+    """(what the run gives beyond its record's common fields, a function that saves its model, the file suffix)."""
+    res = mlp_scratch.train(mlp_scratch.MLPConfig(**spec.config), data.X_train, data.y_train,
+                            data.X_val, data.y_val, progress=False, input_range=mlp_scratch.PIXEL_RANGE)
+    out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+           "diverged": bool(res.diverged), "device": "cpu", "n_params": int(res.model.n_params),
+           "macs": mlp_macs(spec.config),
+           "layer_stats": mlp_scratch.layer_statistics(res.model, data.X_val[:1000], data.y_val[:1000]),
+           **_evaluate(spec, data, lambda X, y: mlp_scratch.evaluate(res.model, X, y),
+                       lambda X: mlp_scratch.softmax(res.model.forward(X)))}
+    return out, res.model.save, ".npz"
+
+
+def _train_cnn(spec: RunSpec, data: Splits, device: str):
+    import cnn_torch
+    res = cnn_torch.train(cnn_torch.CNNConfig(**{**spec.config, "device": device}), data, progress=False)
+    clf = res.classifier
+    out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+           "diverged": bool(res.diverged), "device": str(res.device), "n_params": int(res.n_params),
+           "macs": cnn_macs(spec.config), "layer_stats": None,
+           **_evaluate(spec, data, lambda X, y: cnn_torch.evaluate_classifier(clf, to_images(X), y),
+                       lambda X: clf.predict_proba(to_images(X)))}
+    return out, clf.save, ""
+
+
 def _evaluate(spec, data, evaluate, predict_proba) -> dict:
     """Validation always; the test set only for final runs, with predictions for the paired tests."""
     val = evaluate(data.X_val, data.y_val)
@@ -412,31 +438,6 @@ def _evaluate(spec, data, evaluate, predict_proba) -> dict:
                     "test_pred": pred.tolist(), "test_prob_max": np.round(prob.max(axis=1), 5).tolist(),
                     **study_results.classification_report(data.y_test, pred)})
     return out
-
-
-def _train_mlp(spec: RunSpec, data: Splits, device: str):
-    import mlp_scratch
-    res = mlp_scratch.train(mlp_scratch.MLPConfig(**spec.config), data.X_train, data.y_train,
-                            data.X_val, data.y_val, progress=False, input_range=mlp_scratch.PIXEL_RANGE)
-    out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-           "diverged": bool(res.diverged), "device": "cpu", "n_params": int(res.model.n_params),
-           "macs": mlp_macs(spec.config),
-           "layer_stats": mlp_scratch.layer_statistics(res.model, data.X_val[:1000], data.y_val[:1000]),
-           **_evaluate(spec, data, lambda X, y: mlp_scratch.evaluate(res.model, X, y),
-                       lambda X: mlp_scratch.softmax(res.model.forward(X)))}
-    return out, _model_files(spec, lambda path: res.model.save(path), ".npz")
-
-
-def _train_cnn(spec: RunSpec, data: Splits, device: str):
-    import cnn_torch
-    res = cnn_torch.train(cnn_torch.CNNConfig(**{**spec.config, "device": device}), data, progress=False)
-    clf = res.classifier
-    out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-           "diverged": bool(res.diverged), "device": str(res.device), "n_params": int(res.n_params),
-           "macs": cnn_macs(spec.config), "layer_stats": None,
-           **_evaluate(spec, data, lambda X, y: cnn_torch.evaluate_classifier(clf, to_images(X), y),
-                       lambda X: clf.predict_proba(to_images(X)))}
-    return out, _model_files(spec, lambda path: clf.save(path), "")
 
 
 def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> dict:
@@ -504,10 +505,7 @@ class Engine:
                 self.registry.add(record, files)
                 self.executed.append(record["key"])
                 self.bar.update(1)
-                if self.bar.disable:
-                    self.log(_run_line(record))
-                else:
-                    self.bar.write(_run_line(record))
+                (self.log if self.bar.disable else self.bar.write)(_run_line(record))
         return [self.registry.records[s.key] for s in specs]
 
     def cancel(self, specs: list[RunSpec]) -> None:
@@ -540,32 +538,29 @@ WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 
 
 
 def _connect(scheduler: str, client_class=None, seconds: float = 30.0):
-    """A client of the scheduler at `scheduler`. Anything that is not a Dask scheduler answering within
-    `seconds` (a bad address, a closed port, another server on that port, which can leave the handshake
+    """A client of the scheduler at `scheduler` (--scheduler). Anything that is not a Dask scheduler answering
+    within `seconds` (a bad address, a closed port, another server on that port, which can leave the handshake
     waiting forever) is a StudyError."""
     from distributed import Client
-    client_class, result = client_class or Client, {}
+    result = {"error": f"no Dask handshake within {seconds:.0f} s (is it a Dask scheduler?)"}
 
     def connect():
         try:
-            result["client"] = client_class(scheduler, timeout="20s")
+            result["client"] = (client_class or Client)(scheduler, timeout="20s")
         except Exception as e:  # noqa: BLE001 -- whatever went wrong, it is not a scheduler we can use
             result["error"] = f"{e.__class__.__name__}: {e}"
     thread = threading.Thread(target=connect, daemon=True)  # a stuck handshake dies with the process
     thread.start()
     thread.join(seconds)
-    if "client" in result:
-        return result["client"]
-    why = result.get("error", f"no Dask handshake within {seconds:.0f} s (is it a Dask scheduler?)")
-    raise StudyError(f"cannot reach the Dask scheduler at {scheduler}: {why.splitlines()[0]}")
+    if "client" not in result:
+        raise StudyError(f"cannot reach the Dask scheduler at {scheduler}: {result['error'].splitlines()[0]}")
+    return result["client"]
 
 
-def start_client(workers: int, scheduler: str | None = None):
-    """A client of an existing cluster (--scheduler) or of a new local one of single-threaded workers."""
+def start_client(workers: int):
+    """A client of a new local cluster of `workers` single-threaded worker processes, and the cluster."""
     import dask
     from distributed import Client, LocalCluster
-    if scheduler:
-        return _connect(scheduler), None
     # The workers ignore Ctrl-C (inherited across exec): the driver alone handles it and shuts them down.
     # Logs below CRITICAL stay quiet, here and in the workers: a run's own error reaches the driver through its
     # future, and what Dask logs at ERROR is a result cut off in transfer when Ctrl-C closes the client.
@@ -753,11 +748,10 @@ class Study:
     def manifest(self) -> dict:
         """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
         writes the same manifest."""
-        order = STUDY_ORDER
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
                 "macs_cap": self.plan.macs_cap,
-                "runs": sorted(self.runs, key=lambda row: order.index(row["study"])),
-                "stages": dict(sorted(self.stages.items(), key=lambda item: order.index(item[0]))),
+                "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
+                "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
                 "finals": self.finals}
 
 
@@ -835,49 +829,32 @@ def write_manifest(results_dir: Path, manifest: dict, tracks: list[str]) -> None
 
 
 # ----------------------------------------------------------------------------------------- driver
-@dataclass
-class Options:
-    results_dir: Path = Path("results")
-    quick: bool = False
-    seeds: tuple[int, ...] | None = None       # None: the plan's
-    final_seeds: tuple[int, ...] | None = None  # CNN final seeds; None: the plan's (1 on a CPU, 3 on a GPU)
-    only: str | None = None
-    workers: int = 2
-    threads: int = 1                            # BLAS and torch threads of each run (CPU CNN finals: every core)
-    scheduler: str | None = None
-    device: str = "cpu"
-    data_dir: str | None = None
-    plots: bool = True
-
-
-def plan_for(opts: Options) -> Plan:
-    plan = QUICK_PLAN if opts.quick else FULL_PLAN
-    return dataclasses.replace(plan, mlp_seeds=opts.seeds, cnn_seeds=opts.seeds) if opts.seeds else plan
-
-
-def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None = None, log=print) -> Study:
-    """Train every run not yet in <results>/runs, then rebuild every output from the saved runs."""
+def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: Plan | None = None, log=print,
+              plots: bool = True) -> Study:
+    """Train every run not yet in <results>/runs, then rebuild every output from the saved runs. `args`: what
+    parse_args gives; `plan` (tests): instead of the one --quick picks."""
     t0 = time.perf_counter()
-    plan = plan or plan_for(opts)
-    results_dir = Path(opts.results_dir)
-    device = _check_device(opts.device)
+    plan = plan or (QUICK_PLAN if args.quick else FULL_PLAN)
+    plan = dataclasses.replace(plan, mlp_seeds=args.seeds, cnn_seeds=args.seeds) if args.seeds else plan
+    results_dir = Path(args.results_dir)
+    device = _check_device(args.device)
     with study_results.results_lock(results_dir):
         registry = study_results.Registry(results_dir, log=log)
         client = cluster = engine = None
         try:
-            if opts.scheduler:  # before the data and the statistics: a scheduler that does not answer costs 20 s
-                client = _connect(opts.scheduler)
-            splits = splits if splits is not None else preprocessing.load_splits(opts.data_dir)
+            if args.scheduler:  # before the data and the statistics: a scheduler that does not answer costs 20 s
+                client = _connect(args.scheduler)
+            splits = splits if splits is not None else preprocessing.load_splits(args.data_dir)
             # Before a local cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes
             # torch's summation order and so the statistics' last digits. They depend on the code and data only.
             if not (results_dir / "init_stats.csv").exists():
                 write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
             if client is None:
-                client, cluster = start_client(opts.workers)
-            engine = Engine(client, splits, registry, device=device, threads=opts.threads,
+                client, cluster = start_client(args.workers)
+            engine = Engine(client, splits, registry, device=device, threads=args.threads,
                             log=None if log is print else log)
-            final_seeds = opts.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not opts.quick else None)
-            study = Study(engine, plan, only=opts.only, final_seeds=final_seeds)
+            final_seeds = args.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not args.quick else None)
+            study = Study(engine, plan, only=args.only, final_seeds=final_seeds)
             study.executed = engine.executed
             try:
                 study.run()
@@ -892,8 +869,8 @@ def run_study(opts: Options, *, splits: Splits | None = None, plan: Plan | None 
         # A resume that trained nothing keeps the wall time of the invocation that did.
         outputs = study_results.rebuild_outputs(results_dir, splits, log=log,
                                                 wall_seconds=wall if engine.executed else None,
-                                                workers=opts.scheduler or opts.workers)
-        if opts.plots:
+                                                workers=args.scheduler or args.workers)
+        if plots:
             draw_figures(results_dir, *outputs, splits)
     log(f"Study done in {wall / 60:.1f} min: {len(engine.executed)} runs trained; results in {results_dir}")
     return study
@@ -904,14 +881,14 @@ def draw_figures(results_dir: Path, rows: list[dict], manifest: dict, summary: d
     plots.make_figures(results_dir, rows, manifest, summary, splits)
 
 
-def rebuild_only(opts: Options) -> None:
+def rebuild_only(args: argparse.Namespace) -> None:
     """--plots-only: every output from the saved runs, no training; refused where there is nothing to
     rebuild from (nothing is created there)."""
-    rd = Path(opts.results_dir)
+    rd = Path(args.results_dir)
     if not (rd / "manifest.json").is_file() and not any((rd / "runs").glob("*.json")):
         raise StudyError(f"{rd} holds no study results (no manifest.json, no runs/*.json): run the study first")
     with study_results.results_lock(rd):
-        splits = preprocessing.load_splits(opts.data_dir)
+        splits = preprocessing.load_splits(args.data_dir)
         draw_figures(rd, *study_results.rebuild_outputs(rd, splits), splits)
     print(f"Rebuilt tables, summary.json and figures in {rd}")
 
@@ -968,14 +945,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = vars(parse_args(argv))
-    opts = Options(results_dir=Path(args.pop("results_dir")), **{k: v for k, v in args.items() if k != "plots_only"})
-    if args["plots_only"]:
-        rebuild_only(opts)
-    elif why := cli.cannot_write(opts.results_dir, folder=True):
+    args = parse_args(argv)
+    if args.plots_only:
+        rebuild_only(args)
+    elif why := cli.cannot_write(args.results_dir, folder=True):
         raise StudyError(why)
     else:
-        run_study(opts)
+        run_study(args)
     return 0
 
 

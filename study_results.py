@@ -97,10 +97,8 @@ def results_lock(results_dir):
         raise StudyError(f"cannot lock {results_dir}: {e.strerror} ({path})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException as e:
+    except BlockingIOError:
         os.close(fd)
-        if not isinstance(e, BlockingIOError):
-            raise
         info = read_json(path, lambda *a: None)
         who = (f"pid {info['pid']} on {info['host']} since {info['since']}"
                if isinstance(info, dict) and {"pid", "host", "since"} <= set(info) else "another process")
@@ -108,8 +106,7 @@ def results_lock(results_dir):
     try:
         since = datetime.now(timezone.utc).isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
-                       + "\n").encode(), 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -118,159 +115,141 @@ def results_lock(results_dir):
 
 
 # ------------------------------------------------------------------------------------------ run records
-def _num(lo=-math.inf, hi=math.inf, *, required=False):
-    """A finite number in [lo, hi] (None allowed unless required)."""
-    return lambda v: (v is None and not required) or (
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi)
+def _number(lo=-math.inf, hi=math.inf):
+    """A finite number in [lo, hi]."""
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
 
 
-def _str(v) -> bool:
-    return isinstance(v, str) and v != ""
+def _opt(check):
+    """The check, or None."""
+    return lambda v: v is None or check(v)
 
 
-def _opt(kind):
-    return lambda v: v is None or isinstance(v, kind)
+def _is(kind):
+    return lambda v: isinstance(v, kind) and not (kind is int and isinstance(v, bool))
 
 
-_FRACTION, _COUNT = _num(0, 1), _num(0)
-# The run record, field by field: (required, check, meaning). The one description of it.
-RECORD: dict[str, tuple[bool, Callable, str]] = {
-    "key": (True, lambda v: _str(v) and "/" not in v and not v.startswith("."),
-            "12 hex digits hashing what decides the run's numbers (model, config, budget, final or not)"),
-    "model": (True, lambda v: v in MODELS, "mlp | cnn"),
-    "study": (True, _str, "the stage or final it was trained for, e.g. mlp_lr, cnn_final"),
-    "variant": (True, lambda v: isinstance(v, str), "the level's label, e.g. 0.003, chain of winners"),
-    "seed": (True, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "its seed"),
-    "role": (True, lambda v: v in ROLES, "grid | ablation | final (only finals see the test set)"),
-    "config": (True, lambda v: isinstance(v, dict), "the module config it trained (MLPConfig / CNNConfig)"),
-    "val_acc": (True, _FRACTION, "validation accuracy at the best epoch; None if it diverged"),
-    "diverged": (True, lambda v: isinstance(v, bool), "training stopped on a non-finite or exploding loss"),
-    "final": (False, _opt(bool), "role == final"),
-    "plan": (False, lambda v: v in (None, "full", "quick"), "the study plan it belongs to"),
-    "budget": (False, _opt(dict), "{subset, n_eval, epochs}: the training images and epochs it got"),
-    "train_acc": (False, _FRACTION, "training accuracy at the best epoch"),
-    "test_acc": (False, _FRACTION, "finals only: test accuracy"),
-    "test_macro_f1": (False, _FRACTION, "finals only: macro-averaged F1 on test"),
-    **{k: (False, _num(), f"{k.split('_')[0]} loss (a diverged run's may be huge)")
-       for k in ("train_loss", "val_loss", "test_loss")},
-    "seconds": (False, _COUNT, "wall seconds of the run"),
-    "sec_per_epoch": (False, _COUNT, "mean wall seconds of an epoch"),
-    "n_params": (False, _COUNT, "trainable parameters"),
-    "macs": (False, _COUNT, "multiply-adds per image"),
-    "epochs_run": (False, _COUNT, "epochs trained (early stopping may end sooner)"),
-    "best_epoch": (False, _COUNT, "the epoch whose weights were kept"),
-    **{f"n_{s}": (False, _COUNT, f"{s} images") for s in ("train", "val", "test")},
-    "threads": (False, _COUNT, "BLAS and torch threads it ran on"),
-    "history": (False, lambda v: v is None or (isinstance(v, list) and all(isinstance(h, dict) for h in v)),
-                "per epoch: epoch, phase, lr, train_loss, train_acc, val_loss, val_acc, seconds"),
-    "test_pred": (False, lambda v: v is None or (isinstance(v, list) and all(
-        isinstance(p, int) and 0 <= p < NUM_CLASSES for p in v)), "finals only: predicted class per test image"),
-    "model_file": (False, lambda v: v is None or (isinstance(v, str) and not os.path.isabs(v) and ".." not in v),
-                   "finals only: its model, relative to the results folder"),
-    "model_files": (False, lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
-                    "finals only: every file of its model"),
-    "error": (False, _opt(str), "why it diverged"),
+def _list_of(check):
+    return lambda v: isinstance(v, list) and all(check(x) for x in v)
+
+
+_NAME, _FRACTION, _COUNT = (lambda v: isinstance(v, str) and v != ""), _opt(_number(0, 1)), _opt(_number(0))
+# The run record, field by field: its check (an optional field may be None). The one description of it.
+RECORD_REQUIRED = ("key", "model", "study", "variant", "seed", "role", "config", "val_acc", "diverged")
+RECORD: dict[str, Callable] = {
+    # 12 hex digits hashing what decides the run's numbers (model, config, budget, final or not); its file name
+    "key": lambda v: _NAME(v) and "/" not in v and not v.startswith("."),
+    "model": lambda v: v in MODELS,
+    "study": _NAME,                                  # the stage or final it was trained for: mlp_lr, cnn_final
+    "variant": _is(str),                             # the level's label, e.g. 0.003, chain of winners
+    "seed": lambda v: _is(int)(v) and v >= 0,
+    "role": lambda v: v in ROLES,                    # grid | ablation | final (only finals see the test set)
+    "config": _is(dict),                             # the module config it trained (MLPConfig / CNNConfig)
+    "val_acc": _FRACTION,                            # validation accuracy at the best epoch; None if it diverged
+    "diverged": _is(bool),                           # training stopped on a non-finite or exploding loss
+    "final": _opt(_is(bool)),                        # role == final
+    "plan": lambda v: v in (None, "full", "quick"),  # the study plan it belongs to
+    "budget": _opt(_is(dict)),                       # {subset, n_eval, epochs}: training images and epochs
+    # training accuracy at the best epoch; finals only: test accuracy and macro-averaged F1
+    **dict.fromkeys(("train_acc", "test_acc", "test_macro_f1"), _FRACTION),
+    # losses at the best epoch (a diverged run's may be huge)
+    **dict.fromkeys(("train_loss", "val_loss", "test_loss"), _opt(_number())),
+    # wall seconds of the run and of a mean epoch, trainable parameters, multiply-adds per image, epochs
+    # trained (early stopping may end sooner), the epoch whose weights were kept, images, BLAS/torch threads
+    **dict.fromkeys(("seconds", "sec_per_epoch", "n_params", "macs", "epochs_run", "best_epoch", "n_train", "n_val",
+                     "n_test", "threads"), _COUNT),
+    # per epoch: epoch, phase, lr, train_loss, train_acc, val_loss, val_acc, seconds
+    "history": _opt(_list_of(_is(dict))),
+    # finals only: the predicted class per test image, its model (relative to the results folder), every file
+    "test_pred": _opt(_list_of(lambda p: _is(int)(p) and 0 <= p < NUM_CLASSES)),
+    "model_file": _opt(lambda v: isinstance(v, str) and not os.path.isabs(v) and ".." not in v),
+    "model_files": _opt(_list_of(_is(str))),
+    "error": _opt(_is(str)),                         # why it diverged
 }
 # Also written, not checked: device, finished_at, layer_stats, test_true, test_prob_max, per_class, confusion.
 
 
+def faults(obj, checks: dict[str, Callable], required=()) -> str | None:
+    """Why `obj` does not fit its table of checks (one phrase), or None: the one check of run records and of the
+    manifest's parts. A field not in `required` may be absent."""
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object"
+    missing = [k for k in required if k not in obj]
+    bad = [k for k, ok in checks.items() if k in obj and not ok(obj[k])]
+    return "; ".join(f"{what} {', '.join(keys)}" for what, keys in
+                     (("missing", missing), ("wrong type or value of", bad)) if keys) or None
+
+
 def record_problem(rec) -> str | None:
     """Why `rec` is not a usable run record (one phrase), or None if it is."""
-    if not isinstance(rec, dict):
-        return f"a JSON {type(rec).__name__}, not an object"
-    missing = [k for k, (required, _, _) in RECORD.items() if required and k not in rec]
-    if missing:
-        return "missing " + ", ".join(missing)
-    bad = [k for k, (_, ok, _) in RECORD.items() if k in rec and not ok(rec[k])]
-    if bad:
-        return "wrong type or value of " + ", ".join(bad)
+    if problem := faults(rec, RECORD, RECORD_REQUIRED):
+        return problem
     if rec["val_acc"] is None and not rec["diverged"]:
         return "no val_acc for a run that did not diverge"
     if rec["role"] == "final" and not rec["diverged"]:
-        need = [k for k in ("model_file", "test_acc", "test_pred") if rec.get(k) is None]
-        if need:
+        if need := [k for k in ("model_file", "test_acc", "test_pred") if rec.get(k) is None]:
             return "a final run without " + ", ".join(need)
         if rec.get("n_test") is not None and len(rec["test_pred"]) != rec["n_test"]:
             return f"{len(rec['test_pred'])} test predictions for {rec['n_test']} test images"
     return None
 
 
-def read_record(path: Path) -> tuple[dict | None, str | None]:
-    """(record, None), or (None, why it is damaged). An unreadable file (permissions) raises OSError."""
-    try:
-        rec = loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        return None, "not text"
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-        return None, f"not valid JSON ({e})"
-    problem = record_problem(rec)
-    if problem is None and rec["key"] != path.stem:  # a copy under another name: not the run it names
-        problem = f"it holds run {rec['key']}, not {path.stem}"
-    return (None, problem) if problem else (rec, None)
-
-
-def set_aside(path: Path) -> Path | None:
-    """Rename a damaged file to `<name>.bad` (`<name>.1.bad`, ... if taken); None if it cannot be."""
-    dest, i = path.with_name(path.name + ".bad"), 1
-    while dest.exists():
-        dest, i = path.with_name(f"{path.name}.{i}.bad"), i + 1
-    try:
-        os.replace(path, dest)
-    except OSError:
-        return None
-    return dest
-
-
 def _remove_stale_temporaries(folder: Path, log: Callable) -> None:
     """Temporary files left by a killed writer (`*.tmp*`, any depth), older than STALE_TMP_SECONDS."""
-    now = time.time()
     for p in folder.rglob(f"*{cli.TMP_SUFFIX}*") if folder.is_dir() else ():
         try:
-            if now - p.lstat().st_mtime >= STALE_TMP_SECONDS:
+            if time.time() - p.lstat().st_mtime >= STALE_TMP_SECONDS:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         except OSError as e:
             log(f"warning: could not remove the leftover temporary file {p}: {e.strerror}")
 
 
 class Registry:
-    """The finished runs of a results folder (`runs/<key>.json`), keyed by run key: the study's view.
+    """The finished runs of a results folder (`runs/<key>.json`), keyed by run key: the one reader of records.
 
     `key in registry` is True only for a valid record, and for a final run only while its model file
-    exists: a damaged record is set aside (renamed `.bad`, one warning) and a final run without its model
-    is redone. `records` holds the usable records; `set_aside` and `missing_models` say what was skipped.
+    exists: a damaged record is set aside (renamed `<name>.bad`, `<name>.1.bad`, ...; one warning) and a
+    final run without its model is redone. `records` holds the usable records; `set_aside` and
+    `missing_models` say what was skipped. read_only (plots, the report): damaged records are skipped with a
+    warning, nothing is renamed or removed, and final runs count without their model files.
     """
 
-    def __init__(self, results_dir, log: Callable = print):
-        self.results_dir = Path(results_dir)
-        self.dir = self.results_dir / "runs"
-        self.log = log
+    def __init__(self, results_dir, log: Callable = print, read_only: bool = False):
+        self.results_dir, self.dir = Path(results_dir), Path(results_dir) / "runs"
+        self.log, self.read_only = log, read_only
         self.records: dict[str, dict] = {}
-        self.set_aside: list[str] = []            # file names renamed to .bad by this registry
+        self.set_aside: list[str] = []            # file names renamed to .bad (or skipped, read_only)
         self.missing_models: dict[str, str] = {}  # key -> model file not found (the run is redone)
         self.reload()
 
     def model_present(self, rec: dict) -> bool:
         """Every model file of a final run exists (model_files when recorded, else model_file)."""
-        if rec["role"] != "final" or rec["diverged"]:
+        if self.read_only or rec["role"] != "final" or rec["diverged"]:
             return True
         paths = [self.results_dir / rel for rel in rec.get("model_files") or [rec["model_file"]]]
         return all(p.exists() and not (p.is_dir() and not any(p.iterdir())) for p in paths)
 
     def reload(self) -> None:
         self.records = {}
-        _remove_stale_temporaries(self.dir, self.log)
-        _remove_stale_temporaries(self.results_dir / "models", self.log)
+        if not self.read_only:
+            _remove_stale_temporaries(self.dir, self.log)
+            _remove_stale_temporaries(self.results_dir / "models", self.log)
         for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else ():
             try:
-                rec, problem = read_record(p)
+                rec = loads(p.read_text(encoding="utf-8"))
+                problem = record_problem(rec)
+                if problem is None and rec["key"] != p.stem:  # a copy under another name: not the run it names
+                    problem = f"it holds run {rec['key']}, not {p.stem}"
+            except UnicodeDecodeError:
+                problem = "not text"
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                problem = f"not valid JSON ({e})"
             except OSError as e:
                 self.log(f"warning: cannot read run record {p}: {e.strerror}; its run counts as not done")
                 continue
             if problem is not None:
-                dest = set_aside(p)
-                where = f"set aside as {dest.name}" if dest else "could not be renamed"
-                self.log(f"warning: damaged run record {p} ({problem}): {where}; the run will be redone")
                 self.set_aside.append(p.name)
+                self.log(f"warning: damaged run record {p} ({problem}): {self._set_aside(p)}")
             elif not self.model_present(rec):
                 if rec["key"] not in self.missing_models:
                     self.log(f"warning: the model of final run {rec['key']} ({rec.get('model_file')}) is "
@@ -279,6 +258,19 @@ class Registry:
             else:
                 self.missing_models.pop(rec["key"], None)
                 self.records[rec["key"]] = {**rec, "final": rec["role"] == "final"}
+
+    def _set_aside(self, path: Path) -> str:
+        """Rename a damaged record to `<name>.bad` (`<name>.1.bad`, ... if taken); what became of it."""
+        if self.read_only:
+            return "skipped"
+        dest, i = path.with_name(path.name + ".bad"), 1
+        while dest.exists():
+            dest, i = path.with_name(f"{path.name}.{i}.bad"), i + 1
+        try:
+            os.replace(path, dest)
+        except OSError:
+            return "could not be renamed; the run will be redone"
+        return f"set aside as {dest.name}; the run will be redone"
 
     def __contains__(self, key) -> bool:
         return key in self.records
@@ -291,12 +283,10 @@ class Registry:
         "models/runs/<key>.npz"), then the record, all atomically, so a crash never leaves a record
         without its model. NaN becomes null. Returns the record as saved. A record that breaks the
         schema is a bug of the caller: ValueError, nothing written."""
-        rec = clean(dict(record))
-        rec["final"] = rec.get("role") == "final"
+        rec = clean({**record, "final": record.get("role") == "final"})
         if model_files:
             rec["model_files"] = sorted(model_files)
-        problem = record_problem(rec)
-        if problem is not None:
+        if problem := record_problem(rec):
             raise ValueError(f"run record {rec.get('key')!r}: {problem}")
         for rel, data in (model_files or {}).items():
             if os.path.isabs(rel) or ".." in Path(rel).parts:
@@ -312,15 +302,8 @@ def load_runs(results_dir, log: Callable = print) -> tuple[list[dict], dict]:
     """The one reader of saved results for plots and the report: (the runs as members of their comparisons
     (study_records), the manifest (load_manifest)). Read only: a damaged record is skipped with a warning,
     never renamed; the stage decisions are manifest["stages"][study] (winner, leader, gap, noise)."""
-    records = {}
-    for p in sorted((Path(results_dir) / "runs").glob("*.json")):
-        rec, problem = read_record(p)
-        if problem:
-            log(f"warning: damaged run record {p} ({problem}): skipped")
-        else:
-            records[rec["key"]] = {**rec, "final": rec["role"] == "final"}
     manifest = load_manifest(results_dir, log)
-    return study_records(records, manifest), manifest
+    return study_records(Registry(results_dir, log, read_only=True).records, manifest), manifest
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -407,16 +390,13 @@ def classification_report(y_true, y_pred, class_names=CLASS_NAMES) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ manifest
-def _good_row(r) -> bool:
-    return isinstance(r, dict) and _str(r.get("key")) and r.get("model") in MODELS and isinstance(
-        r.get("study"), str) and isinstance(r.get("variant"), str) and isinstance(r.get("seed"), int) \
-        and r.get("role") in (None, *ROLES)
-
-
-def _good_final(f) -> bool:
-    return isinstance(f, dict) and isinstance(f.get("chain"), str) and isinstance(f.get("default"), (str, type(None))) \
-        and f.get("kept", "chain") in ("chain", "default") and isinstance(f.get("seeds", []), list) \
-        and all(isinstance(k, str) for k in f.get("seeds", []))
+# The manifest's parts: (part, its JSON type, the check of each item, the fields an item must have).
+MANIFEST_PARTS = (
+    ("runs", list, {k: RECORD[k] for k in ("key", "model", "study", "variant", "seed")} | {"role": _opt(RECORD["role"])},
+     ("key", "model", "study", "variant", "seed")),
+    ("stages", dict, {"levels": _opt(_list_of(_is(str)))}, ()),
+    ("finals", dict, {"chain": _is(str), "default": _opt(_is(str)), "kept": lambda v: v in ("chain", "default"),
+                      "seeds": _list_of(_is(str))}, ("chain",)))
 
 
 def load_manifest(results_dir, log: Callable = print) -> dict:
@@ -425,23 +405,17 @@ def load_manifest(results_dir, log: Callable = print) -> dict:
     path = Path(results_dir) / "manifest.json"
     raw = read_json(path, log, "ignored: tables and summary from the run records alone")
     problems = [] if isinstance(raw, dict) or raw is None else [f"a JSON {type(raw).__name__}, not an object"]
-    raw = raw if isinstance(raw, dict) else {}
-    out = {k: v for k, v in raw.items() if k not in ("runs", "stages", "finals")}
-    for part, kind, good in (("runs", list, _good_row), ("stages", dict, None), ("finals", dict, _good_final)):
-        got = raw.get(part, kind())
+    out = dict(raw) if isinstance(raw, dict) else {}
+    for part, kind, checks, required in MANIFEST_PARTS:
+        got = out.get(part, kind())
         if not isinstance(got, kind):
-            problems.append(f"{part} is not a{' list' if kind is list else 'n object'}")
+            problems.append(f"{part} is not a JSON {kind.__name__}")
             got = kind()
-        if part == "runs":
-            out["runs"] = [r for r in got if good(r)]
-            if len(out["runs"]) < len(got):
-                problems.append(f"{len(got) - len(out['runs'])} damaged run rows")
-            continue
-        ok = (lambda k, v: isinstance(v, dict) and (not isinstance(v.get("levels"), list) or all(
-            isinstance(x, str) for x in v["levels"]))) if part == "stages" else (lambda k, v: k in MODELS and good(v))
-        out[part] = {k: v for k, v in got.items() if ok(k, v)}
-        if len(out[part]) < len(got):
-            problems.append(f"damaged {part}: " + ", ".join(sorted(map(str, set(got) - set(out[part])))))
+        items = dict(enumerate(got)) if kind is list else got
+        good = {k: v for k, v in items.items() if not faults(v, checks, required) and (part != "finals" or k in MODELS)}
+        out[part] = list(good.values()) if kind is list else good
+        if len(good) < len(items):
+            problems.append(f"damaged {part}: " + ", ".join(sorted(map(str, set(items) - set(good)))))
     if problems:
         log(f"warning: {path}: " + "; ".join(problems) + ": those parts ignored")
     return out
@@ -498,9 +472,11 @@ def _test_labels(rec: dict, splits) -> np.ndarray | None:
     return None
 
 
-def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, splits) -> dict | None:
+def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, splits, log: Callable) -> dict | None:
     ya, yb = _test_labels(ra, splits), _test_labels(rb, splits)
     if ya is None or yb is None or not np.array_equal(ya, yb) or len(ra["test_pred"]) != len(rb["test_pred"]):
+        log(f"warning: no McNemar test {a} vs {b}: the test labels of their predictions are not known "
+            f"(pass the data splits)")
         return None
     return {"a": a, "b": b, "a_key": ra["key"], "b_key": rb["key"],
             **mcnemar(ra["test_pred"], rb["test_pred"], ya), "acc_a": ra["test_acc"], "acc_b": rb["test_acc"]}
@@ -544,16 +520,14 @@ def _versions() -> dict:
 
 def _plan_of(records: list[dict], manifest: dict, log: Callable) -> str | None:
     """"quick" or "full", from the records themselves (the final runs' if they disagree), else the manifest."""
-    plans = [r.get("plan") for r in records if r.get("plan")]
-    if not plans:
-        return manifest.get("plan") if manifest.get("plan") in ("quick", "full") else None
-    if len(set(plans)) == 1:
-        return plans[0]
-    finals = [r.get("plan") for r in records if r["role"] == "final" and r.get("plan")] or plans
-    pick = max(sorted(set(finals)), key=finals.count)
-    log(f"warning: the runs mix plans ({plans.count('full')} full, {plans.count('quick')} quick): "
-        f"the results are labelled {pick}")
-    return pick
+    plans = [r["plan"] for r in records if r.get("plan")]
+    if len(set(plans)) > 1:
+        finals = [r["plan"] for r in records if r["role"] == "final" and r.get("plan")] or plans
+        log(f"warning: the runs mix plans ({plans.count('full')} full, {plans.count('quick')} quick): "
+            f"the results are labelled {max(sorted(set(finals)), key=finals.count)}")
+        plans = finals
+    return max(sorted(set(plans)), key=plans.count) if plans else \
+        manifest.get("plan") if manifest.get("plan") in ("quick", "full") else None
 
 
 def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, workers, log) -> dict:
@@ -561,15 +535,15 @@ def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, worke
     for r in recs:
         if isinstance(r.get("budget"), dict) and r["budget"] not in budgets.setdefault(f"{r['model']}_{r['role']}", []):
             budgets[f"{r['model']}_{r['role']}"].append(r["budget"])
+    grid_seeds = {m: sorted({r["seed"] for r in recs if r["role"] == "grid" and r["model"] == m}) for m in MODELS}
     seeds = manifest.get("seeds")
-    if not (isinstance(seeds, dict) and all(isinstance(v, list) for v in seeds.values())):
-        seeds = {m: sorted({r["seed"] for r in recs if r["role"] == "grid" and r["model"] == m})
-                 for m in MODELS if any(r["role"] == "grid" and r["model"] == m for r in recs)}
     prev = previous.get("study") if isinstance(previous, dict) else None
     prev = prev if isinstance(prev, dict) else {}
     finished = [r["finished_at"] for r in recs if isinstance(r.get("finished_at"), str)]
     return {
-        "plan": _plan_of(recs, manifest, log), "seeds": seeds,
+        "plan": _plan_of(recs, manifest, log),
+        "seeds": seeds if isinstance(seeds, dict) and all(isinstance(v, list) for v in seeds.values())
+        else {m: s for m, s in grid_seeds.items() if s},
         "grid_budget": {k: v[0] if len(v) == 1 else v for k, v in budgets.items()},
         "n_runs": len(recs), "n_diverged": sum(bool(r["diverged"]) for r in recs),
         "seconds": float(sum(r.get("seconds") or 0.0 for r in recs)),
@@ -585,27 +559,18 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
     results_dir = Path(results_dir)
     cands = {m: _candidates(records, manifest, m) for m in MODELS}
     summary: dict = {m: _model_summary(c) for m, c in cands.items() if c is not None}
-    tests = []
-    if cands["mlp"] and cands["cnn"]:
-        tests.append(("MLP", "CNN", cands["mlp"]["runs"][cands["mlp"]["kept"]],
-                      cands["cnn"]["runs"][cands["cnn"]["kept"]]))
-    for m, c in cands.items():
-        if c and {"chain", "default"} <= set(c["runs"]) and c["runs"]["chain"]["key"] != c["runs"]["default"]["key"]:
-            tests.append((f"{m.upper()} chain", f"{m.upper()} default", c["runs"]["chain"], c["runs"]["default"]))
+    kept = {m: c["runs"][c["kept"]] for m, c in cands.items() if c}
+    tests = [("MLP", "CNN", kept["mlp"], kept["cnn"])] if len(kept) == 2 else []
+    tests += [(f"{m.upper()} chain", f"{m.upper()} default", c["runs"]["chain"], c["runs"]["default"])
+              for m, c in cands.items() if c and {"chain", "default"} <= set(c["runs"])
+              and c["runs"]["chain"]["key"] != c["runs"]["default"]["key"]]
     if tests and splits is None and not all(isinstance(r.get("test_true"), list) for t in tests for r in t[2:]):
         try:  # the test labels, to pair the predictions
             import preprocessing
             splits = preprocessing.load_splits(download=False)
         except Exception as e:  # noqa: BLE001 - no data here: the McNemar tests are skipped below
             log(f"warning: no data ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    summary["mcnemar"] = []
-    for a, b, ra, rb in tests:
-        row = _mcnemar_row(a, b, ra, rb, splits)
-        if row is None:
-            log(f"warning: no McNemar test {a} vs {b}: the test labels of their predictions are not known "
-                f"(pass the data splits)")
-        else:
-            summary["mcnemar"].append(row)
+    summary["mcnemar"] = [row for a, b, ra, rb in tests if (row := _mcnemar_row(a, b, ra, rb, splits, log))]
     stages = manifest.get("stages", {})
     summary["stages"] = {study: {**st, "table": study_table(rows, study, st.get("levels"))}
                          for study, st in stages.items()}

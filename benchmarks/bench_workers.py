@@ -37,7 +37,7 @@ def bench_specs() -> list[rx.RunSpec]:
 
 def timed(splits, specs, workers: int, threads: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
-        client, cluster = rx.start_client(workers, None)
+        client, cluster = rx.start_client(workers)
         try:
             engine = rx.Engine(client, splits, study_results.Registry(out, log=lambda *a: None), device="cpu",
                                log=lambda *a: None)

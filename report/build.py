@@ -31,9 +31,8 @@ TYP_SOURCE = REPORT_DIR / "report.typ"
 BIB_SOURCE = REPORT_DIR / "references.bib"
 GROUP_FILE = REPORT_DIR / "group.toml"
 
-sys.path.insert(0, str(REPO_DIR))  # the scripts live at the repository root
-from preprocessing import CLASS_NAMES, ArgumentParser, path_arg  # noqa: E402
-from cli import atomic_write  # noqa: E402
+from preprocessing import CLASS_NAMES  # noqa: E402
+from cli import ArgumentParser, atomic_write, path_arg  # noqa: E402
 from run_experiments import NOISE_Z, noise_margin  # noqa: E402
 import run_experiments  # noqa: E402
 from report import text  # noqa: E402

@@ -248,7 +248,7 @@ def test_linear_head_sends_the_same_gradient_as_torch():
     backbone = backbone_of(filters="4,4,8,8,8", batchnorm=False, init="he")
     twin = copy.deepcopy(backbone)
     head = cnn_torch.LinearHead(cfg, backbone.feature_dim, torch.device("cpu"))
-    twin_linear = copy.deepcopy(head.linear)
+    twin_linear = copy.deepcopy(head.model)
     x, y = torch.rand(8, 1, 28, 28), np.arange(8) % 10
     loss, _ = cnn_torch.forward_backward(backbone, head, x, torch.from_numpy(y), label_smoothing=0.1)
     twin_loss = F.cross_entropy(twin_linear(twin(x)), torch.from_numpy(y), label_smoothing=0.1)
@@ -400,7 +400,7 @@ def test_frozen_head_mode():
     phases = [r["phase"] for r in result.history]
     assert phases == ["backbone", "head", "head"]
     assert isinstance(result.classifier.head, mlp_scratch.MLP)
-    feats = cnn_torch.extract_features(result.classifier.backbone, preprocessing.to_images(s.X_val))
+    feats = result.classifier.features(preprocessing.to_images(s.X_val))
     assert feats.shape == (40, result.classifier.backbone.feature_dim) and feats.dtype == np.float32
 
 
@@ -525,7 +525,6 @@ def test_bad_images_are_refused_everywhere(saved_classifier, case):
     clf, loaded, images, _ = saved_classifier
     bad = _bad_images(images)[case]
     calls = [clf.predict, clf.predict_proba, clf.features, clf.logits, loaded.predict,
-             lambda x: cnn_torch.extract_features(clf.backbone, x),
              lambda x: cnn_torch.evaluate_classifier(clf, x, np.zeros(len(x), np.int64))]
     for call in calls:
         for x in (bad, torch.from_numpy(np.ascontiguousarray(bad))):  # numpy arrays and tensors alike

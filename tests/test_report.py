@@ -554,6 +554,7 @@ def test_plots_redraws_a_figure_from_the_saved_model_when_the_record_lacks_predi
 
 # ------------------------------------------------------------------------------------------ zip
 def test_zip_holds_what_rebuilds_the_report(tmp_path, built):
+    import cli
     import make_zip
     repo = tmp_path / "repo"
     for rel in ("a.py", "README.md", "Makefile", "requirements.txt", "pytest.ini", ".ci/run", "report/build.py",
@@ -568,7 +569,7 @@ def test_zip_holds_what_rebuilds_the_report(tmp_path, built):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("x")
     _group(repo / "report", FILLED)
-    with pytest.raises(make_zip.ZipError, match="report.pdf is missing"):
+    with pytest.raises(cli.UserError, match="report.pdf is missing"):
         make_zip.make_zip(repo)
     shutil.copy(built[0], repo / "report" / "report.pdf")
     out = make_zip.make_zip(repo)

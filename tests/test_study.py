@@ -20,9 +20,9 @@ import study_results
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _study(out, splits, plan, **kw):
-    opts = rx.Options(results_dir=out, plots=False, **{"only": "mlp", **kw})
-    return rx.run_study(opts, splits=splits, plan=plan, log=lambda *a: None)
+def _study(out, splits, plan, *flags):
+    args = rx.parse_args(["--results-dir", str(out), "--only", "mlp", *flags])
+    return rx.run_study(args, splits=splits, plan=plan, log=lambda *a: None, plots=False)
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +366,7 @@ def test_ctrl_c_while_rebuilding_the_outputs_exits_130_in_one_line(mlp_study, tm
 
 CTRL_C_MID_TRANSFER = """
 import sys, distributed, run_experiments as rx
-client, cluster = rx.start_client(2, None)
+client, cluster = rx.start_client(2)
 try:
     future = client.submit(bytes, 300_000_000, pure=False)  # a result that takes a while to send
     distributed.wait(future)
@@ -425,7 +425,7 @@ def dask_cluster():
 def test_a_study_on_a_dask_scheduler_gives_the_local_records(dask_cluster, mlp_study, synthetic_splits,
                                                               tiny_plan, tmp_path):
     out, _ = mlp_study
-    remote = _study(tmp_path, synthetic_splits, tiny_plan, scheduler=dask_cluster)
+    remote = _study(tmp_path, synthetic_splits, tiny_plan, "--scheduler", dask_cluster)
     assert remote.executed and _vals(tmp_path) == _vals(out)
 
 
@@ -442,7 +442,7 @@ def test_a_worker_killed_mid_study_costs_only_its_run(dask_cluster, mlp_study, s
         os.kill(victim, signal.SIGKILL)
     killer = threading.Thread(target=kill_after_first_record)
     killer.start()
-    _study(tmp_path, synthetic_splits, tiny_plan, scheduler=dask_cluster)
+    _study(tmp_path, synthetic_splits, tiny_plan, "--scheduler", dask_cluster)
     killer.join()
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)
@@ -450,7 +450,7 @@ def test_a_worker_killed_mid_study_costs_only_its_run(dask_cluster, mlp_study, s
 
 
 def test_runs_started_early_train_once_and_cancelled_ones_are_never_written(synthetic_splits, tiny_plan, tmp_path):
-    client, cluster = rx.start_client(2, None)
+    client, cluster = rx.start_client(2)
     try:
         registry = study_results.Registry(tmp_path, log=lambda *a: None)
         engine = rx.Engine(client, synthetic_splits, registry, device="cpu", log=lambda *a: None)
@@ -480,7 +480,7 @@ def test_a_run_that_kills_every_worker_it_runs_on_stops_the_study_in_one_line(sy
     import dask
     importlib.import_module("distributed")  # its config defaults first, or leaving the `with` would drop them all
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):  # two deaths, not four: a faster test
-        client, cluster = rx.start_client(2, None)
+        client, cluster = rx.start_client(2)
     try:
         registry = study_results.Registry(tmp_path, log=lambda *a: None)
         engine = rx.Engine(client, synthetic_splits, registry, device="cpu", log=lambda *a: None,
@@ -499,7 +499,7 @@ def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(mlp_stud
                                                                         tmp_path):
     """On a GPU machine the default's MLP finals start with the track. MLP runs never use the device, so that
     schedule runs here: it must give the CPU schedule's records, and no others."""
-    client, cluster = rx.start_client(2, None)
+    client, cluster = rx.start_client(2)
     try:
         registry = study_results.Registry(tmp_path, log=lambda *a: None)
         engine = rx.Engine(client, synthetic_splits, registry, device="cuda", log=lambda *a: None)
@@ -514,8 +514,8 @@ def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(mlp_stud
 
 def test_both_tracks_with_one_seed_build_every_output(tmp_path, synthetic_splits, tiny_plan):
     plan = dataclasses.replace(tiny_plan, mlp_seeds=(0,), cnn_seeds=(0,), mlp_final_seeds=(0,))
-    study = rx.run_study(rx.Options(results_dir=tmp_path, plots=False), splits=synthetic_splits,
-                         plan=plan, log=lambda *a: None)
+    study = rx.run_study(rx.parse_args(["--results-dir", str(tmp_path)]), splits=synthetic_splits,
+                         plan=plan, log=lambda *a: None, plots=False)
     summary = study_results.loads((tmp_path / "summary.json").read_text())
     assert set(study.finals) == {"mlp", "cnn"} and summary["mlp"]["test_acc_std"] is None
     assert {"cnn_ablation", "cnn_init", "mlp_lr"} <= set(summary["stages"])
