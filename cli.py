@@ -91,6 +91,24 @@ def seed_arg(text: str) -> int:
     return seed
 
 
+def seed_list_arg(text: str) -> tuple[int, ...]:
+    """argparse type of a flag of distinct seeds, comma-separated: "0,1,2"."""
+    seeds = tuple(seed_arg(s) for s in text.split(","))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def count_arg(what: str, most: int):
+    """An argparse type: a whole number of `what` in 1..most."""
+    def parse(text: str) -> int:
+        n = int(text) if text.isdigit() else 0
+        if not 1 <= n <= most:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {what} in 1..{most}, got {text!r}")
+        return n
+    return parse
+
+
 def cannot_write(path: str | Path, *, folder: bool) -> str | None:
     """Why `path` (a folder, or a file) cannot be written, or None if it can: checked before training, so
     that a typo costs a second and not a run. Missing folders are made, as the write would make them."""

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import cli
-from report.build import GROUP_FILE, ReportError, load_group
+from report.build import GROUP_FILE, load_group
 
 REPO_DIR = Path(__file__).resolve().parent
 FILES = ("*.py", "requirements*.txt", "README.md", "Makefile", "pytest.ini", ".ci/run", "report/*.py",
@@ -44,10 +44,7 @@ def submission_files(repo: Path = REPO_DIR) -> list[str]:
 
 def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Path | None = None) -> Path:
     """Write <out_dir>/<group_name>.zip (atomically) and say so; returns its path."""
-    try:
-        group = load_group(group_file or repo / "report" / "group.toml")
-    except ReportError as e:
-        raise cli.UserError(str(e)) from None
+    group = load_group(group_file or repo / "report" / "group.toml")  # ReportError is a cli.UserError
     if group["placeholder"]:
         print(f"warning: {group_file or 'report/group.toml'} is not filled in: the zip is named "
               f"{group['zip_name']}.zip and the report shows placeholders", file=sys.stderr)

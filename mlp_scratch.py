@@ -34,6 +34,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 LEAKY_SLOPE = 0.01  # torch's default negative slope
 EVAL_BATCH = 4096  # rows per forward pass when evaluating: bounds memory, big enough for fast matmuls
 PIXEL_RANGE = (0.0, 1.0)  # input_range of a model fed pixels; None for a head fed CNN features
+PIXEL_HINT = "scale pixels to [0, 1], divide uint8 images by 255"
 MAX_WIDTH = 65536  # widest hidden layer accepted: a 784 x 65536 float32 layer is already 200 MB
 MAX_EPOCHS = 10_000
 
@@ -45,19 +46,13 @@ def init_std(init: str, fan_in: int, fan_out: int) -> float:
     """The weight std of each initialisation, for the MLP's layers and the CNN's convolutions alike:
     "he" sqrt(2 / fan_in) (Kaiming normal, for ReLU); "xavier" sqrt(2 / (fan_in + fan_out)) (Glorot normal,
     for tanh / sigmoid); "random" 0.01, blind to the layer's size."""
-    stds = {"he": lambda: math.sqrt(2.0 / fan_in), "xavier": lambda: math.sqrt(2.0 / (fan_in + fan_out)),
-            "random": lambda: 0.01}
-    if init not in stds:
-        raise ValueError(f"unknown init {init!r}; choose from {INITS}")
-    return stds[init]()
+    return {"he": math.sqrt(2.0 / fan_in), "xavier": math.sqrt(2.0 / (fan_in + fan_out)), "random": 0.01}[init]
 
 
 class Linear:
     """out = x @ W + b. W: (fan_in, fan_out) drawn from N(0, init_std^2) in float64, then cast; b: zeros."""
 
-    def __init__(self, fan_in: int, fan_out: int, init: str = "he", rng: np.random.Generator | None = None,
-                 dtype=np.float32):
-        rng = rng if rng is not None else np.random.default_rng(0)
+    def __init__(self, fan_in: int, fan_out: int, rng: np.random.Generator, init: str = "he", dtype=np.float32):
         W = rng.standard_normal((fan_in, fan_out)) * init_std(init, fan_in, fan_out)
         self.params = {"W": W.astype(dtype), "b": np.zeros(fan_out, dtype=dtype)}
         self.grads: dict[str, np.ndarray] = {}  # fresh arrays from each backward
@@ -148,8 +143,6 @@ class Dropout:
     scaled by 1 / (1 - p_drop), so the expected activation is unchanged and eval needs no rescaling."""
 
     def __init__(self, p_drop: float, rng: np.random.Generator):
-        if not 0.0 <= p_drop < 1.0:
-            raise ValueError(f"p_drop must be in [0, 1), got {p_drop}")
         self.p_drop, self.rng = p_drop, rng
         self.mask = None  # (N, H): 0 or 1 / (1 - p_drop); None in eval mode
 
@@ -220,22 +213,16 @@ class MLP:
     def __init__(self, in_dim: int, hidden: list[int], out_dim: int, activation: str = "relu",
                  dropout: float = 0.0, init: str = "he", seed: int = 0, dtype=np.float32,
                  input_range: tuple[float, float] | None = None):
-        if activation not in ACTIVATION_LAYERS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {ACTIVATIONS}")
-        if any(not 1 <= int(h) <= MAX_WIDTH for h in hidden):
-            raise ValueError(f"hidden widths must be in [1, {MAX_WIDTH}], got {list(hidden)}")
         self.in_dim, self.hidden, self.out_dim = int(in_dim), [int(h) for h in hidden], int(out_dim)
         self.activation, self.dropout, self.init, self.seed = activation, float(dropout), init, seed
         self.dtype, self.input_mean, self.input_std = np.dtype(dtype), None, None
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
         self.rng = np.random.default_rng(seed)  # initial weights and dropout masks; never the global seed
         dims = [self.in_dim, *self.hidden, self.out_dim]
-        self.linears = [Linear(a, b, init, self.rng, self.dtype) for a, b in zip(dims[:-1], dims[1:])]
+        self.linears = [Linear(a, b, self.rng, init, self.dtype) for a, b in zip(dims[:-1], dims[1:])]
         self.body: list = [self.linears[0]]
-        for linear in self.linears[1:]:  # between two Linear layers: the activation, then dropout
-            self.body.append(ACTIVATION_LAYERS[activation]())
-            self.body += [Dropout(self.dropout, self.rng)] if self.dropout > 0 else []
-            self.body.append(linear)
+        for linear in self.linears[1:]:  # between two Linear layers: the activation, then dropout (p may be 0)
+            self.body += [ACTIVATION_LAYERS[activation](), Dropout(self.dropout, self.rng), linear]
         self.params = {f"{k}{i}": p for i, lin in enumerate(self.linears, 1) for k, p in lin.params.items()}
 
     @property
@@ -301,14 +288,11 @@ def check_input(model: MLP, X) -> np.ndarray:
         raise ValueError(f"input must have shape (N, {model.in_dim}){images}, got {X.shape}")
     lo_hi = model.input_range
     if X.dtype.kind != "f":
-        raise ValueError(f"input must be floating point, got {X.dtype}"
-                         + (": scale pixels to [0, 1], divide uint8 images by 255" if lo_hi else ""))
+        raise ValueError(f"input must be floating point, got {X.dtype}" + (f": {PIXEL_HINT}" if lo_hi else ""))
     if not np.isfinite(X).all():
-        raise ValueError(f"input holds {np.isnan(X).sum()} NaN and {np.isinf(X).sum()} infinite values: "
-                         "remove or repair those rows")
+        raise ValueError("input holds NaN or infinite values: remove or repair those rows")
     if lo_hi and X.size and (X.min() < lo_hi[0] or X.max() > lo_hi[1]):
-        raise ValueError(f"pixels must be scaled to [{lo_hi[0]:g}, {lo_hi[1]:g}], got values in "
-                         f"[{X.min():g}, {X.max():g}]: divide uint8 images by 255")
+        raise ValueError(f"pixels must be in [{lo_hi[0]:g}, {lo_hi[1]:g}], not [{X.min():g}, {X.max():g}]: {PIXEL_HINT}")
     return X
 
 
@@ -336,25 +320,18 @@ def save_model(model: MLP, path: str | Path) -> Path:
 def load_model(path: str | Path) -> MLP:
     """The model save_model wrote. Anything else (truncated, a pickle, wrong shapes, weights that are not
     finite floating-point numbers, a std <= 0) raises one ValueError naming the file."""
-    path = Path(path)
-    if not path.exists() and path.with_name(path.name + ".npz").exists():
-        path = path.with_name(path.name + ".npz")
     try:
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
-            model = MLP(meta["in_dim"], meta["hidden"], meta["out_dim"], meta["activation"], meta["dropout"],
-                        meta["init"], meta["seed"], dtype=meta["dtype"], input_range=meta.get("input_range"))
+            stats = meta.pop("input_mean", None), meta.pop("input_std", None)
+            model = MLP(**meta)  # the architecture; input_range may be absent (an older file)
             arrays = {k: f[k] for k in model.params}
         if model.dtype.kind != "f":
             raise ValueError(f"dtype {model.dtype} is not floating point")
         for k, a in arrays.items():
-            if a.dtype.kind != "f":
-                raise ValueError(f"{k} holds {a.dtype} values, expected floating-point weights")
-            if a.shape != model.params[k].shape:
-                raise ValueError(f"{k} has shape {a.shape}, expected {model.params[k].shape}")
-            if not np.isfinite(a).all():
-                raise ValueError(f"{k} holds NaN or infinite weights")
-        stats = meta.get("input_mean"), meta.get("input_std")
+            if a.dtype.kind != "f" or a.shape != model.params[k].shape or not np.isfinite(a).all():
+                raise ValueError(f"{k} holds {a.dtype} values of shape {a.shape}, expected finite floating-point "
+                                 f"weights of shape {model.params[k].shape}")
         if stats != (None, None) and not (all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats)
                                           and stats[1] > 0):
             raise ValueError(f"input_mean {stats[0]} / input_std {stats[1]}: need a finite mean and std > 0")
@@ -432,12 +409,10 @@ class Adam:
 
 
 def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> SGD | Adam:
-    """"sgd" | "nesterov" | "adam" | "adamw". momentum is SGD's; Adam uses betas (0.9, 0.999)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+    """"sgd" | "nesterov" | "adam" | "adamw" (KeyError otherwise). momentum is SGD's; Adam uses betas (0.9, 0.999)."""
     if name in ("sgd", "nesterov"):
         return SGD(lr, momentum=momentum, nesterov=name == "nesterov", weight_decay=weight_decay)
-    return Adam(lr, weight_decay=weight_decay, decoupled=name == "adamw")
+    return Adam(lr, weight_decay=weight_decay, decoupled={"adam": False, "adamw": True}[name])
 
 
 # The learning rate after warm-up, from the peak lr and the fraction of the decay phase done.
@@ -450,15 +425,14 @@ SCHEDULES = tuple(DECAYS)
 def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
     """lr_at(step) for step = 0 .. total_steps - 1: linear warm-up over warmup_steps, then DECAYS[kind].
     The CNN's one-cycle is "cosine" with warmup_steps = 25% of total_steps."""
-    if kind not in DECAYS:
-        raise ValueError(f"unknown schedule {kind!r}; choose from {SCHEDULES}")
+    decay = DECAYS[kind]  # KeyError for an unknown kind
     warmup_steps = max(0, min(int(warmup_steps), total_steps))
     decay_steps = max(1, total_steps - warmup_steps)
 
     def lr_at(step: int) -> float:
         if step < warmup_steps:
             return base_lr * (step + 1) / warmup_steps
-        return DECAYS[kind](base_lr, min(1.0, (step - warmup_steps) / decay_steps))
+        return decay(base_lr, min(1.0, (step - warmup_steps) / decay_steps))
 
     return lr_at
 

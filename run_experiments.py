@@ -262,8 +262,8 @@ def decide(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]
     mean validation accuracy by more than the noise (noise_margin, the std pooled over the stage's eligible
     levels): then the best such level. A level with a diverged seed is not eligible. With one seed a run (no
     noise estimate) the best mean wins; the incumbent keeps its place on a tie. `leader` is the eligible level
-    with the best mean, `compared` the level it was measured against (the incumbent, or when the incumbent is best, the runner-up), `gap` the
-    difference of their means and `noise` its margin (None with one seed)."""
+    with the best mean, `compared` the level it was measured against (the incumbent, or when the incumbent is
+    best, the runner-up), `gap` the difference of their means and `noise` its margin (None with one seed)."""
     accs = {v: [r["val_acc"] for r in recs] for v, recs in by_variant.items()
             if v in eligible and recs and not any(r["diverged"] or r["val_acc"] is None for r in recs)}
     means = {v: float(np.mean(a)) for v, a in accs.items()}
@@ -341,10 +341,6 @@ class RunSpec:
                            "final": self.role == "final"}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
-    @property
-    def final(self) -> bool:
-        return self.role == "final"
-
     def row(self) -> dict:
         """Its row of the manifest."""
         return {"model": self.model, "study": self.study, "variant": self.variant, "seed": self.seed,
@@ -389,7 +385,7 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
     best = next((h for h in out["history"] if h.get("epoch") == out["best_epoch"]), {})
     record = {
         "key": spec.key, "model": spec.model, "study": spec.study, "variant": spec.variant, "seed": spec.seed,
-        "role": spec.role, "final": spec.final, "plan": spec.plan, "config": spec.config,
+        "role": spec.role, "final": spec.role == "final", "plan": spec.plan, "config": spec.config,
         "budget": dataclasses.asdict(spec.budget), "n_train": len(data.y_train), "n_val": len(data.y_val),
         "epochs_run": out["epochs_run"], "best_epoch": out["best_epoch"],
         "train_loss": best.get("train_loss"), "train_acc": best.get("train_acc"),
@@ -429,7 +425,7 @@ def _evaluate(spec, data, evaluate, predict_proba) -> dict:
     """Validation always; the test set only for final runs, with predictions for the paired tests."""
     val = evaluate(data.X_val, data.y_val)
     out = {"val_loss": val["loss"], "val_acc": val["acc"]}
-    if spec.final:
+    if spec.role == "final":
         test = evaluate(data.X_test, data.y_test)
         prob = predict_proba(data.X_test)
         pred = prob.argmax(axis=1)
@@ -442,7 +438,7 @@ def _evaluate(spec, data, evaluate, predict_proba) -> dict:
 
 def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> dict:
     """A final run's saved model as bytes, keyed by its path under the results folder (the driver writes it)."""
-    if not spec.final:
+    if spec.role != "final":
         return {}
     rel = f"models/runs/{spec.model}_{spec.key}{suffix}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -468,7 +464,8 @@ class Engine:
         self.in_flight: dict[str, object] = {}  # run key -> its future, submitted and not yet written
         self.submitted = 0
         self.executed: list[str] = []
-        self.bar = _progress()
+        from tqdm import tqdm
+        self.bar = tqdm(total=0, unit="run", desc="study", disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
     def start(self, specs: list[RunSpec], threads: int | None = None) -> list:
         """Submit the specs neither done nor in flight, each on `threads` BLAS and torch threads (default: the
@@ -515,11 +512,6 @@ class Engine:
             self.bar.total -= len(futures)
         if futures:
             self.client.cancel(futures)
-
-
-def _progress():
-    from tqdm import tqdm
-    return tqdm(total=0, unit="run", desc="study", disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 def _run_line(rec: dict) -> str:
@@ -593,26 +585,8 @@ def ctrl_c_held():
 
 # ----------------------------------------------------------------------------------------- the study
 
-def time_ratios(by_variant: dict[str, list[dict]], reference: list[dict]) -> dict[str, float]:
-    """Each level's mean wall seconds over the reference runs' (levels or references without times: left out)."""
-    ref = mean([r.get("seconds") for r in reference])
-    means = {v: mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
-    return {v: m / ref for v, m in means.items() if m and ref}
-
-
-def macs_ratios(model: str, levels: list[Level], cfg: dict, plan: Plan) -> dict[str, float]:
-    """Each level's multiply-adds per image over the module default's."""
-    macs = mlp_macs if model == "mlp" else cnn_macs
-    default = macs(start_config(model, plan))
-    return {lv.variant: macs(apply(cfg, lv.changes)) / default for lv in levels}
-
-
 def _matches(level: Level, cfg: dict) -> bool:
     return all(cfg.get(k) == v for k, v in level.changes.items())
-
-
-def incumbent_variant(levels: list[Level], cfg: dict) -> str:
-    return next(lv.variant for lv in levels if _matches(lv, cfg))
 
 
 class Study:
@@ -634,11 +608,9 @@ class Study:
         return make_spec(stage.model, stage.id, level.variant, seed, apply(cfg, level.changes), grid, role,
                          self.plan)
 
-    def seeds(self, model: str) -> tuple[int, ...]:
-        return self.plan.mlp_seeds if model == "mlp" else self.plan.cnn_seeds
-
     def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
-        specs = [self.spec(stage, lv, seed, cfg) for lv in levels for seed in self.seeds(stage.model)]
+        seeds = self.plan.mlp_seeds if stage.model == "mlp" else self.plan.cnn_seeds
+        specs = [self.spec(stage, lv, seed, cfg) for lv in levels for seed in seeds]
         records = self.engine.run(specs)
         self.runs += [s.row() for s in specs]
         return {lv.variant: [r for s, r in zip(specs, records) if s.variant == lv.variant] for lv in levels}
@@ -646,9 +618,9 @@ class Study:
     def run_stage(self, stage: Stage, cfg: dict) -> dict:
         """One stage around `cfg`; returns the winner's config. Ordered factors get one level past an edge."""
         levels = stage.levels(cfg)
-        if not any(_matches(lv, cfg) for lv in levels):  # e.g. filters that no scaled shape reproduces
-            levels = [Level("incumbent", {}), *levels]
-        own = incumbent_variant(levels, cfg)
+        own = next((lv.variant for lv in levels if _matches(lv, cfg)), "incumbent")
+        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
+            levels = [Level(own, {}), *levels]
         if self.plan.max_levels:
             levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
         by_variant = self.run_levels(stage, levels, cfg)
@@ -668,8 +640,7 @@ class Study:
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
             "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
             "macs_ratio": {v: round(r, 3) for v, r in macs.items()},
-            "time_ratio": {v: round(r, 3) for v, r in
-                           time_ratios(by_variant, self.reference.get(stage.model, [])).items()},
+            "time_ratio": self.time_ratios(stage.model, by_variant),
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
         return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
 
@@ -677,10 +648,18 @@ class Study:
         """(the decision, each level's multiply-adds over the module default's, the levels over the cap)."""
         if cfg == start_config(stage.model, self.plan):
             self.reference.setdefault(stage.model, by_variant[own])
-        macs, cap = macs_ratios(stage.model, levels, cfg, self.plan), self.plan.macs_cap
+        macs_of, cap = mlp_macs if stage.model == "mlp" else cnn_macs, self.plan.macs_cap
+        default = macs_of(start_config(stage.model, self.plan))
+        macs = {lv.variant: macs_of(apply(cfg, lv.changes)) / default for lv in levels}
         capped = {v for v, r in macs.items() if cap and r > cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
         return decide(by_variant, own, eligible | {own}), macs, capped
+
+    def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
+        """Each level's mean wall seconds over the module default's grid runs' (levels without times: left out)."""
+        ref = mean([r.get("seconds") for r in self.reference.get(model, [])])
+        means = {v: mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
+        return {v: round(m / ref, 3) for v, m in means.items() if m and ref}
 
     def finals_early(self, model: str) -> bool:
         """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP
@@ -714,22 +693,20 @@ class Study:
     def run_finals(self, model: str, chain: dict, whole_machine: bool = False) -> None:
         """The chain of winners and (if different) the module default, seed 0 each; the better on validation
         is kept and trained with the remaining final seeds. whole_machine: one at a time on every core."""
-        seeds = self.final_seeds[model]
-        candidates = {"chain": chain, "default": start_config(model, self.plan)}
-        spec = {name: self.final_specs(model, name, cfg, seeds) for name, cfg in candidates.items()}
-        if spec["chain"][0].key == spec["default"][0].key:  # nothing to choose
-            recs = self._run_final(spec["chain"], whole_machine)
-            self.finals[model] = {"chain": recs[0]["key"], "default": None, "kept": "chain",
-                                  "seeds": [r["key"] for r in recs]}
-            return
-        if self.finals_early(model):
-            self.engine.start(spec["chain"] + spec["default"])
-        recs = self._run_final([spec["chain"][0], spec["default"][0]], whole_machine)
-        kept = "chain" if _val(recs[0]) >= _val(recs[1]) else "default"
-        self.engine.cancel(spec["default" if kept == "chain" else "chain"][1:])
-        rest = self._run_final(spec[kept][1:], whole_machine)
-        self.finals[model] = {"chain": recs[0]["key"], "default": recs[1]["key"], "kept": kept,
-                              "seeds": [recs[0 if kept == "chain" else 1]["key"]] + [r["key"] for r in rest]}
+        chain, default = (self.final_specs(model, name, cfg, self.final_seeds[model])
+                          for name, cfg in (("chain", chain), ("default", start_config(model, self.plan))))
+        if chain[0].key == default[0].key:  # nothing to choose: every seed at once
+            recs = self._run_final(chain, whole_machine)
+            firsts, kept, rest = [recs[0], None], "chain", recs[1:]
+        else:
+            if self.finals_early(model):
+                self.engine.start(chain + default)
+            firsts = self._run_final([chain[0], default[0]], whole_machine)
+            kept = "chain" if _val(firsts[0]) >= _val(firsts[1]) else "default"
+            self.engine.cancel((default if kept == "chain" else chain)[1:])
+            rest = self._run_final((chain if kept == "chain" else default)[1:], whole_machine)
+        self.finals[model] = {"chain": firsts[0]["key"], "default": firsts[1] and firsts[1]["key"], "kept": kept,
+                              "seeds": [firsts[kept == "default"]["key"]] + [r["key"] for r in rest]}
 
     def _run_final(self, specs: list[RunSpec], whole_machine: bool) -> list[dict]:
         if whole_machine:  # one at a time on every core
@@ -807,25 +784,15 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     return [{k: r.get(k) for k in INIT_STATS_COLUMNS} for r in clean(rows)]
 
 
-def write_init_stats(results_dir: Path, rows: list[dict]) -> None:
-    import pandas as pd
-    cli.atomic_write(Path(results_dir) / "init_stats.csv",
-                     pd.DataFrame(rows, columns=INIT_STATS_COLUMNS).to_csv(index=False))
-
-
 def write_manifest(results_dir: Path, manifest: dict, tracks: list[str]) -> None:
     """manifest.json: which runs make up each comparison, each stage's levels and decision, the finals. The
-    rows of a track not run now (--only) are kept from the previous manifest if it is readable."""
-    path = Path(results_dir) / "manifest.json"
-    try:
-        old = json.loads(path.read_text())
-        manifest = {**manifest, "runs": [r for r in old["runs"] if r["model"] not in tracks] + manifest["runs"],
-                    "stages": {**{k: v for k, v in old["stages"].items() if v["model"] not in tracks},
-                               **manifest["stages"]},
-                    "finals": {**{k: v for k, v in old["finals"].items() if k not in tracks}, **manifest["finals"]}}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # no previous manifest, or a damaged one: this study's rows are the whole manifest
-    cli.atomic_write(path, json.dumps(manifest, indent=1))
+    rows of a track not run now (--only) are kept from the previous manifest (its readable parts)."""
+    old = study_results.load_manifest(results_dir, log=lambda *a: None)
+    manifest = {**manifest, "runs": [r for r in old["runs"] if r["model"] not in tracks] + manifest["runs"],
+                "stages": {**{k: v for k, v in old["stages"].items() if v.get("model") not in tracks},
+                           **manifest["stages"]},
+                "finals": {**{k: v for k, v in old["finals"].items() if k not in tracks}, **manifest["finals"]}}
+    cli.atomic_write(Path(results_dir) / "manifest.json", json.dumps(manifest, indent=1))
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -848,7 +815,9 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
             # Before a local cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes
             # torch's summation order and so the statistics' last digits. They depend on the code and data only.
             if not (results_dir / "init_stats.csv").exists():
-                write_init_stats(results_dir, compute_init_stats(splits, plan.init_images))
+                import pandas as pd
+                stats = pd.DataFrame(compute_init_stats(splits, plan.init_images), columns=INIT_STATS_COLUMNS)
+                cli.atomic_write(results_dir / "init_stats.csv", stats.to_csv(index=False))
             if client is None:
                 client, cluster = start_client(args.workers)
             engine = Engine(client, splits, registry, device=device, threads=args.threads,
@@ -867,8 +836,7 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
                         closing.close()
         wall = time.perf_counter() - t0
         # A resume that trained nothing keeps the wall time of the invocation that did.
-        outputs = study_results.rebuild_outputs(results_dir, splits, log=log,
-                                                wall_seconds=wall if engine.executed else None,
+        outputs = study_results.rebuild_outputs(results_dir, log=log, wall_seconds=wall if engine.executed else None,
                                                 workers=args.scheduler or args.workers)
         if plots:
             draw_figures(results_dir, *outputs, splits)
@@ -889,7 +857,7 @@ def rebuild_only(args: argparse.Namespace) -> None:
         raise StudyError(f"{rd} holds no study results (no manifest.json, no runs/*.json): run the study first")
     with study_results.results_lock(rd):
         splits = preprocessing.load_splits(args.data_dir)
-        draw_figures(rd, *study_results.rebuild_outputs(rd, splits), splits)
+        draw_figures(rd, *study_results.rebuild_outputs(rd), splits)
     print(f"Rebuilt tables, summary.json and figures in {rd}")
 
 
@@ -902,45 +870,26 @@ def _check_device(name: str) -> str:
         raise StudyError(f"--device {name}: {e}") from None
 
 
-def _seed_list(text: str) -> tuple[int, ...]:
-    seeds = tuple(cli.seed_arg(s) for s in text.split(","))
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
-    return seeds
-
-
-def _count(what: str, most: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of `what` in 1..most."""
-    def parse(text: str) -> int:
-        n = int(text) if text.isdigit() else 0
-        if not 1 <= n <= most:
-            raise argparse.ArgumentTypeError(f"expected a whole number of {what} in 1..{most}, got {text!r}")
-        return n
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the whole pipeline on a small subset (default: off)")
     p.add_argument("--plots-only", action="store_true",
                    help="rebuild CSVs, summary.json and figures from <results-dir>/runs without training")
     p.add_argument("--results-dir", type=cli.path_arg, default="results", help="output folder (default: results)")
-    p.add_argument("--seeds", type=_seed_list, default=None,
-                   help="seeds of every grid level (default: MLP 0,1,2 and CNN 0,1)")
-    p.add_argument("--final-seeds", type=_seed_list, default=None,
+    p.add_argument("--seeds", type=cli.seed_list_arg, help="seeds of every grid level (default: MLP 0,1,2 and CNN 0,1)")
+    p.add_argument("--final-seeds", type=cli.seed_list_arg, default=None,
                    help="seeds of the kept CNN final (default: 0 on a CPU, 0,1,2 on a GPU)")
     p.add_argument("--only", choices=("mlp", "cnn"), default=None, help="one track only (default: both)")
-    p.add_argument("--workers", type=_count("workers", 256), default=2,
+    p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2,
                    help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
                         "benchmarks/bench_workers.py)")
-    p.add_argument("--threads", type=_count("threads", 1024), default=1,
+    p.add_argument("--threads", type=cli.count_arg("threads", 1024), default=1,
                    help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores "
                         "(default: 1; final CNN runs take every core)")
     p.add_argument("--scheduler", type=cli.path_arg, default=None,
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
-    p.add_argument("--data-dir", type=cli.path_arg, default=None,
-                   help="Fashion-MNIST folder (default: preprocessing's search)")
+    p.add_argument("--data-dir", type=cli.path_arg, help="Fashion-MNIST folder (default: preprocessing's search)")
     return p.parse_args(argv)
 
 

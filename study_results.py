@@ -134,6 +134,7 @@ def _list_of(check):
 
 
 _NAME, _FRACTION, _COUNT = (lambda v: isinstance(v, str) and v != ""), _opt(_number(0, 1)), _opt(_number(0))
+_RELATIVE = lambda v: isinstance(v, str) and not os.path.isabs(v) and ".." not in Path(v).parts  # noqa: E731
 # The run record, field by field: its check (an optional field may be None). The one description of it.
 RECORD_REQUIRED = ("key", "model", "study", "variant", "seed", "role", "config", "val_acc", "diverged")
 RECORD: dict[str, Callable] = {
@@ -162,8 +163,8 @@ RECORD: dict[str, Callable] = {
     "history": _opt(_list_of(_is(dict))),
     # finals only: the predicted class per test image, its model (relative to the results folder), every file
     "test_pred": _opt(_list_of(lambda p: _is(int)(p) and 0 <= p < NUM_CLASSES)),
-    "model_file": _opt(lambda v: isinstance(v, str) and not os.path.isabs(v) and ".." not in v),
-    "model_files": _opt(_list_of(_is(str))),
+    "model_file": _opt(_RELATIVE),
+    "model_files": _opt(_list_of(_RELATIVE)),
     "error": _opt(_is(str)),                         # why it diverged
 }
 # Also written, not checked: device, finished_at, layer_stats, test_true, test_prob_max, per_class, confusion.
@@ -220,7 +221,11 @@ class Registry:
         self.records: dict[str, dict] = {}
         self.set_aside: list[str] = []            # file names renamed to .bad (or skipped, read_only)
         self.missing_models: dict[str, str] = {}  # key -> model file not found (the run is redone)
-        self.reload()
+        if not read_only:
+            _remove_stale_temporaries(self.dir, log)
+            _remove_stale_temporaries(self.results_dir / "models", log)
+        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else ():
+            self._load(p)
 
     def model_present(self, rec: dict) -> bool:
         """Every model file of a final run exists (model_files when recorded, else model_file)."""
@@ -229,35 +234,28 @@ class Registry:
         paths = [self.results_dir / rel for rel in rec.get("model_files") or [rec["model_file"]]]
         return all(p.exists() and not (p.is_dir() and not any(p.iterdir())) for p in paths)
 
-    def reload(self) -> None:
-        self.records = {}
-        if not self.read_only:
-            _remove_stale_temporaries(self.dir, self.log)
-            _remove_stale_temporaries(self.results_dir / "models", self.log)
-        for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else ():
-            try:
-                rec = loads(p.read_text(encoding="utf-8"))
-                problem = record_problem(rec)
-                if problem is None and rec["key"] != p.stem:  # a copy under another name: not the run it names
-                    problem = f"it holds run {rec['key']}, not {p.stem}"
-            except UnicodeDecodeError:
-                problem = "not text"
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                problem = f"not valid JSON ({e})"
-            except OSError as e:
-                self.log(f"warning: cannot read run record {p}: {e.strerror}; its run counts as not done")
-                continue
-            if problem is not None:
-                self.set_aside.append(p.name)
-                self.log(f"warning: damaged run record {p} ({problem}): {self._set_aside(p)}")
-            elif not self.model_present(rec):
-                if rec["key"] not in self.missing_models:
-                    self.log(f"warning: the model of final run {rec['key']} ({rec.get('model_file')}) is "
-                             f"missing; the run will be redone")
-                self.missing_models[rec["key"]] = rec.get("model_file") or ""
-            else:
-                self.missing_models.pop(rec["key"], None)
-                self.records[rec["key"]] = {**rec, "final": rec["role"] == "final"}
+    def _load(self, p: Path) -> None:
+        try:
+            rec = loads(p.read_text(encoding="utf-8"))
+            problem = record_problem(rec)
+            if problem is None and rec["key"] != p.stem:  # a copy under another name: not the run it names
+                problem = f"it holds run {rec['key']}, not {p.stem}"
+        except UnicodeDecodeError:
+            problem = "not text"
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            problem = f"not valid JSON ({e})"
+        except OSError as e:
+            self.log(f"warning: cannot read run record {p}: {e.strerror}; its run counts as not done")
+            return
+        if problem is not None:
+            self.set_aside.append(p.name)
+            self.log(f"warning: damaged run record {p} ({problem}): {self._set_aside(p)}")
+        elif not self.model_present(rec):
+            self.log(f"warning: the model of final run {rec['key']} ({rec.get('model_file')}) is missing; "
+                     f"the run will be redone")
+            self.missing_models[rec["key"]] = rec.get("model_file") or ""
+        else:
+            self.records[rec["key"]] = {**rec, "final": rec["role"] == "final"}
 
     def _set_aside(self, path: Path) -> str:
         """Rename a damaged record to `<name>.bad` (`<name>.1.bad`, ... if taken); what became of it."""
@@ -275,9 +273,6 @@ class Registry:
     def __contains__(self, key) -> bool:
         return key in self.records
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def add(self, record: dict, model_files: dict[str, bytes] | None = None) -> dict:
         """Save one finished run: each model file first (paths relative to the results folder, e.g.
         "models/runs/<key>.npz"), then the record, all atomically, so a crash never leaves a record
@@ -289,12 +284,9 @@ class Registry:
         if problem := record_problem(rec):
             raise ValueError(f"run record {rec.get('key')!r}: {problem}")
         for rel, data in (model_files or {}).items():
-            if os.path.isabs(rel) or ".." in Path(rel).parts:
-                raise ValueError(f"model file {rel!r} must be relative to the results folder")
             cli.atomic_write(self.results_dir / rel, data)
         write_json(self.dir / f"{rec['key']}.json", rec)
         self.records[rec["key"]] = rec
-        self.missing_models.pop(rec["key"], None)
         return rec
 
 
@@ -391,12 +383,12 @@ def classification_report(y_true, y_pred, class_names=CLASS_NAMES) -> dict:
 
 # ------------------------------------------------------------------------------------------ manifest
 # The manifest's parts: (part, its JSON type, the check of each item, the fields an item must have).
+RUN_ROW = ("key", "model", "study", "variant", "seed", "role")
 MANIFEST_PARTS = (
-    ("runs", list, {k: RECORD[k] for k in ("key", "model", "study", "variant", "seed")} | {"role": _opt(RECORD["role"])},
-     ("key", "model", "study", "variant", "seed")),
+    ("runs", list, {k: RECORD[k] for k in RUN_ROW}, RUN_ROW),
     ("stages", dict, {"levels": _opt(_list_of(_is(str)))}, ()),
     ("finals", dict, {"chain": _is(str), "default": _opt(_is(str)), "kept": lambda v: v in ("chain", "default"),
-                      "seeds": _list_of(_is(str))}, ("chain",)))
+                      "seeds": _list_of(_is(str))}, ("chain", "kept", "seeds")))
 
 
 def load_manifest(results_dir, log: Callable = print) -> dict:
@@ -429,54 +421,28 @@ def study_records(records: dict[str, dict], manifest: dict) -> list[dict]:
     for row in manifest.get("runs", []):
         if (rec := records.get(row["key"])) is not None:
             listed.add(row["key"])
-            out.append({**rec, "study": row["study"], "variant": row["variant"], "role": row.get("role") or rec["role"]})
+            out.append({**rec, "study": row["study"], "variant": row["variant"], "role": row["role"]})
     return out + [rec for key, rec in records.items() if key not in listed]
 
 
 # ------------------------------------------------------------------------------------------ finals
 def _candidates(records: dict[str, dict], manifest: dict, model: str) -> dict | None:
-    """{"kept": name, "runs": {name: seed-0 record}, "seeds": [records of the kept candidate], ...}
-    from manifest "finals"; without it, from the final records (grouped by config, best val kept)."""
-    spec = manifest.get("finals", {}).get(model)
-    if spec:
-        runs = {name: records[spec[name]] for name in ("chain", "default")
-                if spec.get(name) in records and not records[spec[name]]["diverged"]}
-        kept = spec.get("kept", "chain")
-        if kept not in runs:
-            return None
-        keys = [k for k in dict.fromkeys([runs[kept]["key"], *spec.get("seeds", [])])
-                if k in records and not records[k]["diverged"]]
-        same = spec.get("default") is None or spec.get("default") == spec["chain"] or kept == "default"
-        return {"kept": kept, "runs": runs, "seeds": sorted((records[k] for k in keys), key=lambda r: r["seed"]),
-                "matches_module_default": spec.get("matches_module_default", same)}
-    groups: dict[str, list[dict]] = {}
-    for r in records.values():
-        if r["model"] == model and r["role"] == "final" and not r["diverged"]:
-            groups.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r)
-    if not groups:
+    """{"kept": name, "runs": {name: seed-0 record}, "seeds": [records of the kept candidate]} from the
+    manifest's finals; None when the track has no usable final."""
+    spec = manifest["finals"].get(model, {})
+    runs = {name: records[spec[name]] for name in ("chain", "default")
+            if spec.get(name) in records and not records[spec[name]]["diverged"]}
+    if spec.get("kept") not in runs:
         return None
-    firsts = {cfg: min(rs, key=lambda r: r["seed"]) for cfg, rs in groups.items()}
-    best = max(firsts, key=lambda c: firsts[c]["val_acc"])
-    names = {c: firsts[c]["variant"] or f"candidate {i}" for i, c in enumerate(firsts)}
-    return {"kept": names[best], "runs": {names[c]: firsts[c] for c in firsts},
-            "seeds": sorted(groups[best], key=lambda r: r["seed"]), "matches_module_default": None}
+    keys = dict.fromkeys([runs[spec["kept"]]["key"], *spec["seeds"]])
+    seeds = [records[k] for k in keys if k in records and not records[k]["diverged"]]
+    return {"kept": spec["kept"], "runs": runs, "seeds": sorted(seeds, key=lambda r: r["seed"])}
 
 
-def _test_labels(rec: dict, splits) -> np.ndarray | None:
-    """The labels of the test images a final run predicted: its own "test_true" if recorded, else the
-    test split when the sizes agree."""
-    if isinstance(rec.get("test_true"), list):
-        return np.asarray(rec["test_true"])
-    if splits is not None and len(getattr(splits, "y_test", ())) == len(rec.get("test_pred") or [None]):
-        return np.asarray(splits.y_test)
-    return None
-
-
-def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, splits, log: Callable) -> dict | None:
-    ya, yb = _test_labels(ra, splits), _test_labels(rb, splits)
-    if ya is None or yb is None or not np.array_equal(ya, yb) or len(ra["test_pred"]) != len(rb["test_pred"]):
-        log(f"warning: no McNemar test {a} vs {b}: the test labels of their predictions are not known "
-            f"(pass the data splits)")
+def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, log: Callable) -> dict | None:
+    ya, yb = ra.get("test_true"), rb.get("test_true")
+    if ya is None or ya != yb:
+        log(f"warning: no McNemar test {a} vs {b}: their runs do not record the same test labels")
         return None
     return {"a": a, "b": b, "a_key": ra["key"], "b_key": rb["key"],
             **mcnemar(ra["test_pred"], rb["test_pred"], ya), "acc_a": ra["test_acc"], "acc_b": rb["test_acc"]}
@@ -495,7 +461,7 @@ def _model_summary(c: dict) -> dict:
     return {
         "test_acc": rec["test_acc"], "val_acc": rec["val_acc"], "test_macro_f1": rec.get("test_macro_f1"),
         "per_class": rec.get("per_class"), "confusion": rec.get("confusion"), "config": rec["config"],
-        "key": rec["key"], "kept": c["kept"], "matches_module_default": c["matches_module_default"],
+        "key": rec["key"], "kept": c["kept"],
         "train_seconds": rec.get("seconds"), "epochs_run": rec.get("epochs_run"),
         "n_params": rec.get("n_params"), "macs": rec.get("macs"), "n_test": rec.get("n_test"),
         "test_acc_wilson95": _wilson_of(rec),
@@ -518,32 +484,16 @@ def _versions() -> dict:
     return v
 
 
-def _plan_of(records: list[dict], manifest: dict, log: Callable) -> str | None:
-    """"quick" or "full", from the records themselves (the final runs' if they disagree), else the manifest."""
-    plans = [r["plan"] for r in records if r.get("plan")]
-    if len(set(plans)) > 1:
-        finals = [r["plan"] for r in records if r["role"] == "final" and r.get("plan")] or plans
-        log(f"warning: the runs mix plans ({plans.count('full')} full, {plans.count('quick')} quick): "
-            f"the results are labelled {max(sorted(set(finals)), key=finals.count)}")
-        plans = finals
-    return max(sorted(set(plans)), key=plans.count) if plans else \
-        manifest.get("plan") if manifest.get("plan") in ("quick", "full") else None
-
-
-def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, workers, log) -> dict:
+def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, workers) -> dict:
     budgets: dict[str, list] = {}  # the training budget of each kind of run; a list where runs differ
     for r in recs:
         if isinstance(r.get("budget"), dict) and r["budget"] not in budgets.setdefault(f"{r['model']}_{r['role']}", []):
             budgets[f"{r['model']}_{r['role']}"].append(r["budget"])
-    grid_seeds = {m: sorted({r["seed"] for r in recs if r["role"] == "grid" and r["model"] == m}) for m in MODELS}
-    seeds = manifest.get("seeds")
     prev = previous.get("study") if isinstance(previous, dict) else None
     prev = prev if isinstance(prev, dict) else {}
     finished = [r["finished_at"] for r in recs if isinstance(r.get("finished_at"), str)]
     return {
-        "plan": _plan_of(recs, manifest, log),
-        "seeds": seeds if isinstance(seeds, dict) and all(isinstance(v, list) for v in seeds.values())
-        else {m: s for m, s in grid_seeds.items() if s},
+        "plan": manifest.get("plan"), "seeds": manifest.get("seeds"),
         "grid_budget": {k: v[0] if len(v) == 1 else v for k, v in budgets.items()},
         "n_runs": len(recs), "n_diverged": sum(bool(r["diverged"]) for r in recs),
         "seconds": float(sum(r.get("seconds") or 0.0 for r in recs)),
@@ -552,7 +502,7 @@ def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, worke
         "finished_at": max(finished) if finished else None, "versions": _versions()}
 
 
-def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manifest: dict, splits=None, *,
+def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manifest: dict, *,
                   wall_seconds=None, workers=None, log: Callable = print) -> dict:
     """summary.json from the records and the manifest (each stage: its manifest entry, decision included,
     with its table of levels); returns it."""
@@ -564,23 +514,13 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
     tests += [(f"{m.upper()} chain", f"{m.upper()} default", c["runs"]["chain"], c["runs"]["default"])
               for m, c in cands.items() if c and {"chain", "default"} <= set(c["runs"])
               and c["runs"]["chain"]["key"] != c["runs"]["default"]["key"]]
-    if tests and splits is None and not all(isinstance(r.get("test_true"), list) for t in tests for r in t[2:]):
-        try:  # the test labels, to pair the predictions
-            import preprocessing
-            splits = preprocessing.load_splits(download=False)
-        except Exception as e:  # noqa: BLE001 - no data here: the McNemar tests are skipped below
-            log(f"warning: no data ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    summary["mcnemar"] = [row for a, b, ra, rb in tests if (row := _mcnemar_row(a, b, ra, rb, splits, log))]
-    stages = manifest.get("stages", {})
+    summary["mcnemar"] = [row for a, b, ra, rb in tests if (row := _mcnemar_row(a, b, ra, rb, log))]
+    stages = manifest["stages"]
     summary["stages"] = {study: {**st, "table": study_table(rows, study, st.get("levels"))}
                          for study, st in stages.items()}
-    if not stages:  # no (readable) manifest: every grid study, levels in run order
-        for r in rows:
-            if r["role"] == "grid" and r["study"] not in summary["stages"]:
-                summary["stages"][r["study"]] = {"model": r["model"], "table": study_table(rows, r["study"])}
     summary["ablation"] = study_table(rows, "cnn_ablation", stages.get("cnn_ablation", {}).get("levels"))
     previous = read_json(results_dir / "summary.json", log, "its wall_seconds and workers are not kept")
-    summary["study"] = _study_facts(list(records.values()), manifest, previous, wall_seconds, workers, log)
+    summary["study"] = _study_facts(list(records.values()), manifest, previous, wall_seconds, workers)
     write_json(results_dir / "summary.json", summary)
     return summary
 
@@ -627,10 +567,9 @@ def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manife
     names, kept = {}, set()
     for m in MODELS:
         if c := _candidates(records, manifest, m):
-            names.update({r["key"]: n for n, r in c["runs"].items()})
+            names.update({**dict.fromkeys(manifest["finals"][m]["seeds"], c["kept"]),
+                          **{r["key"]: n for n, r in c["runs"].items()}})
             kept.update(r["key"] for r in c["seeds"])
-            for k in manifest.get("finals", {}).get(m, {}).get("seeds", []):  # seed runs: the kept candidate's
-                names.setdefault(k, c["kept"])
     finals = sorted((r for r in records.values() if r["role"] == "final"),
                     key=lambda r: (MODELS.index(r["model"]), r["variant"], r["seed"]))
     _write_csv(results_dir / "finals.csv", FINALS_COLUMNS,
@@ -642,17 +581,16 @@ def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manife
                  "role": r["role"]} for r in rows for h in r.get("history") or []])
 
 
-def copy_best_models(results_dir, records: dict[str, dict], manifest: dict, log: Callable = print) -> None:
-    """models/mlp_best.npz and models/cnn_best/: copies of the kept final models (seed 0), atomically."""
+def copy_best_models(results_dir, records: dict[str, dict], manifest: dict) -> None:
+    """models/mlp_best.npz and models/cnn_best/: copies of the kept final models (seed 0), atomically. Their
+    files are there: the registry counts a final run without them as not done."""
     results_dir = Path(results_dir)
     for model, dest in (("mlp", results_dir / "models" / "mlp_best.npz"),
                         ("cnn", results_dir / "models" / "cnn_best")):
         if (c := _candidates(records, manifest, model)) is None:
             continue
         src = results_dir / c["runs"][c["kept"]]["model_file"]
-        if not src.exists():
-            log(f"warning: the {model.upper()} model {src} is missing: {dest.name} not updated")
-        elif src.is_dir():
+        if src.is_dir():
             cli.atomic_folder(dest, {str(f.relative_to(src)): f.read_bytes()
                                      for f in sorted(src.rglob("*")) if f.is_file()})
         else:
@@ -660,7 +598,7 @@ def copy_best_models(results_dir, records: dict[str, dict], manifest: dict, log:
 
 
 # ------------------------------------------------------------------------------------------ all outputs
-def rebuild_outputs(results_dir, splits=None, *, log: Callable = print, wall_seconds: float | None = None,
+def rebuild_outputs(results_dir, *, log: Callable = print, wall_seconds: float | None = None,
                     workers=None) -> tuple[list[dict], dict, dict]:
     """Every output but the figures from the saved runs and manifest.json, no training: the CSVs,
     summary.json, models/*_best. Refused (StudyError, nothing written) while any run the manifest lists is
@@ -680,7 +618,7 @@ def rebuild_outputs(results_dir, splits=None, *, log: Callable = print, wall_sec
             f"not list ({', '.join([*registry.set_aside, *sorted(registry.missing_models)][:5])})")
     rows = study_records(registry.records, manifest)
     write_tables(results_dir, rows, registry.records, manifest)
-    copy_best_models(results_dir, registry.records, manifest, log)
-    summary = write_summary(results_dir, rows, registry.records, manifest, splits,
-                            wall_seconds=wall_seconds, workers=workers, log=log)
+    copy_best_models(results_dir, registry.records, manifest)
+    summary = write_summary(results_dir, rows, registry.records, manifest, wall_seconds=wall_seconds,
+                            workers=workers, log=log)
     return rows, manifest, summary

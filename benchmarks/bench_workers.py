@@ -15,9 +15,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import preprocessing  # noqa: E402
 import run_experiments as rx  # noqa: E402
@@ -26,10 +25,8 @@ import study_results  # noqa: E402
 
 def bench_specs() -> list[rx.RunSpec]:
     plan = dataclasses.replace(rx.FULL_PLAN, cnn_grid=rx.Budget(subset=3000, n_eval=None, epochs=2))
-    study = rx.Study(None, plan)
-    runs = []
-    for name, levels in (("mlp_activation", 4), ("cnn_pool", 2)):
-        stage = rx.STAGE[name]
+    study, runs = rx.Study(None, plan), []
+    for stage, levels in ((rx.STAGE["mlp_activation"], 4), (rx.STAGE["cnn_pool"], 2)):
         cfg = rx.start_config(stage.model, plan)
         runs += [study.spec(stage, lv, 0, cfg) for lv in stage.levels(cfg)[:levels]]
     return runs
@@ -38,36 +35,28 @@ def bench_specs() -> list[rx.RunSpec]:
 def timed(splits, specs, workers: int, threads: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
         client, cluster = rx.start_client(workers)
-        try:
-            engine = rx.Engine(client, splits, study_results.Registry(out, log=lambda *a: None), device="cpu",
-                               log=lambda *a: None)
+        with cluster, client:
+            engine = rx.Engine(client, splits, study_results.Registry(out), device="cpu", log=lambda *a: None)
             t0 = time.perf_counter()
             records = engine.run(specs, threads)
             seconds = time.perf_counter() - t0
-        finally:
-            client.close()
-            cluster.close()
     return seconds, {r["key"]: (r["val_acc"], r["train_loss"]) for r in records}
 
 
 def main() -> int:
-    splits = preprocessing.load_splits()
-    specs = bench_specs()
-    cores = os.cpu_count() or 1
+    splits, specs, cores = preprocessing.load_splits(), bench_specs(), os.cpu_count() or 1
     one, one_records = timed(splits, specs, 1, 1)
     serial, _ = timed(splits, specs, 1, cores)
     two, two_records = timed(splits, specs, 2, 1)
     if one_records != two_records:
-        print("error: 2 workers gave other records than 1 worker", file=sys.stderr)
-        return 1
+        raise SystemExit("error: 2 workers gave other records than 1 worker")
     print(f"{len(specs)} study runs (4 MLP, 2 CNN); records of 1 and 2 workers identical")
-    print(f"1 worker, 1 thread:        {one:7.1f} s")
-    print(f"1 worker, {cores} threads:       {serial:7.1f} s   (the study before Dask)")
-    print(f"2 workers, 1 thread each:  {two:7.1f} s")
+    for label, seconds in (("1 worker, 1 thread", one), (f"1 worker, {cores} threads (the study before Dask)", serial),
+                           ("2 workers, 1 thread each", two)):
+        print(f"{label + ':':<48} {seconds:7.1f} s")
     print(f"2 workers / 1 worker at {cores} threads: ratio {two / serial:.2f}")
     print(f"2 workers / 1 worker: ratio {two / one:.2f}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

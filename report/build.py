@@ -32,8 +32,10 @@ BIB_SOURCE = REPORT_DIR / "references.bib"
 GROUP_FILE = REPORT_DIR / "group.toml"
 
 from preprocessing import CLASS_NAMES  # noqa: E402
+import cli  # noqa: E402
 from cli import ArgumentParser, atomic_write, path_arg  # noqa: E402
 from run_experiments import NOISE_Z, noise_margin  # noqa: E402
+from study_results import wilson_interval  # noqa: E402
 import run_experiments  # noqa: E402
 from report import text  # noqa: E402
 from report.text import name  # noqa: E402
@@ -54,7 +56,7 @@ BASELINES = [("mlp", "MLP 256-128-64", "none", 0.900),
              ("human", "human performance (crowd-sourced, 1,000 images)", "–", 0.835)]
 
 
-class ReportError(Exception):
+class ReportError(cli.UserError):
     """One-line, user-facing reason why the report cannot be built."""
 
 
@@ -93,7 +95,7 @@ def sci(x) -> str:
 
 # ------------------------------------------------------------------------------------------ loading
 def _json(path: Path, needed=()) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise ReportError(f"{path} is missing: the study has not finished (rerun run_experiments.py)")
     try:
         data = json.loads(path.read_text())
@@ -150,11 +152,39 @@ def load_results(results_dir) -> dict:
         if problem:
             raise ReportError(f"{rd / 'summary.json'}: {model} {problem}: rebuild it with "
                               f"`python run_experiments.py --plots-only`")
+    check_against_records(rd, summary)
     cols = ("study", "variant", "seed", "val_acc", "diverged")
     runs = pd.concat([_csv(rd / f"{m}_runs.csv", cols) for m in ("mlp", "cnn")], ignore_index=True)
     init = _csv(rd / "init_stats.csv") if (rd / "init_stats.csv").is_file() else None
     return {"dir": rd, "summary": summary, "manifest": _json(rd / "manifest.json", ("stages",)),
             "runs": runs, "init": init}
+
+
+def check_against_records(rd: Path, summary: dict) -> None:
+    """What the report states about the finals comes from summary.json; each number must be what the final
+    run records say, else an edited or stale summary would put numbers in the PDF that no run produced."""
+    def differ(where: str, stated, true) -> None:
+        if not np.allclose(np.asarray(stated, float), np.asarray(true, float), rtol=1e-9, atol=1e-12):
+            raise ReportError(f"{rd / 'summary.json'}: {where} is {stated}, but the run records give {true}: "
+                              f"rebuild it with `python run_experiments.py --plots-only`")
+
+    for model in ("mlp", "cnn"):
+        stated = summary[model]
+        test_accs = []
+        for seed in stated.get("seeds") or []:
+            rec = _json(rd / "runs" / f"{seed['key']}.json", ("test_acc", "val_acc", "n_test"))
+            n = rec["n_test"]
+            true = {"test_acc": rec["test_acc"], "val_acc": rec["val_acc"],
+                    "test_acc_wilson95": list(wilson_interval(rec["test_acc"] * n, n))}
+            test_accs.append(rec["test_acc"])
+            for field, value in true.items():
+                if field in seed:
+                    differ(f"{model} seed {seed['seed']} {field}", seed[field], value)
+                if seed["key"] == stated["key"] and field in stated:
+                    differ(f"{model}.{field}", stated[field], value)
+        if len(test_accs) > 1:
+            differ(f"{model}.test_acc_mean", stated["test_acc_mean"], np.mean(test_accs))
+            differ(f"{model}.test_acc_std", stated["test_acc_std"], np.std(test_accs, ddof=1))
 
 
 # ------------------------------------------------------------------------------------------ outcomes
@@ -1194,6 +1224,10 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def main(argv=None) -> int:
+    return cli.run(_main, "report.build", argv, on_interrupt="the report was not written; the results are untouched")
+
+
+def _main(argv=None) -> int:
     p = ArgumentParser(description="Build the PDF report from saved study results.")
     p.add_argument("--results-dir", type=path_arg, default="results",
                    help="the study's output folder (default: results)")
@@ -1203,12 +1237,7 @@ def main(argv=None) -> int:
                    help="group details (default: report/group.toml)")
     p.add_argument("--facts", type=path_arg, default=None, help="also write the computed facts.json here")
     args = p.parse_args(argv)
-    try:
-        out = build_report(args.results_dir, args.out, args.group_file, args.facts)
-    except ReportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
+    print(f"wrote {build_report(args.results_dir, args.out, args.group_file, args.facts)}")
     return 0
 
 

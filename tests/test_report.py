@@ -4,7 +4,6 @@ direction and noise), refuses to contradict them; the figures read at print size
 Every results folder here is SYNTHETIC: `write_synthetic_results` writes random numbers in the results
 schema of .contract.md (records, manifest, summary, CSVs) in well under a second; no study is run."""
 import json
-import math
 import os
 import shutil
 import signal
@@ -18,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import study_results
+from preprocessing import CLASS_NAMES
+from report import build
 
-from preprocessing import CLASS_NAMES  # noqa: E402
-from report import build  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # study: (model, factor, ordered, default, levels, contrast levels)
 STAGES = {
@@ -104,12 +103,6 @@ def _table_row(recs):
             "macs": recs[0]["macs"], "seconds": 30.0, "diverged": False}
 
 
-def _wilson(p, n, z=1.959964):
-    c = (p + z * z / (2 * n)) / (1 + z * z / n)
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [c - h, c + h]
-
-
 def _final_summary(model, chain, default, seeds_recs):
     cands = [chain] + ([default] if default else [])
     kept = max(cands, key=lambda r: r["val_acc"])
@@ -118,7 +111,7 @@ def _final_summary(model, chain, default, seeds_recs):
             "per_class": kept["per_class"], "confusion": kept["confusion"], "config": kept["config"],
             "key": kept["key"], "kept": "chain" if kept is chain else "default",
             "matches_module_default": default is None, "train_seconds": 300.0, "epochs_run": 4,
-            "n_params": kept["n_params"], "macs": kept["macs"], "test_acc_wilson95": _wilson(kept["test_acc"], 10000),
+            "n_params": kept["n_params"], "macs": kept["macs"], "test_acc_wilson95": list(study_results.wilson_interval(kept["test_acc"] * 10000, 10000)),
             "seeds": [{"seed": r["seed"], "key": r["key"], "val_acc": r["val_acc"], "test_acc": r["test_acc"]}
                       for r in seeds_recs],
             "test_acc_mean": float(np.mean(accs)),
@@ -404,7 +397,7 @@ def test_a_damaged_summary_stops_the_report_with_one_line(results, tmp_path, cap
     (d / "summary.json").write_text(json.dumps(summary))
     assert build.main(["--results-dir", str(d), "--out", str(tmp_path / "r.pdf")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1] and not (tmp_path / "r.pdf").exists()
+    assert err[-1].startswith("report.build: error: ") and message in err[-1] and not (tmp_path / "r.pdf").exists()
 
 
 def test_a_damaged_figure_is_named_in_one_line(results, tmp_path, capsys):
@@ -415,7 +408,7 @@ def test_a_damaged_figure_is_named_in_one_line(results, tmp_path, capsys):
     png.write_bytes(png.read_bytes()[:-20])  # cut off: Typst would only say "failed to decode image"
     assert build.main(["--results-dir", str(d), "--out", str(tmp_path / "r.pdf")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {png} is damaged (") and err[-1].endswith(f"plots.py --results-dir {d}")
+    assert err[-1].startswith(f"report.build: error: {png} is damaged (") and err[-1].endswith(f"plots.py --results-dir {d}")
     assert not (tmp_path / "r.pdf").exists()
 
 
@@ -425,7 +418,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(results, tmp_path, ca
     for args in (["--out", str(blocker / "x")], ["--out", str(tmp_path / "r.pdf"), "--facts", str(blocker / "x")]):
         assert build.main(["--results-dir", str(results["base"]), *args]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith(f"error: cannot write {blocker / 'x'}") and "Traceback" not in "".join(err)
+        assert err[-1].startswith(f"report.build: error: cannot write {blocker / 'x'}") and "Traceback" not in "".join(err)
 
 
 # ------------------------------------------------------------------------------------------ group.toml
@@ -445,7 +438,7 @@ def test_invalid_group_is_one_line(tmp_path, results, capsys, body, message):
     assert build.main(["--results-dir", str(results["base"]), "--out", str(tmp_path / "r.pdf"),
                        "--group-file", str(bad)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message.split()[0] in err[0]
+    assert len(err) == 1 and err[0].startswith("report.build: error: ") and message.split()[0] in err[0]
     assert not (tmp_path / "r.pdf").exists()
 
 
@@ -453,7 +446,7 @@ def test_a_group_file_that_is_not_there_is_one_line(tmp_path, results, capsys):
     for missing in (tmp_path / "grup.toml", tmp_path):
         assert build.main(["--results-dir", str(results["base"]), "--out", str(tmp_path / "r.pdf"),
                            "--group-file", str(missing)]) == 1
-        assert capsys.readouterr().err == f"error: {missing}: no such file (see the comments in report/group.toml)\n"
+        assert capsys.readouterr().err == f"report.build: error: {missing}: no such file (see the comments in report/group.toml)\n"
     assert not (tmp_path / "r.pdf").exists()
 
 
@@ -509,18 +502,26 @@ def test_plots_refuses_a_results_folder_that_is_a_file_empty_or_missing(tmp_path
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "empty"]  # nothing created or written
 
 
-def test_ctrl_c_in_plots_is_one_line_and_exit_130(tmp_path):
-    """A real SIGINT while plots.py reads the run records: one record is a named pipe, so plots.py waits
-    in its read, at a known point, until the signal arrives."""
-    os.mkfifo(tmp_path / "runs.json")
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs.json").rename(tmp_path / "runs" / "k.json")
-    proc = subprocess.Popen([sys.executable, str(REPO / "plots.py"), "--results-dir", str(tmp_path), "--no-data"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("command, blocking_file, message", [
+    (["plots.py", "--no-data"], "runs/k.json",
+     "plots.py: interrupted (Ctrl-C); the figures already drawn are kept, none half-written"),
+    (["-m", "report.build", "--out", "r.pdf"], "summary.json",
+     "report.build: interrupted (Ctrl-C); the report was not written; the results are untouched"),
+])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, command, blocking_file, message):
+    """A real SIGINT while the script reads the results: one file is a named pipe, so the script waits in its
+    read, at a known point, until the signal arrives."""
+    fifo = tmp_path / "results" / blocking_file
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    script = [str(REPO / command[0])] if command[0].endswith(".py") else command[:2]
+    rest = command[1:] if command[0].endswith(".py") else command[2:]
+    proc = subprocess.Popen([sys.executable, *script, "--results-dir", str(tmp_path / "results"), *rest],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while True:  # opening the pipe's write end succeeds once plots.py has opened its read end
+    while True:  # opening the pipe's write end succeeds once the script has opened its read end
         try:
-            fd = os.open(tmp_path / "runs" / "k.json", os.O_WRONLY | os.O_NONBLOCK)
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             break
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -531,8 +532,8 @@ def test_ctrl_c_in_plots_is_one_line_and_exit_130(tmp_path):
     finally:
         os.close(fd)
     assert proc.returncode == 130
-    assert err.strip().splitlines() == ["plots.py: interrupted (Ctrl-C); the figures already drawn are kept, "
-                                        "none half-written"]
+    assert [line for line in err.splitlines() if line and not line.startswith("warning:")] == [message]
+    assert not (tmp_path / "results" / "r.pdf").exists()
 
 
 def test_plots_redraws_a_figure_from_the_saved_model_when_the_record_lacks_predictions(tmp_path, synthetic_splits):
@@ -685,3 +686,18 @@ def test_a_stage_whose_other_levels_are_all_over_the_cap_says_so():
     kept = {"kind": "only_default", "best": "widths ×1 ×1 ×2 ×2 ×4"}
     assert build._choice(kept, "filter schedule") == ("the widths ×1 ×1 ×2 ×2 ×4 filter schedule was kept, as the "
                                                        "only level within the multiply-add cap")
+
+
+def test_a_summary_that_disagrees_with_its_run_records_stops_the_report(results, tmp_path, capsys):
+    """An edited (or stale) summary.json would put numbers in the PDF that no run produced: the build checks
+    every number it states about the finals against the final run records and refuses, naming the field."""
+    d = tmp_path / "results"
+    shutil.copytree(results["base"], d)
+    summary = json.loads((d / "summary.json").read_text())
+    true_acc = summary["mlp"]["test_acc"]
+    summary["mlp"]["test_acc"] = 0.999
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert build.main(["--results-dir", str(d), "--out", str(tmp_path / "r.pdf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("report.build: error: ") and "mlp.test_acc is 0.999" in err[-1]
+    assert f"the run records give {true_acc}" in err[-1] and not (tmp_path / "r.pdf").exists()

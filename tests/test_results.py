@@ -40,7 +40,7 @@ def make_record(key, *, model="mlp", study="mlp_width", variant="256", seed=0, r
 def final_record(key, y, pred, *, model="mlp", seed=0, variant="chain", val_acc=0.9, plan="quick"):
     pred = [int(p) for p in pred]
     test_acc = float(np.mean(np.asarray(pred) == np.asarray(y)))
-    rf = {"test_acc": test_acc, "test_loss": 0.3, "n_test": len(y), "test_pred": pred,
+    rf = {"test_acc": test_acc, "test_loss": 0.3, "n_test": len(y), "test_pred": pred, "test_true": [int(v) for v in y],
           "test_prob_max": [0.9] * len(y), "test_macro_f1": test_acc,
           "per_class": [{"class": "c", "precision": 1.0, "recall": 1.0, "f1": 1.0}],
           "confusion": [[0] * 10 for _ in range(10)],
@@ -111,7 +111,7 @@ def test_damaged_record_is_set_aside_and_named(tmp_path, text):
     write_raw(tmp_path, "bad1.json", text)
     logs = []
     reg = sr.Registry(tmp_path, log=logs.append)
-    assert len(reg) == 0 and "x" not in reg
+    assert reg.records == {} and "x" not in reg
     assert len(logs) == 1 and "bad1.json" in logs[0] and "\n" not in logs[0]
     assert (tmp_path / "runs" / "bad1.json.bad").exists()
     assert not (tmp_path / "runs" / "bad1.json").exists()
@@ -164,8 +164,6 @@ def test_final_run_model_written_first_and_missing_model_means_not_done(tmp_path
     reg2 = sr.Registry(tmp_path, log=logs.append)
     assert "f1" not in reg2 and "f1" in reg2.missing_models
     assert len(logs) == 1 and "f1" in logs[0]
-    reg2.reload()
-    assert len(logs) == 1  # warned once
 
 
 def test_cnn_model_directory(tmp_path):
@@ -250,11 +248,6 @@ def test_classification_report():
 
 # ------------------------------------------------------------------------------------------ outputs
 
-class FakeSplits:
-    def __init__(self, y_test):
-        self.y_test = np.asarray(y_test)
-
-
 Y = np.arange(40) % 10
 
 
@@ -287,7 +280,7 @@ def build_study(results, *, mlp_seeds=(0, 1, 2), with_default=True, plan="quick"
     add(final_record("cchain0", Y, _wrong(1), model="cnn", plan=plan),
         {"models/runs/cchain0/backbone.pt": b"cnn", "models/runs/cchain0/config.json": b"{}"})
     manifest = {
-        "plan": "full",  # deliberately wrong: the plan comes from the records
+        "plan": plan,
         "seeds": {"mlp": [0, 1], "cnn": [0]}, "runs": runs,
         "stages": {"mlp_width": {"model": "mlp", "factor": "hidden", "ordered": True, "default": "256",
                                  "winner": "256", "levels": ["128", "256"], "contrast": [],
@@ -312,14 +305,14 @@ def read_csv(path):
 def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     build_study(tmp_path)
     logs = []
-    rows, manifest, summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append, wall_seconds=12.5,
+    rows, manifest, summary = sr.rebuild_outputs(tmp_path, log=logs.append, wall_seconds=12.5,
                                                  workers=2)
     assert len(rows) == 13 and manifest["stages"]["mlp_width"]["winner"] == "256"  # what the figures draw from
     assert logs == [] or all("warning" not in m for m in logs), logs
     on_disk = strict_loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     mlp = on_disk["mlp"]
-    assert mlp["key"] == "mchain0" and mlp["kept"] == "chain" and mlp["matches_module_default"] is False
+    assert mlp["key"] == "mchain0" and mlp["kept"] == "chain"
     assert mlp["test_acc"] == pytest.approx(36 / 40)
     assert [s["seed"] for s in mlp["seeds"]] == [0, 1, 2]
     accs = [36 / 40, 35 / 40, 34 / 40]
@@ -327,7 +320,7 @@ def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     assert mlp["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
     assert mlp["test_acc_wilson95"] == pytest.approx(list(sr.wilson_interval(36, 40)))
     assert {c["name"] for c in mlp["candidates"]} == {"chain", "default"}
-    assert on_disk["cnn"]["test_acc_std"] is None and on_disk["cnn"]["matches_module_default"] is True
+    assert on_disk["cnn"]["test_acc_std"] is None
     tests = {(t["a"], t["b"]): t for t in on_disk["mcnemar"]}
     assert set(tests) == {("MLP", "CNN"), ("MLP chain", "MLP default")}
     t = tests[("MLP", "CNN")]
@@ -352,7 +345,7 @@ def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     # best models: copies of the kept seed-0 runs; a second rebuild replaces the CNN folder
     assert (tmp_path / "models" / "mlp_best.npz").read_bytes() == b"mlp0"
     assert (tmp_path / "models" / "cnn_best" / "backbone.pt").read_bytes() == b"cnn"
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append)
+    sr.rebuild_outputs(tmp_path, log=logs.append)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["cnn_best", "mlp_best.npz", "runs"]
     assert strict_loads((tmp_path / "summary.json").read_text())["study"]["wall_seconds"] == 12.5  # kept
 
@@ -362,7 +355,7 @@ def test_one_seed_summary_is_strict_json_with_null_std(tmp_path):
     for p in (tmp_path / "runs").glob("w*s1.json"):
         p.unlink()
     sr.write_json(tmp_path / "manifest.json", {**manifest, "runs": [r for r in manifest["runs"] if r["seed"] == 0]})
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=lambda m: None)
+    sr.rebuild_outputs(tmp_path, log=lambda m: None)
     summary = strict_loads((tmp_path / "summary.json").read_text())
     assert summary["mlp"]["test_acc_std"] is None and summary["mlp"]["test_acc_mean"] == summary["mlp"]["test_acc"]
     table = summary["stages"]["mlp_width"]["table"]
@@ -377,14 +370,13 @@ def test_garbage_manifest_summary_and_records_give_warnings_not_tracebacks(tmp_p
     write_raw(tmp_path, "zz.json", "[]")
     (tmp_path / "models" / "runs" / "mchain2.npz").unlink()
     logs = []
-    _, _, summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append)
+    _, _, summary = sr.rebuild_outputs(tmp_path, log=logs.append)
     assert any("manifest.json" in m for m in logs) and any("summary.json" in m for m in logs)
     skipped = [m for m in logs if m.startswith("skipped:")]
     assert len(skipped) == 1 and "zz.json" in skipped[0] and "mchain2" in skipped[0]
     assert all("\n" not in m for m in logs)
-    # without a manifest the final is still found from the records: the best validation accuracy
-    assert summary["mlp"]["key"] == "mchain0" and summary["cnn"]["key"] == "cchain0"
-    assert [r["variant"] for r in summary["stages"]["mlp_width"]["table"]] == ["128", "256"]
+    # without a manifest nothing says which runs make up a comparison or a final: no stages, no finals
+    assert summary["stages"] == {} and "mlp" not in summary and "cnn" not in summary
     strict_loads((tmp_path / "summary.json").read_text())
 
 
@@ -403,23 +395,14 @@ def test_damaged_parts_of_the_manifest_are_dropped(tmp_path):
     assert sr.load_manifest(tmp_path, log=lambda m: None)["runs"] == []
 
 
-def test_mixed_plans_warn_and_follow_the_finals(tmp_path):
-    build_study(tmp_path, plan="full")
-    reg = sr.Registry(tmp_path)
-    reg.add(make_record("extra", plan="quick"))
-    logs = []
-    _, _, summary = sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=logs.append)
-    assert summary["study"]["plan"] == "full" and any("mix plans" in m for m in logs)
-
-
 def test_a_rebuild_with_runs_of_the_manifest_missing_is_refused_and_writes_nothing(tmp_path):
     build_study(tmp_path)
-    sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=lambda m: None)
+    sr.rebuild_outputs(tmp_path, log=lambda m: None)
     (tmp_path / "runs" / "w128s1.json").unlink()
     (tmp_path / "runs" / "w256s0.json").write_text("[]")  # damaged: set aside, and missing like the other
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(sr.StudyError, match=r"^2 of the 13 runs that manifest.json lists are missing or damaged"):
-        sr.rebuild_outputs(tmp_path, FakeSplits(Y), log=lambda m: None)
+        sr.rebuild_outputs(tmp_path, log=lambda m: None)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
@@ -432,10 +415,11 @@ def test_the_one_reader_reads_without_renaming_anything(tmp_path):
     assert len(logs) == 1 and "zz.json" in logs[0] and (tmp_path / "runs" / "zz.json").exists()
 
 
-def test_missing_labels_skip_mcnemar_with_a_warning(tmp_path, monkeypatch):
-    import preprocessing
+def test_missing_labels_skip_mcnemar_with_a_warning(tmp_path):
     build_study(tmp_path)
-    monkeypatch.setattr(preprocessing, "load_splits", lambda **k: (_ for _ in ()).throw(FileNotFoundError("no data")))
+    for p in (tmp_path / "runs").glob("*chain0.json"):
+        rec = json.loads(p.read_text())
+        sr.write_json(p, {k: v for k, v in rec.items() if k != "test_true"})
     logs = []
-    _, _, summary = sr.rebuild_outputs(tmp_path, None, log=logs.append)
+    _, _, summary = sr.rebuild_outputs(tmp_path, log=logs.append)
     assert summary["mcnemar"] == [] and any("McNemar" in m for m in logs)
