@@ -13,12 +13,16 @@ Numpy only: the MLP's side of the project imports no torch.
 """
 import argparse
 import contextlib
+import dataclasses
+import math
 import errno
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 2, 3, 130
 MAX_SEED = 2**31 - 1  # every seed of the project: torch.manual_seed and numpy take it, 2**31-1 keeps it portable
@@ -125,6 +129,62 @@ def cannot_write(path: str | Path, *, folder: bool) -> str | None:
     except OSError as e:
         return f"cannot write in {target}: {e.strerror or e}"
     return None
+
+
+# ------------------------------------------------------------------------------------- config fields as flags
+def is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def integer(lo: int, hi: int):
+    """A field's rule: (test, what a valid value is)."""
+    return (lambda v: is_int(v) and lo <= v <= hi), f"an integer in [{lo}, {hi}]"
+
+
+def number(test, text: str):
+    real = (int, float, np.integer, np.floating)
+    return (lambda v: isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) and test(v)), \
+        f"a finite number {text}"
+
+
+BOOL = (lambda v: isinstance(v, (bool, np.bool_)), "true or false")
+
+
+def flag(default, help: str, valid=None, **argparse_options):
+    """A config field and its command-line flag in one place: the default, the flag's help, what a valid value
+    is ((test, description); `choices` imply it) and any argparse options the default's type does not."""
+    if valid is None:
+        choices = argparse_options["choices"]
+        valid = (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+    default_of = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return dataclasses.field(**default_of, metadata={"help": help, "valid": valid, "argparse": argparse_options})
+
+
+def check_fields(config):
+    """Returns config, or raises ValueError("<field>: <what is wrong>") on the first field its rule refuses."""
+    for f in dataclasses.fields(config):
+        test, must_be = f.metadata["valid"]
+        if not test(getattr(config, f.name)):
+            raise ValueError(f"{f.name}: must be {must_be}, got {getattr(config, f.name)!r}")
+    return config
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of config_class (made with `flag`): its default, help and type."""
+    for f, default in ((f, getattr(config_class(), f.name)) for f in dataclasses.fields(config_class)):
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata["help"],
+                            **{**kind, **f.metadata["argparse"]})
+
+
+def config_from_args(parser: argparse.ArgumentParser, config_class, args: argparse.Namespace):
+    """The validated config the flags describe; an invalid value is a usage error naming its flag."""
+    config = config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+    try:
+        return config.validate()
+    except ValueError as e:
+        name, _, why = str(e).partition(": ")
+        parser.error(f"--{name.replace('_', '-')}: {why}")
 
 
 # ------------------------------------------------------------------------------------------- atomic writes

@@ -49,10 +49,10 @@ import io
 import json
 import math
 import pickle
+import re
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -72,13 +72,9 @@ POOLS = ("max", "avg", "gap")
 KERNELS = (1, 3, 5, 7)  # odd, so that 'same' padding is k // 2 on every side
 INITS = ("random", "xavier", "he")  # formulas: mlp_scratch.init_std (one for both models); the study's order
 HEAD_MODES = ("joint", "frozen")
-OPTIMIZERS = ("adamw", "adam", "sgd")  # names mlp_scratch.make_optimizer also knows, for the head
-SCHEDULES = ("onecycle", "cosine")
 PRECISIONS = ("fp32", "bf16")
 ONECYCLE_WARMUP = 0.25  # "onecycle" = "cosine" after a linear warm-up over this fraction of the steps
-# Caps that turn absurd sizes into one-line errors instead of an out-of-memory crash much later.
-MAX_FILTERS, MAX_BATCH, MAX_THREADS = 2048, 65536, 1024
-MAX_HEAD_WIDTH, MAX_EPOCHS = mlp_scratch.MAX_WIDTH, mlp_scratch.MAX_EPOCHS
+MAX_FILTERS = 2048  # caps on sizes turn absurd values into one-line errors, not an out-of-memory crash later
 VAL_BATCH, PREDICT_BATCH = 1024, 512  # images per forward pass when validating / predicting (results depend on it)
 CHECKPOINT_FILES = ("backbone.pt", "head.npz", "config.json")
 IMAGES_MESSAGE = (f"expected floating-point images of shape (N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}), (N, {IMAGE_SIDE}, "
@@ -88,76 +84,61 @@ OOM_HINT = "; use fewer or narrower --filters or --head-hidden layers, or a smal
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration: every field is a command-line flag (its help beside it); the defaults are the chosen
-# configuration (README, report).
+# Configuration: each field states its default, its flag's help and what is valid once (cli.flag,
+# as MLPConfig does); the defaults are the chosen configuration (README, report).
 # ----------------------------------------------------------------------------------------------------------
-def _flag(default, help: str):
-    return field(default_factory=lambda: list(default), metadata={"help": help}) if isinstance(default, list) \
-        else field(default=default, metadata={"help": help})
+MLP_RULES = {f.name: f.metadata["valid"] for f in fields(mlp_scratch.MLPConfig)}  # the head's, and shared ones
+TEXT = (lambda v: isinstance(v, str), "a string")  # filters and device: validate() parses them
+BOOL, BELOW_ONE = cli.BOOL, MLP_RULES["dropout"]  # true or false; a number in [0, 1)
 
 
 @dataclass
 class CNNConfig:
-    filters: str = _flag("32,32,64,64,128", "'constant', 'double' or five comma-separated counts")
-    base_filters: int = _flag(32, "first-layer count for constant / double (double: base * 2**i)")
-    kernel_size: int = _flag(3, "convolution kernel size, 'same' padding")
-    pool: str = _flag("max", "pooling variant (see the module docstring)")
-    init: str = _flag("xavier", "conv weight initialisation (mlp_scratch.init_std)")
-    batchnorm: bool = _flag(True, "BatchNorm between each conv and its ReLU")
-    head_mode: str = _flag("frozen", "joint: trained through the scratch MLP; frozen: MLP on fixed features")
-    head_hidden: list[int] = _flag([256], "scratch MLP hidden widths")
-    head_activation: str = _flag("gelu", "scratch MLP activation")
-    head_dropout: float = _flag(0.3, "scratch MLP drop probability after each hidden layer")
-    head_epochs: int = _flag(20, "frozen mode: epochs of mlp_scratch.train on the features")
-    optimizer: str = _flag("adamw", "optimizer of backbone and head (sgd: momentum)")
-    lr: float = _flag(3e-3, "peak backbone learning rate")
-    head_lr: float = _flag(1e-3, "peak head learning rate")
-    momentum: float = _flag(0.9, "SGD momentum")
-    weight_decay: float = _flag(5e-2, "weight decay of conv / head weights, not biases or BN (decoupled in AdamW)")
-    schedule: str = _flag("onecycle", "onecycle (a quarter of the steps linear warm-up, then cosine) or cosine")
-    epochs: int = _flag(26, "training epochs")
-    batch_size: int = _flag(128, "mini-batch size")
-    augment: bool = _flag(True, "random crop (zero padding 2) + horizontal flip")
-    erase: float = _flag(0.5, "probability that a training image gets a random rectangle zeroed")
-    label_smoothing: float = _flag(0.1, "training target (1 - e) * onehot + e / 10 (backbone and joint head)")
-    tta: bool = _flag(False, "predict with the mean softmax of each image and its mirror image")
-    patience: int = _flag(0, "early stopping on val accuracy after this many bad epochs (0 = off)")
-    precision: str = _flag("bf16", "backbone compute precision (autocast; fp32 on CPUs without native bf16)")
-    channels_last: bool = _flag(True, "NHWC memory format")
-    seed: int = _flag(0, "random seed (weights, shuffling, augmentation, dropout)")
-    subset: int | None = _flag(None, "train on this many images (stratified); val / test stay whole")
-    device: str = _flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda[:i] or mps")
+    """One run's hyperparameters, each a flag of `python cnn_torch.py` (its default, help and rule stated once,
+    by cli.flag); the head's rules are MLPConfig's. The defaults are the chosen configuration."""
+    filters: str = cli.flag("32,32,64,64,128", "'constant', 'double' or five comma-separated counts", TEXT)
+    base_filters: int = cli.flag(32, "count of constant / double (double: base * 2**i)", cli.integer(1, MAX_FILTERS))
+    kernel_size: int = cli.flag(3, "convolution kernel size, 'same' padding",
+                             (lambda v: cli.is_int(v) and v in KERNELS, f"one of {KERNELS}"), choices=KERNELS)
+    pool: str = cli.flag("max", "pooling variant (see the module docstring)", choices=POOLS)
+    init: str = cli.flag("xavier", "conv weight initialisation (mlp_scratch.init_std)", choices=INITS)
+    batchnorm: bool = cli.flag(True, "BatchNorm between each conv and its ReLU", BOOL)
+    head_mode: str = cli.flag("frozen", "joint: through the MLP head; frozen: MLP on fixed features", choices=HEAD_MODES)
+    head_hidden: list[int] = cli.flag([256], "scratch MLP hidden widths", MLP_RULES["hidden"], type=int, nargs="*")
+    head_activation: str = cli.flag("gelu", "scratch MLP activation", choices=mlp_scratch.ACTIVATIONS)
+    head_dropout: float = cli.flag(0.3, "scratch MLP drop probability after each hidden layer", BELOW_ONE)
+    head_epochs: int = cli.flag(20, "frozen mode: epochs of mlp_scratch.train on the features", MLP_RULES["epochs"])
+    # the names mlp_scratch.make_optimizer knows too: the head steps with the same kind
+    optimizer: str = cli.flag("adamw", "optimizer of backbone and head (sgd: momentum)", choices=("adamw", "adam", "sgd"))
+    lr: float = cli.flag(3e-3, "peak backbone learning rate", MLP_RULES["lr"])
+    head_lr: float = cli.flag(1e-3, "peak head learning rate", MLP_RULES["lr"])
+    momentum: float = cli.flag(0.9, "SGD momentum", MLP_RULES["momentum"])
+    weight_decay: float = cli.flag(5e-2, "decay of conv / head weights (decoupled in AdamW)", MLP_RULES["weight_decay"])
+    schedule: str = cli.flag("onecycle", "onecycle (cosine after a warm-up) or cosine", choices=("onecycle", "cosine"))
+    epochs: int = cli.flag(26, "training epochs", MLP_RULES["epochs"])
+    batch_size: int = cli.flag(128, "mini-batch size", cli.integer(1, 65536))
+    augment: bool = cli.flag(True, "random crop (zero padding 2) + horizontal flip", BOOL)
+    erase: float = cli.flag(0.5, "probability of a random rectangle zeroed", cli.number(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    label_smoothing: float = cli.flag(0.1, "target (1 - e) * onehot + e / 10 (backbone, joint head)", BELOW_ONE)
+    tta: bool = cli.flag(False, "predict with the mean softmax of each image and its mirror image", BOOL)
+    patience: int = cli.flag(0, "stop after this many epochs without a better val acc (0: off)", MLP_RULES["patience"])
+    precision: str = cli.flag("bf16", "backbone precision (autocast; fp32 on CPUs without bf16)", choices=PRECISIONS)
+    channels_last: bool = cli.flag(True, "NHWC memory format", BOOL)
+    seed: int = cli.flag(0, "random seed (weights, order, augmentation, dropout)", MLP_RULES["seed"], type=cli.seed_arg)
+    subset: int | None = cli.flag(None, "train on N images (stratified; val, test whole)", MLP_RULES["subset"], type=int)
+    device: str = cli.flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda[:i] or mps", TEXT)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> None:
-        """ValueError with a one-line message for any invalid field."""
-        for name, (lo, hi, ends) in RANGES.items():
-            v = getattr(self, name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v}")
-            if not ((v > lo if ends[0] == "(" else v >= lo) and (v < hi if ends[1] == ")" else v <= hi)):
-                raise ValueError(f"{name} must be in {ends[0]}{lo}, {hi}{ends[1]}, got {v}")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
-        if not all(1 <= h <= MAX_HEAD_WIDTH for h in self.head_hidden):
-            raise ValueError(f"head_hidden widths must be in [1, {MAX_HEAD_WIDTH}], got {self.head_hidden}")
-        if self.subset is not None and self.subset < NUM_CLASSES:
-            raise ValueError(f"subset must be at least {NUM_CLASSES} images, got {self.subset}")
+    def validate(self) -> CNNConfig:
+        """Returns self, or raises ValueError("<field>: <what is wrong>") on the first invalid field."""
+        cli.check_fields(self)  # each field's rule (metadata["valid"]); the head's are MLPConfig's
         parse_filters(self.filters, self.base_filters)
         resolve_device(self.device)
+        return self
 
 
-# What validate() accepts. Ranges: (low, high, ends), "[" / "]" closed, "(" / ")" open.
-RANGES = {"base_filters": (1, MAX_FILTERS, "[]"), "head_dropout": (0, 1, "[)"), "head_epochs": (1, MAX_EPOCHS, "[]"),
-          "lr": (0, math.inf, "()"), "head_lr": (0, math.inf, "()"), "momentum": (0, 1, "[)"),
-          "weight_decay": (0, math.inf, "[)"), "epochs": (1, MAX_EPOCHS, "[]"), "batch_size": (1, MAX_BATCH, "[]"),
-          "patience": (0, MAX_EPOCHS, "[]"), "erase": (0, 1, "[]"), "label_smoothing": (0, 1, "[)"),
-          "seed": (0, cli.MAX_SEED, "[]")}
-CHOICES = {"kernel_size": KERNELS, "pool": POOLS, "init": INITS, "head_mode": HEAD_MODES, "optimizer": OPTIMIZERS,
-           "schedule": SCHEDULES, "precision": PRECISIONS, "head_activation": mlp_scratch.ACTIVATIONS}
 CONFIG_FIELDS = {f.name for f in fields(CNNConfig)}
 
 
@@ -167,12 +148,12 @@ def parse_filters(filters: str, base_filters: int = 32) -> list[int]:
         counts = [base_filters * (2 ** i if filters == "double" else 1) for i in range(5)]
     else:
         try:
-            counts = [int(c) for c in str(filters).replace(" ", "").split(",") if c != ""]
+            counts = [int(c) for c in str(filters).split(",")]
         except ValueError:
-            raise ValueError(f"filters must be 'constant', 'double' or 5 comma-separated integers such as "
-                             f"16,32,64,64,128; got {filters!r}") from None
+            counts = []
     if len(counts) != 5 or min(counts) < 1 or max(counts) > MAX_FILTERS:
-        raise ValueError(f"filters must give 5 counts in [1, {MAX_FILTERS}], got {counts} from {filters!r}")
+        raise ValueError(f"filters: must be 'constant', 'double' or 5 comma-separated counts in [1, {MAX_FILTERS}] "
+                         f"such as 16,32,64,64,128; got {filters!r}")
     return counts
 
 
@@ -180,16 +161,12 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda, then mps, then cpu; an explicit name must be available here."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        return torch.device(next(kind for kind, here in available.items() if here))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in available:
-        raise ValueError(f"device must be auto, cpu, cuda[:i] or mps, got {name!r}")
-    if not available[device.type]:
-        raise ValueError(f"device {name!r} requested but {device.type.upper()} is not available here")
-    return device
+        name = next(kind for kind, here in available.items() if here)
+    if not re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", name):
+        raise ValueError(f"device: must be auto, cpu, cuda[:i] or mps, got {name!r}")
+    if not available[kind := name.split(":")[0]]:
+        raise ValueError(f"device: {name!r} requested but {kind.upper()} is not available here")
+    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,9 +303,8 @@ def scores(logits: np.ndarray, y) -> dict:
 class CNNClassifier:
     """The trained pair: a torch backbone and the numpy MLP head that classifies its features."""
 
-    def __init__(self, backbone: CNNBackbone, head: mlp_scratch.MLP, config: CNNConfig | None = None):
-        self.backbone, self.head = backbone, head
-        self.config = config if config is not None else CNNConfig()
+    def __init__(self, backbone: CNNBackbone, head: mlp_scratch.MLP, config: CNNConfig):
+        self.backbone, self.head, self.config = backbone, head, config
 
     @property
     def n_params(self) -> int:
@@ -359,10 +335,9 @@ class CNNClassifier:
             raise ValueError(why)
         backbone = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}, backbone)
-        with tempfile.TemporaryDirectory() as tmp:  # MLP.save writes a path; its bytes are what we keep
-            head = self.head.save(Path(tmp) / "head.npz").read_bytes()
         meta = {"config": self.config.to_dict(), "feature_dim": self.backbone.feature_dim}
-        return cli.atomic_folder(path, {"backbone.pt": backbone.getvalue(), "head.npz": head,
+        return cli.atomic_folder(path, {"backbone.pt": backbone.getvalue(),
+                                        "head.npz": mlp_scratch.model_bytes(self.head),
                                         "config.json": (json.dumps(meta, indent=2) + "\n").encode()})
 
 
@@ -385,11 +360,8 @@ def load_classifier(path) -> CNNClassifier:
             raise ValueError(f"{path / name}: missing; {path} is not a checkpoint written by CNNClassifier.save")
     file = path / "config.json"
     try:
-        meta = json.loads(file.read_text())
-        config = CNNConfig(**{k: v for k, v in meta["config"].items() if k in CONFIG_FIELDS})
-        config.device = "cpu"
-        config.validate()
-        feature_dim = int(meta["feature_dim"])
+        saved = {k: v for k, v in json.loads(file.read_text())["config"].items() if k in CONFIG_FIELDS}
+        config = CNNConfig(**{**saved, "device": "cpu"}).validate()
         backbone = CNNBackbone(config)
         file = path / "backbone.pt"
         backbone.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
@@ -399,13 +371,12 @@ def load_classifier(path) -> CNNClassifier:
     for name, tensor in backbone.state_dict().items():  # a NaN weight would predict one class for every image
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{file}: {name} holds NaN or infinite weights")
-    backbone.eval()
-    head = mlp_scratch.MLP.load(path / "head.npz")
-    if backbone.feature_dim != feature_dim or head.in_dim != backbone.feature_dim:
+    head = mlp_scratch.load_model(path / "head.npz")
+    if head.in_dim != backbone.feature_dim:
         raise ValueError(f"{path}: the head takes {head.in_dim} features, the backbone gives {backbone.feature_dim}")
     if config.channels_last:  # as in training, so that the same kernels give bit-identical outputs
         backbone = backbone.to(memory_format=torch.channels_last)
-    return CNNClassifier(backbone, head, config)
+    return CNNClassifier(backbone.eval(), head, config)
 
 
 def evaluate_classifier(clf: CNNClassifier, images, y) -> dict:
@@ -435,8 +406,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.
 
     One gather for the whole batch (no per-image Python loop): x (B, C, H, W) -> (B, C, H, W).
     """
-    B, C, H, W = x.shape
-    dev = x.device
+    (B, C, H, W), dev = x.shape, x.device
     padded = F.pad(x, (pad, pad, pad, pad))                                  # (B, C, H+2p, W+2p), zeros = black
     oy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
     ox = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
@@ -456,8 +426,7 @@ def erase_batch(x: torch.Tensor, gen: torch.Generator, prob: float, min_side: in
     """Random erasing (Zhong et al., 2017) with zeros: with probability `prob` an image gets one rectangle of
     random height and width in [min_side, max_side] pixels set to black, the background colour.
     One mask for the whole batch: x (B, C, H, W) -> (B, C, H, W)."""
-    B, C, H, W = x.shape
-    dev = x.device
+    (B, C, H, W), dev = x.shape, x.device
     h = torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev)
     w = torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev)
     top = (torch.rand(B, 1, 1, generator=gen, device=dev) * (H - h + 1)).long()
@@ -600,9 +569,9 @@ def train_epoch(config: CNNConfig, backbone: CNNBackbone, head, optimizer, X: to
 def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torch.device, *,
         progress: bool, log: Callable[[str], None], phase: str) -> dict:
     """config.epochs of train_epoch + validation on data {"X", "y_device", "X_val", "y_val"} (training tensors
-    on the device, validation labels in numpy) with a ScratchHead or a LinearHead. The backbone ends with the
-    weights of the epoch with the best val accuracy; returns {"history", "best_epoch", "epochs_run",
-    "diverged", "head"} (a copy of head.model from that epoch)."""
+    on the device, validation labels in numpy) with a ScratchHead or a LinearHead. The backbone and head.model
+    end with the weights of the epoch with the best val accuracy; returns {"history", "best_epoch",
+    "epochs_run", "diverged"}."""
     optimizer = make_torch_optimizer(config, list(backbone.named_parameters()), config.lr)
     steps_per_epoch = math.ceil(len(data["X"]) / config.batch_size)
     lr_scale_at = lr_scale_schedule(config, steps_per_epoch * config.epochs)
@@ -637,33 +606,27 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
                 f"at epoch {best['epoch']})")
             break
     backbone.load_state_dict(best["weights"][0])
-    return {"history": history, "best_epoch": best["epoch"], "epochs_run": len(history), "diverged": diverged,
-            "head": best["weights"][1]}
+    head.model = best["weights"][1]
+    return {"history": history, "best_epoch": best["epoch"], "epochs_run": len(history), "diverged": diverged}
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")  # numpy's idle BLAS threads would steal torch's cores
 def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
           log: Callable[[str], None] | None = None) -> CNNTrainResult:
     """Train backbone + scratch MLP head on splits.X_train, choosing the epoch on splits.X_val.
 
     `config.subset` (if set) trains on a stratified subset of that many images (more than there are is a
     cli.UserError); val (and test) stay whole. Never raises for a diverging run: it returns diverged=True with
-    the best weights so far. numpy's BLAS is held at one thread meanwhile (its idle threads would steal
-    torch's cores); torch's thread count is the caller's. Progress bars only when stderr is a terminal; `log`
-    gets one line per epoch."""
-    config.validate()
-    if config.subset is not None and config.subset > len(splits.y_train):
+    the best weights so far. numpy's BLAS is held at one thread meanwhile; torch's thread count is the
+    caller's. Progress bars only when stderr is a terminal; `log` gets one line per epoch. In frozen mode the
+    backbone is trained with a LinearHead, then mlp_scratch.train fits the MLP on its features (phase "head")."""
+    t_start, log = time.perf_counter(), log or (lambda line: None)
+    if config.validate().subset is not None and config.subset > len(splits.y_train):
         raise cli.UserError(f"subset {config.subset} is more than the {len(splits.y_train)} training images")
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _train(config, splits, progress=progress and sys.stderr.isatty(), log=log or (lambda line: None))
-
-
-def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[str], None]) -> CNNTrainResult:
-    t_start = time.perf_counter()
     if config.subset is not None and config.subset < len(splits.y_train):
         splits = splits.subset(config.subset, None, seed=config.seed)
     device = resolve_device(config.device)
-    mean, std = preprocessing.standardization_stats(splits.X_train)
-    backbone = build_backbone(config, mean, std).to(device)
+    backbone = build_backbone(config, *preprocessing.standardization_stats(splits.X_train)).to(device)
     if config.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     # The whole dataset as tensors on the device: indexing a tensor per batch costs far less than a
@@ -671,44 +634,26 @@ def _train(config: CNNConfig, splits: Splits, *, progress: bool, log: Callable[[
     y = np.ascontiguousarray(splits.y_train, np.int64)
     data = {"X": check_images(splits.X_train).to(device), "y": y, "y_device": torch.from_numpy(y).to(device),
             "X_val": check_images(splits.X_val).to(device), "y_val": np.ascontiguousarray(splits.y_val, np.int64)}
-    run = dict(progress=progress, log=log)
-    if config.head_mode == "joint":
-        head = ScratchHead(build_head(config, backbone.feature_dim), config)
-        fit_result = fit(config, backbone, head, data, device, phase="joint", **run)
-        head = fit_result["head"]
-    else:
-        fit_result = fit(config, backbone, LinearHead(config, backbone.feature_dim, device), data, device,
-                         phase="backbone", **run)
-        head = build_head(config, backbone.feature_dim)
-        if not fit_result["diverged"]:
-            head = _train_frozen_head(config, backbone, data, fit_result, **run)
+    progress, joint = progress and sys.stderr.isatty(), config.head_mode == "joint"
+    head = ScratchHead(build_head(config, backbone.feature_dim), config) if joint else \
+        LinearHead(config, backbone.feature_dim, device)
+    run = fit(config, backbone, head, data, device, phase="joint" if joint else "backbone", progress=progress, log=log)
+    classifier = CNNClassifier(backbone, head.model if joint else build_head(config, backbone.feature_dim), config)
+    if not joint and not run["diverged"]:  # frozen mode's second phase: the MLP on the (eval-mode) features
+        result = mlp_scratch.train(mlp_scratch.MLPConfig(
+            hidden=list(config.head_hidden), activation=config.head_activation, dropout=config.head_dropout,
+            init="he", optimizer=config.optimizer, lr=config.head_lr, momentum=config.momentum,
+            weight_decay=config.weight_decay, schedule="cosine", warmup_epochs=0.0, epochs=config.head_epochs,
+            batch_size=config.batch_size, patience=config.patience, standardize=True, seed=config.seed, subset=None),
+            classifier.features(data["X"], VAL_BATCH), data["y"], classifier.features(data["X_val"], VAL_BATCH),
+            data["y_val"], progress=progress, log=log)
+        offset, classifier.head = len(run["history"]), result.model
+        run["history"] += [{**row, "epoch": offset + row["epoch"], "phase": "head"} for row in result.history]
+        run.update(diverged=bool(result.diverged), epochs_run=offset + result.epochs_run,
+                   best_epoch=offset + result.best_epoch)
     backbone.eval()
-    classifier = CNNClassifier(backbone, head, config)
-    return CNNTrainResult(classifier=classifier, history=fit_result["history"],
-                          best_epoch=fit_result["best_epoch"], epochs_run=fit_result["epochs_run"],
-                          diverged=fit_result["diverged"], seconds=time.perf_counter() - t_start,
-                          device=str(device), n_params=classifier.n_params)
-
-
-def _train_frozen_head(config: CNNConfig, backbone: CNNBackbone, data: dict, fit_result: dict, *, progress: bool,
-                       log) -> mlp_scratch.MLP:
-    """Frozen mode's second phase: mlp_scratch.train on the trained backbone's features (eval mode). Appends
-    the head's epochs to fit_result (phase "head") and returns the trained MLP."""
-    def features(X):
-        return map_batches(backbone, lambda f: f.cpu().numpy(), X, config, VAL_BATCH)
-
-    mlp_config = mlp_scratch.MLPConfig(
-        hidden=list(config.head_hidden), activation=config.head_activation, dropout=config.head_dropout,
-        init="he", optimizer=config.optimizer, lr=config.head_lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, schedule="cosine", warmup_epochs=0.0, epochs=config.head_epochs,
-        batch_size=config.batch_size, patience=config.patience, standardize=True, seed=config.seed, subset=None)
-    result = mlp_scratch.train(mlp_config, features(data["X"]), data["y"], features(data["X_val"]), data["y_val"],
-                               progress=progress, log=log)
-    offset = len(fit_result["history"])
-    fit_result["history"] += [{**row, "epoch": offset + row["epoch"], "phase": "head"} for row in result.history]
-    fit_result.update(diverged=bool(result.diverged), epochs_run=offset + result.epochs_run,
-                      best_epoch=offset + result.best_epoch)
-    return result.model
+    return CNNTrainResult(classifier=classifier, **run, seconds=time.perf_counter() - t_start, device=str(device),
+                          n_params=classifier.n_params)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -720,19 +665,12 @@ def init_statistics(config: CNNConfig, images, y) -> list[dict]:
     "dead_frac" (fraction of dead units: channel x position whose activation is exactly 0 for every image),
     "grad_norm" (||dL/dW_conv||_F)}. With or without BatchNorm (config.batchnorm)."""
     x = check_images(images)
-    y = np.asarray(y, dtype=np.int64)
-    mean, std = preprocessing.standardization_stats(x.numpy().reshape(len(x), -1))
-    backbone = build_backbone(config, mean, std)
-    head = ScratchHead(build_head(config, backbone.feature_dim), config)
-    backbone.train()
+    backbone = build_backbone(config, *preprocessing.standardization_stats(x.numpy().reshape(len(x), -1)))
+    head = ScratchHead(build_head(config, backbone.feature_dim), config)  # both fresh, so in training mode
     acts: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: acts.append(out.detach()))
-             for m in backbone.layers if isinstance(m, nn.ReLU)]
-    try:
-        forward_backward(backbone, head, x, torch.from_numpy(y))
-    finally:
-        for h in hooks:
-            h.remove()
+    for relu in (m for m in backbone.layers if isinstance(m, nn.ReLU)):  # a backbone of its own: hooks stay
+        relu.register_forward_hook(lambda mod, inp, out: acts.append(out.detach()))
+    forward_backward(backbone, head, x, torch.from_numpy(np.asarray(y, dtype=np.int64)))
     return [{"layer": i, "act_mean": float(a.mean()), "act_std": float(a.std()),
              "dead_frac": float((a == 0).all(dim=0).float().mean()), "grad_norm": float(conv.weight.grad.norm())}
             for i, (a, conv) in enumerate(zip(acts, backbone.convs), start=1)]
@@ -756,21 +694,13 @@ def describe(config: CNNConfig | None = None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per CNNConfig field (--head-hidden for head_hidden), then the run's own flags."""
+    """One flag per CNNConfig field (its default, help and type from the field), then the run's own flags."""
     p = cli.ArgumentParser(description="Train the 5-conv CNN backbone with the scratch MLP head (Fashion-MNIST, "
                                        "assignment Q3). Defaults = the chosen configuration.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = CNNConfig()
-    for f in fields(CNNConfig):
-        default, flag = getattr(d, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, default=default, help=f.metadata["help"], action=argparse.BooleanOptionalAction)
-            continue
-        kw = {"nargs": "*"} if f.name == "head_hidden" else {}
-        p.add_argument(flag, default=default, help=f.metadata["help"], choices=CHOICES.get(f.name),
-                       type={"seed": cli.seed_arg, "subset": int, "head_hidden": int}.get(f.name, type(default)), **kw)
+    cli.add_config_flags(p, CNNConfig)
     a, path = p.add_argument, cli.path_arg
-    a("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    a("--threads", type=int, default=None, help="torch threads, at most 1024 (default: torch's choice)")
     a("--data-dir", type=path, default=None, help="folder with the Fashion-MNIST files (see preprocessing.py)")
     a("--save", type=path, default=None, help="write the trained classifier to this directory")
     a("--json", type=path, default=None, help="write final metrics and the full config to this JSON file")
@@ -784,21 +714,12 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(_main, "cnn_torch.py", argv, oom_hint=OOM_HINT)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 data, memory or write error, 2 usage error, 3 diverged, 130 interrupted."""
-    return cli.run(_main, "cnn_torch.py", argv, oom_hint=OOM_HINT)
-
-
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = CNNConfig(**{k: v for k, v in vars(args).items() if k in CONFIG_FIELDS})
-    try:
-        config.validate()
-    except ValueError as e:
-        parser.error(str(e))
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        parser.error(f"threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    config = cli.config_from_args(parser, CNNConfig, args)  # values in range, then writable outputs: before data
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        parser.error(f"--threads: must be in [1, 1024], got {args.threads}")
     if args.describe:
         print(describe(config))
         return 0
@@ -816,18 +737,17 @@ def _main(argv: list[str] | None) -> int:
     if result.diverged:
         raise cli.Diverged(f"training diverged (the loss blew up) after {result.epochs_run} epochs; try a lower "
                            f"--lr / --head-lr")
-    clf = result.classifier
-    val = evaluate_classifier(clf, preprocessing.to_images(splits.X_val), splits.y_val)
-    test = evaluate_classifier(clf, preprocessing.to_images(splits.X_test), splits.y_test)
+    val, test = (evaluate_classifier(result.classifier, preprocessing.to_images(X), y)
+                 for X, y in ((splits.X_val, splits.y_val), (splits.X_test, splits.y_test)))
     print(f"done: {result.epochs_run} epochs in {result.seconds:.1f}s on {result.device}, best epoch "
           f"{result.best_epoch}; val acc {val['acc']:.4f}  test acc {test['acc']:.4f}  "
           f"({result.n_params:,} parameters)")
     if args.save:
-        print("saved to", clf.save(args.save))
+        print("saved to", result.classifier.save(args.save))
     if args.json:
-        out = {"config": config.to_dict(), "val": val, "test": test, **{k: getattr(result, k) for k in (
-            "epochs_run", "best_epoch", "diverged", "seconds", "device", "n_params", "history")}}
-        cli.atomic_write(args.json, json.dumps(out, indent=2) + "\n")
+        record = {k: v for k, v in vars(result).items() if k != "classifier"}  # history, epochs, seconds, ...
+        cli.atomic_write(args.json, json.dumps({"config": config.to_dict(), "val": val, "test": test, **record},
+                                               indent=2) + "\n")
     return 0
 
 

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -91,8 +91,7 @@ class ReLU:
 
 
 class LeakyReLU:
-    def __init__(self, slope: float = LEAKY_SLOPE):
-        self.slope = slope
+    slope = LEAKY_SLOPE
 
     def forward(self, x, train=False):
         self.scale = np.where(x > 0, x.dtype.type(1), x.dtype.type(self.slope))  # (N, H): d out / d x
@@ -292,7 +291,8 @@ def check_input(model: MLP, X) -> np.ndarray:
     if not np.isfinite(X).all():
         raise ValueError("input holds NaN or infinite values: remove or repair those rows")
     if lo_hi and X.size and (X.min() < lo_hi[0] or X.max() > lo_hi[1]):
-        raise ValueError(f"pixels must be in [{lo_hi[0]:g}, {lo_hi[1]:g}], not [{X.min():g}, {X.max():g}]: {PIXEL_HINT}")
+        raise ValueError(f"pixels must be in [{lo_hi[0]:g}, {lo_hi[1]:g}], not [{X.min():g}, {X.max():g}]: "
+                         + PIXEL_HINT)
     return X
 
 
@@ -440,59 +440,37 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _integer(lo: int, hi: int):
-    return (lambda v: _is_int(v) and lo <= v <= hi), f"an integer in [{lo}, {hi}]"
-
-
-def _number(test, text: str):
-    real = (int, float, np.integer, np.floating)
-    return (lambda v: isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) and test(v)), \
-        f"a finite number {text}"
-
-
-def _flag(default, help: str, valid=None, **argparse_options):
-    """A field of MLPConfig and its command-line flag in one place: the default, the flag's help, what a valid
-    value is ((test, description); `choices` imply it) and any argparse options the default's type does not."""
-    if valid is None:
-        choices = argparse_options["choices"]
-        valid = (lambda v: v in choices), "one of " + ", ".join(choices)
-    default_of = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(**default_of, metadata={"help": help, "valid": valid, "argparse": argparse_options})
+def _widths(v) -> bool:
+    return isinstance(v, (list, tuple)) and all(cli.is_int(h) and 1 <= h <= MAX_WIDTH for h in v)
 
 
 @dataclass
 class MLPConfig:
     """One run's hyperparameters, each a flag of `python mlp_scratch.py`. The defaults are the chosen
     configuration (picked on validation accuracy; the study in run_experiments.py compares more)."""
-    hidden: list[int] = _flag([1024, 1024], f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)",
-                              (lambda v: isinstance(v, (list, tuple)) and all(_is_int(h) and 1 <= h <= MAX_WIDTH
-                                                                              for h in v),
-                               f"a list of widths in [1, {MAX_WIDTH}]"), type=int, nargs="*")
-    activation: str = _flag("relu", "hidden activation", choices=ACTIVATIONS)
-    dropout: float = _flag(0.3, "drop probability after each hidden activation",
-                           _number(lambda v: 0 <= v < 1, "in [0, 1)"))
-    init: str = _flag("he", "weight initialisation (init_std)", choices=INITS)
-    optimizer: str = _flag("adamw", "optimizer", choices=OPTIMIZERS)
-    lr: float = _flag(1e-3, "peak learning rate (after warm-up)", _number(lambda v: v > 0, "> 0"))
-    momentum: float = _flag(0.9, "SGD / Nesterov momentum", _number(lambda v: 0 <= v < 1, "in [0, 1)"))
-    weight_decay: float = _flag(1e-2, "weight decay (decoupled for adamw, L2 in the gradient otherwise)",
-                                _number(lambda v: v >= 0, ">= 0"))
-    schedule: str = _flag("cosine", "learning-rate schedule", choices=SCHEDULES)
-    warmup_epochs: float = _flag(1.0, "linear warm-up, in epochs", _number(lambda v: v >= 0, ">= 0"))
-    epochs: int = _flag(20, "training epochs", _integer(1, MAX_EPOCHS))
-    batch_size: int = _flag(256, "mini-batch size", _integer(1, 1 << 20))
-    patience: int = _flag(0, "early-stopping patience in epochs (0: off; the best epoch is restored anyway)",
-                          _integer(0, MAX_EPOCHS))
-    standardize: bool = _flag(True, "standardise the input with the training pixel mean and std (kept in the model)",
-                              (lambda v: isinstance(v, (bool, np.bool_)), "true or false"))
-    seed: int = _flag(0, "random seed: weights, dropout masks and batch order", _integer(0, cli.MAX_SEED),
+    hidden: list[int] = cli.flag([1024, 1024], f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)",
+                              (_widths, f"a list of widths in [1, {MAX_WIDTH}]"), type=int, nargs="*")
+    activation: str = cli.flag("relu", "hidden activation", choices=ACTIVATIONS)
+    dropout: float = cli.flag(0.3, "drop probability after each hidden activation",
+                           cli.number(lambda v: 0 <= v < 1, "in [0, 1)"))
+    init: str = cli.flag("he", "weight initialisation (init_std)", choices=INITS)
+    optimizer: str = cli.flag("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = cli.flag(1e-3, "peak learning rate (after warm-up)", cli.number(lambda v: v > 0, "> 0"))
+    momentum: float = cli.flag(0.9, "SGD / Nesterov momentum", cli.number(lambda v: 0 <= v < 1, "in [0, 1)"))
+    weight_decay: float = cli.flag(1e-2, "weight decay (decoupled for adamw, L2 in the gradient otherwise)",
+                                cli.number(lambda v: v >= 0, ">= 0"))
+    schedule: str = cli.flag("cosine", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = cli.flag(1.0, "linear warm-up, in epochs", cli.number(lambda v: v >= 0, ">= 0"))
+    epochs: int = cli.flag(20, "training epochs", cli.integer(1, MAX_EPOCHS))
+    batch_size: int = cli.flag(256, "mini-batch size", cli.integer(1, 1 << 20))
+    patience: int = cli.flag(0, "early-stopping patience in epochs (0: off; the best epoch is restored anyway)",
+                          cli.integer(0, MAX_EPOCHS))
+    standardize: bool = cli.flag(True, "standardise the input with the training pixel mean and std (kept in the model)",
+                              cli.BOOL)
+    seed: int = cli.flag(0, "random seed: weights, dropout masks and batch order", cli.integer(0, cli.MAX_SEED),
                       type=cli.seed_arg)
-    subset: int | None = _flag(None, "train on N training images (quick runs); None: all",
-                               (lambda v: v is None or _is_int(v) and v >= 10,
+    subset: int | None = cli.flag(None, "train on N training images (quick runs); None: all",
+                               (lambda v: v is None or cli.is_int(v) and v >= 10,
                                 "None or an integer >= 10 (one image per class)"), type=int)
 
     def to_dict(self) -> dict:
@@ -500,11 +478,7 @@ class MLPConfig:
 
     def validate(self) -> "MLPConfig":
         """Returns self, or raises ValueError("<field>: <what is wrong>") on the first invalid field."""
-        for f in fields(self):
-            test, must_be = f.metadata["valid"]
-            if not test(getattr(self, f.name)):
-                raise ValueError(f"{f.name}: must be {must_be}, got {getattr(self, f.name)!r}")
-        return self
+        return cli.check_fields(self)
 
 
 @dataclass
@@ -623,10 +597,7 @@ def build_parser() -> cli.ArgumentParser:
     """One flag per MLPConfig field (its default, help and type from the field), and the run's outputs."""
     p = cli.ArgumentParser(description="Train the numpy MLP on Fashion-MNIST; defaults are the chosen configuration.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f, default in ((f, getattr(MLPConfig(), f.name)) for f in fields(MLPConfig)):
-        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
-        p.add_argument("--" + f.name.replace("_", "-"), default=default, help=f.metadata["help"],
-                       **{**kind, **f.metadata["argparse"]})
+    cli.add_config_flags(p, MLPConfig)
     p.add_argument("--data-dir", type=cli.path_arg, default=None,
                    help="folder with the Fashion-MNIST files (None: searched for as preprocessing.py does)")
     p.add_argument("--save", type=cli.path_arg, default=None, help="write the trained model to this .npz")
@@ -642,12 +613,7 @@ def train_from_args(argv: list[str] | None = None) -> int:
     a full disk, out of memory) become one line in main."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = MLPConfig(**{f.name: getattr(args, f.name) for f in fields(MLPConfig)})
-    try:  # finite numbers in range, then outputs that can be written: before any data is loaded
-        config.validate()
-    except ValueError as e:
-        name, _, why = str(e).partition(": ")
-        parser.error(f"--{name.replace('_', '-')}: {why}")
+    config = cli.config_from_args(parser, MLPConfig, args)  # values in range, then writable outputs: before data
     for flag, path in (("--save", args.save), ("--json", args.json)):
         if path and (why := cli.cannot_write(path, folder=False)):
             parser.error(f"{flag}: {why}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+import run_experiments  # DISPLAY_NAMES
 import mlp_scratch
 from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, DataError, load_splits, to_images
 
@@ -27,8 +28,6 @@ N_PCA = 2000          # test images in the PCA view
 N_MISTAKES = 8        # most confident mistakes shown per model
 CONFIDENT = 0.9       # a mistake made with at least this probability counts as confident
 MODELS = ("mlp", "cnn")
-SCHEME_NAMES = {"random": "random N(0, 0.01²)", "xavier": "Xavier", "he": "He", "relu": "ReLU",
-                "leaky_relu": "Leaky ReLU", "tanh": "Tanh", "gelu": "GELU", "sigmoid": "Sigmoid"}
 MARKERS = "osD^vP*X"
 COLORS = ["#1b6ca8", "#d95f02", "#2a9d3a", "#7b3294", "#b8860b", "#555555", "#e7298a", "#17becf"]
 
@@ -196,7 +195,7 @@ def _init_panels(axes, stats, groups: list[tuple[str, bool | None]], what: str):
         if d.empty:
             continue
         colour = COLORS[schemes.index(scheme)]
-        label = SCHEME_NAMES.get(scheme, scheme) + ("" if bn is None else (", BatchNorm" if bn else ", no BN"))
+        label = run_experiments.DISPLAY_NAMES.get(scheme, scheme) + ("" if bn is None else (", BatchNorm" if bn else ", no BN"))
         x = d["layer"].to_numpy(float) + (k - (n - 1) / 2) * (0.24 / max(n - 1, 1))
         for ax, (col, _, _) in zip(axes, INIT_PANELS):
             ax.plot(x, d[col].to_numpy(float), ls="-" if bn in (None, True) else "--", marker=MARKERS[k % 8],

@@ -237,19 +237,6 @@ def load_splits(data_dir=None, split: str = "official", seed: int = 0, val_size:
     return Splits(X[train], y[train], X[val], y[val], X[test], y[test])
 
 
-def synthetic_splits(n_train: int = 600, n_eval: int = 200, seed: int = 0) -> Splits:
-    """Learnable fake data for tests: each class is a fixed random template plus noise, in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    templates = rng.random((NUM_CLASSES, INPUT_DIM), dtype=np.float32)
-
-    def make(n):
-        y = np.arange(n) % NUM_CLASSES
-        rng.shuffle(y)
-        noise = rng.normal(0, 0.3, (n, INPUT_DIM)).astype(np.float32)
-        return np.clip(templates[y] + noise, 0, 1), y.astype(np.int64)
-    return Splits(*make(n_train), *make(n_eval), *make(n_eval))
-
-
 # ----------------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:

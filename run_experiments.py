@@ -200,6 +200,16 @@ def _cnn_init_levels(cfg):
         [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in inits]
 
 
+# How the report and the figures name a level.
+DISPLAY_NAMES = {
+    "relu": "ReLU", "leaky_relu": "Leaky ReLU", "tanh": "Tanh", "gelu": "GELU", "sigmoid": "Sigmoid",
+    "sgd": "SGD with momentum", "nesterov": "Nesterov momentum", "adam": "Adam", "adamw": "AdamW",
+    "max": "max pooling", "avg": "average pooling", "gap": "global average pooling", "xavier": "Xavier",
+    "he": "He", "random": "random N(0, 0.01²)", "joint": "joint training", "frozen": "frozen features",
+    "constant": "constant width", "double": "doubling", "doubling": "doubling", "halving": "halving",
+    "linear": "linear head", "bn": "BatchNorm", "batchnorm": "BatchNorm", "none": "none",
+    "onecycle": "one-cycle (cosine, 25% warm-up)", "true": "yes", "false": "no"}
+
 # The study's stages, in order: the one table that the driver, the tests, plots and the report read.
 # The sigmoid is left out of the activations: it saturates like tanh at a quarter of its slope, so it cannot win
 # where tanh does not; the statistics at initialisation (init_stats.csv) still show it beside the others.

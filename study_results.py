@@ -395,7 +395,7 @@ def load_manifest(results_dir, log: Callable = print) -> dict:
     """manifest.json with every part checked: a damaged file, or a damaged part of it (a run row, a
     stage, a final), is left out with one warning. Always has "runs", "stages", "finals"."""
     path = Path(results_dir) / "manifest.json"
-    raw = read_json(path, log, "ignored: tables and summary from the run records alone")
+    raw = read_json(path, log, "ignored: the tables and summary get no stages and no finals")
     problems = [] if isinstance(raw, dict) or raw is None else [f"a JSON {type(raw).__name__}, not an object"]
     out = dict(raw) if isinstance(raw, dict) else {}
     for part, kind, checks, required in MANIFEST_PARTS:

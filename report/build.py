@@ -42,9 +42,9 @@ from report.text import name  # noqa: E402
 
 REL_TOL = 1e-9
 MAX_BODY_PAGES, MAX_PAGES = 12, 16  # the assignment's report: pages before the appendix, and in all
-MLP_STAGES = ("mlp_activation", "mlp_depth", "mlp_width", "mlp_dropout", "mlp_optimizer", "mlp_lr")
-CNN_STAGES = ("cnn_pool", "cnn_kernel", "cnn_filters", "cnn_init", "cnn_head_mode", "cnn_head")
-ABLATION = "cnn_ablation"
+MLP_STAGES = tuple(stage.id for stage in run_experiments.MLP_STAGES)
+CNN_STAGES = tuple(stage.id for stage in run_experiments.CNN_STAGES)
+ABLATION = run_experiments.ABLATION_STAGE.id
 # Published results for context: the benchmark table of the dataset's README (zalandoresearch/fashion-mnist,
 # commit 02cf067), as submitted there (not re-run by its authors or by us).
 BASELINES = [("mlp", "MLP 256-128-64", "none", 0.900),

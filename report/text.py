@@ -7,12 +7,9 @@ already display names (name()).
 """
 from __future__ import annotations
 
-WORDS = {"relu": "ReLU", "leaky_relu": "Leaky ReLU", "tanh": "Tanh", "gelu": "GELU", "sigmoid": "sigmoid",
-         "sgd": "SGD with momentum", "nesterov": "Nesterov momentum", "adam": "Adam", "adamw": "AdamW",
-         "max": "max pooling", "avg": "average pooling", "gap": "global average pooling", "xavier": "Xavier",
-         "he": "He", "random": "random N(0, 0.01²)", "joint": "joint training", "frozen": "frozen features",
-         "constant": "constant width", "double": "doubling", "doubling": "doubling", "halving": "halving", "linear": "linear head", "bn": "BatchNorm",
-         "batchnorm": "BatchNorm", "none": "none", "onecycle": "one-cycle (cosine, 25% warm-up)", "true": "yes", "false": "no"}
+import run_experiments
+
+WORDS = run_experiments.DISPLAY_NAMES
 
 
 def name(study: str, variant) -> str:
@@ -240,12 +237,7 @@ STAGES = {"mlp_activation": mlp_activation, "mlp_depth": mlp_depth, "mlp_width":
           "cnn_pool": cnn_pool, "cnn_kernel": cnn_kernel, "cnn_filters": cnn_filters, "cnn_init": cnn_init,
           "cnn_head_mode": cnn_head_mode, "cnn_head": cnn_head}
 
-TITLES = {"mlp_activation": "Activation function", "mlp_depth": "Number of hidden layers",
-          "mlp_width": "Units per hidden layer", "mlp_dropout": "Dropout probability", "mlp_optimizer": "Optimiser",
-          "mlp_lr": "Learning rate", "cnn_pool": "Pooling", "cnn_kernel": "Kernel size",
-          "cnn_filters": "Filters per layer", "cnn_init": "Weight initialisation",
-          "cnn_head_mode": "Joint against frozen features", "cnn_head": "Width of the scratch MLP head",
-          "cnn_ablation": "Recipe ablation"}
+TITLES = {stage.id: stage.title for stage in run_experiments.STAGES}
 
 
 def stage_sentence(study: str, o) -> str:

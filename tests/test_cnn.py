@@ -21,6 +21,7 @@ import cnn_torch
 import mlp_scratch
 import preprocessing
 from cnn_torch import CNNBackbone, CNNConfig
+from conftest import make_synthetic_splits
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,7 +47,7 @@ def tiny_config(**kw) -> CNNConfig:
 
 
 def small_splits(n_train: int, n_eval: int, seed: int = 0) -> preprocessing.Splits:
-    return preprocessing.synthetic_splits(n_train=n_train, n_eval=n_eval, seed=seed)
+    return make_synthetic_splits(n_train=n_train, n_eval=n_eval, seed=seed)
 
 
 def backbone_of(**kw) -> CNNBackbone:
@@ -420,12 +421,12 @@ def test_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("argv,word", [
     (["--pool", "median"], "--pool"),
     (["--kernel-size", "4"], "--kernel-size"),
-    (["--filters", "8,8"], "filters"),
-    (["--head-dropout", "1.5"], "head_dropout"),
-    (["--epochs", "0"], "epochs"),
-    (["--lr", "-1"], "lr"),
-    (["--erase", "1.5"], "erase"),
-    (["--label-smoothing", "1"], "label_smoothing"),
+    (["--filters", "8,8"], "--filters"),
+    (["--head-dropout", "1.5"], "--head-dropout"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--erase", "1.5"], "--erase"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
     (["--json", ""], "--json: must not be empty"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
 ])
@@ -555,11 +556,11 @@ def test_good_images_in_every_accepted_shape(saved_classifier):
     (["--weight-decay", "nan"], "finite"),
     (["--lr", "nan"], "finite"),
     (["--seed", "-1"], "seed"),
-    (["--base-filters", "100000"], "base_filters"),
-    (["--filters", "8,8,8,8,100000"], "filters"),
-    (["--head-hidden", "10000000000"], "head_hidden"),
-    (["--batch-size", "100000000"], "batch_size"),
-    (["--epochs", "1000000000"], "epochs"),
+    (["--base-filters", "100000"], "--base-filters"),
+    (["--filters", "8,8,8,8,100000"], "--filters"),
+    (["--head-hidden", "10000000000"], "--head-hidden"),
+    (["--batch-size", "100000000"], "--batch-size"),
+    (["--epochs", "1000000000"], "--epochs"),
 ])
 def test_absurd_values_are_refused_before_anything_runs(argv, word, capsys, monkeypatch):
     monkeypatch.setattr(preprocessing, "load_splits", lambda *a, **k: pytest.fail("data loaded"))
@@ -644,8 +645,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli_limited(args: list[str], limit: int, value: int, n_train: int = 64) -> subprocess.CompletedProcess:
     """cnn_torch.py's main in a fresh process on synthetic data (load_splits replaced), under a resource
     limit: a real allocation failure (RLIMIT_AS) or a real full disk (RLIMIT_FSIZE: writes fail with EFBIG)."""
-    code = ("import sys, preprocessing, cnn_torch; preprocessing.load_splits = lambda *a, **k: "
-            f"preprocessing.synthetic_splits({n_train}, 20); sys.exit(cnn_torch.main(sys.argv[1:]))")
+    code = ("import sys, preprocessing, cnn_torch; sys.path.insert(0, 'tests'); import conftest; "
+            "preprocessing.load_splits = lambda *a, **k: "
+            f"conftest.make_synthetic_splits({n_train}, 20); sys.exit(cnn_torch.main(sys.argv[1:]))")
 
     def limit_child():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
