@@ -1,5 +1,8 @@
 """Shared fixtures: the real data once per session, small synthetic data, a tiny study plan."""
+import contextlib
 import dataclasses
+import resource
+import signal
 
 import numpy as np
 import pytest
@@ -39,3 +42,16 @@ def tiny_plan():
     return dataclasses.replace(
         rx.QUICK_PLAN, mlp_grid=rx.Budget(300, 200, 1), cnn_grid=rx.Budget(100, 100, 1),
         mlp_final=rx.Budget(400, 200, 1), cnn_final=rx.Budget(100, 200, 1))
+
+
+@contextlib.contextmanager
+def file_size_limit(n_bytes: int):
+    """A real full disk, in this process: past n_bytes the kernel fails a write with EFBIG (RLIMIT_FSIZE, its
+    SIGXFSZ ignored), as a full disk fails it with ENOSPC; the old limit comes back afterwards."""
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)

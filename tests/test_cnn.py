@@ -21,7 +21,7 @@ import cnn_torch
 import mlp_scratch
 import preprocessing
 from cnn_torch import CNNBackbone, CNNConfig
-from conftest import make_synthetic_splits
+from conftest import file_size_limit, make_synthetic_splits
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -668,14 +668,15 @@ def test_out_of_memory_for_real_is_one_line():
     assert len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0] and "Traceback" not in run.stderr
 
 
-def test_a_full_disk_on_save_leaves_no_partial_folder(tmp_path):
+def test_a_full_disk_on_save_leaves_no_partial_folder(tmp_path, capsys, fake_data):
     """backbone.pt (~600 kB) cannot be written under a 150 kB file-size limit: one line, exit 1, and neither
     the checkpoint folder nor its temporary sibling is left."""
     args = TINY_ARGS + ["--filters", "4,4,4,64,256", "--pool", "gap", "--epochs", "1", "--save",
                         str(tmp_path / "out" / "ck")]  # later flags win
-    run = run_cli_limited(args, resource.RLIMIT_FSIZE, 150_000)
-    assert run.returncode == 1, run.stderr[-2000:]
-    assert len(run.stderr.strip().splitlines()) == 1 and "File too large" in run.stderr
+    with file_size_limit(150_000):
+        code = cnn_torch.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "File too large" in err[0], err
     assert list((tmp_path / "out").iterdir()) == []
 
 
