@@ -14,8 +14,8 @@ Numpy only: the MLP's side of the project imports no torch.
 import argparse
 import contextlib
 import dataclasses
-import math
 import errno
+import math
 import os
 import shutil
 import sys
@@ -142,12 +142,18 @@ def integer(lo: int, hi: int):
 
 
 def number(test, text: str):
+    """A field's rule: a finite real number (not a bool) that passes `test`, described by `text`."""
     real = (int, float, np.integer, np.floating)
     return (lambda v: isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) and test(v)), \
         f"a finite number {text}"
 
 
+# Rules several configs share (MLPConfig, CNNConfig): one statement each.
 BOOL = (lambda v: isinstance(v, (bool, np.bool_)), "true or false")
+POSITIVE = number(lambda v: v > 0, "> 0")  # a learning rate
+NON_NEGATIVE = number(lambda v: v >= 0, ">= 0")
+BELOW_ONE = number(lambda v: 0 <= v < 1, "in [0, 1)")  # a drop probability, a momentum
+SEED = integer(0, MAX_SEED)
 
 
 def flag(default, help: str, valid=None, **argparse_options):

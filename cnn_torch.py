@@ -24,17 +24,17 @@ in all three variants, only the pooling differs:
 
 Filters: "constant" (base_filters in every layer), "double" (base_filters * 2**i for layer i) or an
 explicit list of five counts such as "32,32,64,64,128" (base_filters is then unused). Kernel sizes 1, 3, 5, 7.
-Initialisation of the convolution weights (biases are zero), by mlp_scratch.init_std as for the MLP: "random"
-N(0, 0.01^2); "xavier" Glorot normal, std = sqrt(2 / (fan_in + fan_out)); "he" Kaiming normal,
-std = sqrt(2 / fan_in), where fan_in = C_in * k * k and fan_out = C_out * k * k. With BatchNorm the
-convolutions have no bias (BatchNorm's shift replaces it).
+The convolution weights are drawn as the MLP's are, by mlp_scratch.init_std ("random", "xavier", "he"), with
+fan_in = C_in * k * k and fan_out = C_out * k * k; biases start at zero, and under BatchNorm there are none
+(BatchNorm's shift replaces them).
 
-The classifier (Q3d) is the numpy `MLP` of question 2. In joint mode every batch goes
-images -> backbone (torch autograd) -> features -> MLP.forward (numpy) -> softmax_cross_entropy (hand-written)
--> MLP.backward gives dL/dfeatures -> features.backward(dL/dfeatures) continues the backward pass in torch;
-a torch optimizer steps the backbone and the scratch optimizer steps the head. In frozen mode the backbone
-is first trained the same way with a temporary torch linear head, then its features are extracted (eval
-mode, no gradients) and the scratch MLP is trained on them with mlp_scratch.train.
+The classifier (Q3d) is the numpy MLP of question 2; its features cross from torch in `forward_backward`, the
+bridge: torch computes the features, the head computes the loss and dL/dfeatures, and
+features.backward(dL/dfeatures) carries the chain rule back into the backbone. Two heads answer that call:
+  - head_mode="joint": ScratchHead, the scratch MLP itself (numpy forward, softmax_cross_entropy, numpy
+    backward), trained together with the backbone: a torch optimizer steps the backbone, mlp_scratch's the MLP.
+  - head_mode="frozen": LinearHead, a temporary torch nn.Linear that trains the backbone and is then
+    discarded; the backbone's eval-mode features are extracted once and mlp_scratch.train fits the MLP on them.
 
 Input standardisation (global mean/std of the training pixels) happens inside the backbone and is saved
 with it, so a saved classifier takes images scaled to [0, 1] (anything else is refused with a ValueError).
@@ -84,12 +84,10 @@ OOM_HINT = "; use fewer or narrower --filters or --head-hidden layers, or a smal
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configuration: each field states its default, its flag's help and what is valid once (cli.flag,
-# as MLPConfig does); the defaults are the chosen configuration (README, report).
+# Configuration: each field states its default, its flag's help and what is valid once (cli.flag, as
+# MLPConfig does; the rules both share are cli's and mlp_scratch's); the defaults are the chosen configuration.
 # ----------------------------------------------------------------------------------------------------------
-MLP_RULES = {f.name: f.metadata["valid"] for f in fields(mlp_scratch.MLPConfig)}  # the head's, and shared ones
 TEXT = (lambda v: isinstance(v, str), "a string")  # filters and device: validate() parses them
-BOOL, BELOW_ONE = cli.BOOL, MLP_RULES["dropout"]  # true or false; a number in [0, 1)
 
 
 @dataclass
@@ -99,33 +97,36 @@ class CNNConfig:
     filters: str = cli.flag("32,32,64,64,128", "'constant', 'double' or five comma-separated counts", TEXT)
     base_filters: int = cli.flag(32, "count of constant / double (double: base * 2**i)", cli.integer(1, MAX_FILTERS))
     kernel_size: int = cli.flag(3, "convolution kernel size, 'same' padding",
-                             (lambda v: cli.is_int(v) and v in KERNELS, f"one of {KERNELS}"), choices=KERNELS)
+                                (lambda v: cli.is_int(v) and v in KERNELS, f"one of {KERNELS}"), choices=KERNELS)
     pool: str = cli.flag("max", "pooling variant (see the module docstring)", choices=POOLS)
     init: str = cli.flag("xavier", "conv weight initialisation (mlp_scratch.init_std)", choices=INITS)
-    batchnorm: bool = cli.flag(True, "BatchNorm between each conv and its ReLU", BOOL)
-    head_mode: str = cli.flag("frozen", "joint: through the MLP head; frozen: MLP on fixed features", choices=HEAD_MODES)
-    head_hidden: list[int] = cli.flag([256], "scratch MLP hidden widths", MLP_RULES["hidden"], type=int, nargs="*")
+    batchnorm: bool = cli.flag(True, "BatchNorm between each conv and its ReLU", cli.BOOL)
+    head_mode: str = cli.flag("frozen", "joint: through the MLP head; frozen: MLP on fixed features",
+                              choices=HEAD_MODES)
+    head_hidden: list[int] = cli.flag([256], "scratch MLP hidden widths", mlp_scratch.WIDTHS, type=int, nargs="*")
     head_activation: str = cli.flag("gelu", "scratch MLP activation", choices=mlp_scratch.ACTIVATIONS)
-    head_dropout: float = cli.flag(0.3, "scratch MLP drop probability after each hidden layer", BELOW_ONE)
-    head_epochs: int = cli.flag(20, "frozen mode: epochs of mlp_scratch.train on the features", MLP_RULES["epochs"])
+    head_dropout: float = cli.flag(0.3, "scratch MLP drop probability after each hidden layer", cli.BELOW_ONE)
+    head_epochs: int = cli.flag(20, "frozen mode: epochs of mlp_scratch.train on the features", mlp_scratch.EPOCHS)
     # the names mlp_scratch.make_optimizer knows too: the head steps with the same kind
-    optimizer: str = cli.flag("adamw", "optimizer of backbone and head (sgd: momentum)", choices=("adamw", "adam", "sgd"))
-    lr: float = cli.flag(3e-3, "peak backbone learning rate", MLP_RULES["lr"])
-    head_lr: float = cli.flag(1e-3, "peak head learning rate", MLP_RULES["lr"])
-    momentum: float = cli.flag(0.9, "SGD momentum", MLP_RULES["momentum"])
-    weight_decay: float = cli.flag(5e-2, "decay of conv / head weights (decoupled in AdamW)", MLP_RULES["weight_decay"])
+    optimizer: str = cli.flag("adamw", "optimizer of backbone and head (sgd: momentum)",
+                              choices=("adamw", "adam", "sgd"))
+    lr: float = cli.flag(3e-3, "peak backbone learning rate", cli.POSITIVE)
+    head_lr: float = cli.flag(1e-3, "peak head learning rate", cli.POSITIVE)
+    momentum: float = cli.flag(0.9, "SGD momentum", cli.BELOW_ONE)
+    weight_decay: float = cli.flag(5e-2, "decay of conv / head weights (decoupled in AdamW)", cli.NON_NEGATIVE)
     schedule: str = cli.flag("onecycle", "onecycle (cosine after a warm-up) or cosine", choices=("onecycle", "cosine"))
-    epochs: int = cli.flag(26, "training epochs", MLP_RULES["epochs"])
+    epochs: int = cli.flag(26, "training epochs", mlp_scratch.EPOCHS)
     batch_size: int = cli.flag(128, "mini-batch size", cli.integer(1, 65536))
-    augment: bool = cli.flag(True, "random crop (zero padding 2) + horizontal flip", BOOL)
-    erase: float = cli.flag(0.5, "probability of a random rectangle zeroed", cli.number(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    label_smoothing: float = cli.flag(0.1, "target (1 - e) * onehot + e / 10 (backbone, joint head)", BELOW_ONE)
-    tta: bool = cli.flag(False, "predict with the mean softmax of each image and its mirror image", BOOL)
-    patience: int = cli.flag(0, "stop after this many epochs without a better val acc (0: off)", MLP_RULES["patience"])
+    augment: bool = cli.flag(True, "random crop (zero padding 2) + horizontal flip", cli.BOOL)
+    erase: float = cli.flag(0.5, "probability of a random rectangle zeroed",
+                            cli.number(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    label_smoothing: float = cli.flag(0.1, "target (1 - e) * onehot + e / 10 (backbone, joint head)", cli.BELOW_ONE)
+    tta: bool = cli.flag(False, "predict with the mean softmax of each image and its mirror image", cli.BOOL)
+    patience: int = cli.flag(0, "stop after this many epochs without a better val acc (0: off)", mlp_scratch.PATIENCE)
     precision: str = cli.flag("bf16", "backbone precision (autocast; fp32 on CPUs without bf16)", choices=PRECISIONS)
-    channels_last: bool = cli.flag(True, "NHWC memory format", BOOL)
-    seed: int = cli.flag(0, "random seed (weights, order, augmentation, dropout)", MLP_RULES["seed"], type=cli.seed_arg)
-    subset: int | None = cli.flag(None, "train on N images (stratified; val, test whole)", MLP_RULES["subset"], type=int)
+    channels_last: bool = cli.flag(True, "NHWC memory format", cli.BOOL)
+    seed: int = cli.flag(0, "random seed (weights, order, augmentation, dropout)", cli.SEED, type=cli.seed_arg)
+    subset: int | None = cli.flag(None, "train on N images (stratified; val, test whole)", mlp_scratch.SUBSET, type=int)
     device: str = cli.flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda[:i] or mps", TEXT)
 
     def to_dict(self) -> dict:
@@ -133,7 +134,7 @@ class CNNConfig:
 
     def validate(self) -> CNNConfig:
         """Returns self, or raises ValueError("<field>: <what is wrong>") on the first invalid field."""
-        cli.check_fields(self)  # each field's rule (metadata["valid"]); the head's are MLPConfig's
+        cli.check_fields(self)  # each field's rule (metadata["valid"])
         parse_filters(self.filters, self.base_filters)
         resolve_device(self.device)
         return self
@@ -406,7 +407,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.
 
     One gather for the whole batch (no per-image Python loop): x (B, C, H, W) -> (B, C, H, W).
     """
-    (B, C, H, W), dev = x.shape, x.device
+    (B, _, H, W), dev = x.shape, x.device
     padded = F.pad(x, (pad, pad, pad, pad))                                  # (B, C, H+2p, W+2p), zeros = black
     oy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
     ox = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
@@ -426,7 +427,7 @@ def erase_batch(x: torch.Tensor, gen: torch.Generator, prob: float, min_side: in
     """Random erasing (Zhong et al., 2017) with zeros: with probability `prob` an image gets one rectangle of
     random height and width in [min_side, max_side] pixels set to black, the background colour.
     One mask for the whole batch: x (B, C, H, W) -> (B, C, H, W)."""
-    (B, C, H, W), dev = x.shape, x.device
+    (B, _, H, W), dev = x.shape, x.device
     h = torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev)
     w = torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev)
     top = (torch.rand(B, 1, 1, generator=gen, device=dev) * (H - h + 1)).long()
@@ -668,7 +669,7 @@ def init_statistics(config: CNNConfig, images, y) -> list[dict]:
     backbone = build_backbone(config, *preprocessing.standardization_stats(x.numpy().reshape(len(x), -1)))
     head = ScratchHead(build_head(config, backbone.feature_dim), config)  # both fresh, so in training mode
     acts: list[torch.Tensor] = []
-    for relu in (m for m in backbone.layers if isinstance(m, nn.ReLU)):  # a backbone of its own: hooks stay
+    for relu in (m for m in backbone.layers if isinstance(m, nn.ReLU)):  # hooks on a throwaway backbone: never removed
         relu.register_forward_hook(lambda mod, inp, out: acts.append(out.detach()))
     forward_backward(backbone, head, x, torch.from_numpy(np.asarray(y, dtype=np.int64)))
     return [{"layer": i, "act_mean": float(a.mean()), "act_std": float(a.std()),
@@ -693,7 +694,7 @@ def describe(config: CNNConfig | None = None) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.ArgumentParser:
     """One flag per CNNConfig field (its default, help and type from the field), then the run's own flags."""
     p = cli.ArgumentParser(description="Train the 5-conv CNN backbone with the scratch MLP head (Fashion-MNIST, "
                                        "assignment Q3). Defaults = the chosen configuration.",
@@ -711,10 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 data, memory or write error, 2 usage error, 3 diverged, 130 interrupted."""
-    return cli.run(_main, "cnn_torch.py", argv, oom_hint=OOM_HINT)
+    return cli.run(train_from_args, "cnn_torch.py", argv, oom_hint=OOM_HINT)
 
 
-def _main(argv: list[str] | None) -> int:
+def train_from_args(argv: list[str] | None = None) -> int:
+    """The command line's work; the errors it raises (cli.UserError, preprocessing.DataError, cli.Diverged,
+    a full disk, out of memory) become one line in main."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = cli.config_from_args(parser, CNNConfig, args)  # values in range, then writable outputs: before data

@@ -195,7 +195,6 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray,
     return float(nll), dlogits
 
 
-
 # --------------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------------
@@ -440,8 +439,11 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
-def _widths(v) -> bool:
-    return isinstance(v, (list, tuple)) and all(cli.is_int(h) and 1 <= h <= MAX_WIDTH for h in v)
+# Field rules of MLPConfig that cnn_torch's head fields share (the generic ones are cli's).
+WIDTHS = (lambda v: isinstance(v, (list, tuple)) and all(cli.is_int(h) and 1 <= h <= MAX_WIDTH for h in v),
+          f"a list of widths in [1, {MAX_WIDTH}]")
+EPOCHS, PATIENCE = cli.integer(1, MAX_EPOCHS), cli.integer(0, MAX_EPOCHS)
+SUBSET = (lambda v: v is None or cli.is_int(v) and v >= 10, "None or an integer >= 10 (one image per class)")
 
 
 @dataclass
@@ -449,29 +451,25 @@ class MLPConfig:
     """One run's hyperparameters, each a flag of `python mlp_scratch.py`. The defaults are the chosen
     configuration (picked on validation accuracy; the study in run_experiments.py compares more)."""
     hidden: list[int] = cli.flag([1024, 1024], f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)",
-                              (_widths, f"a list of widths in [1, {MAX_WIDTH}]"), type=int, nargs="*")
+                                 WIDTHS, type=int, nargs="*")
     activation: str = cli.flag("relu", "hidden activation", choices=ACTIVATIONS)
-    dropout: float = cli.flag(0.3, "drop probability after each hidden activation",
-                           cli.number(lambda v: 0 <= v < 1, "in [0, 1)"))
+    dropout: float = cli.flag(0.3, "drop probability after each hidden activation", cli.BELOW_ONE)
     init: str = cli.flag("he", "weight initialisation (init_std)", choices=INITS)
     optimizer: str = cli.flag("adamw", "optimizer", choices=OPTIMIZERS)
-    lr: float = cli.flag(1e-3, "peak learning rate (after warm-up)", cli.number(lambda v: v > 0, "> 0"))
-    momentum: float = cli.flag(0.9, "SGD / Nesterov momentum", cli.number(lambda v: 0 <= v < 1, "in [0, 1)"))
+    lr: float = cli.flag(1e-3, "peak learning rate (after warm-up)", cli.POSITIVE)
+    momentum: float = cli.flag(0.9, "SGD / Nesterov momentum", cli.BELOW_ONE)
     weight_decay: float = cli.flag(1e-2, "weight decay (decoupled for adamw, L2 in the gradient otherwise)",
-                                cli.number(lambda v: v >= 0, ">= 0"))
+                                   cli.NON_NEGATIVE)
     schedule: str = cli.flag("cosine", "learning-rate schedule", choices=SCHEDULES)
-    warmup_epochs: float = cli.flag(1.0, "linear warm-up, in epochs", cli.number(lambda v: v >= 0, ">= 0"))
-    epochs: int = cli.flag(20, "training epochs", cli.integer(1, MAX_EPOCHS))
+    warmup_epochs: float = cli.flag(1.0, "linear warm-up, in epochs", cli.NON_NEGATIVE)
+    epochs: int = cli.flag(20, "training epochs", EPOCHS)
     batch_size: int = cli.flag(256, "mini-batch size", cli.integer(1, 1 << 20))
     patience: int = cli.flag(0, "early-stopping patience in epochs (0: off; the best epoch is restored anyway)",
-                          cli.integer(0, MAX_EPOCHS))
+                             PATIENCE)
     standardize: bool = cli.flag(True, "standardise the input with the training pixel mean and std (kept in the model)",
-                              cli.BOOL)
-    seed: int = cli.flag(0, "random seed: weights, dropout masks and batch order", cli.integer(0, cli.MAX_SEED),
-                      type=cli.seed_arg)
-    subset: int | None = cli.flag(None, "train on N training images (quick runs); None: all",
-                               (lambda v: v is None or cli.is_int(v) and v >= 10,
-                                "None or an integer >= 10 (one image per class)"), type=int)
+                                 cli.BOOL)
+    seed: int = cli.flag(0, "random seed: weights, dropout masks and batch order", cli.SEED, type=cli.seed_arg)
+    subset: int | None = cli.flag(None, "train on N training images (quick runs); None: all", SUBSET, type=int)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,5 +1,6 @@
 """Every figure of the study, drawn from saved results only (run records, summary.json, init_stats.csv, the
-saved models): a plain reader of what the study wrote, which imports nothing of the study itself.
+saved models): a plain reader of what the study wrote, through study_results, the one reader of run records. DISPLAY_NAMES,
+the names the figures and the report give the levels, is stated here.
 
     python plots.py --results-dir results        # redraw results/figures/*.png without training
 
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 import cli
-import run_experiments  # DISPLAY_NAMES
 import mlp_scratch
+import study_results
 from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, DataError, load_splits, to_images
+from study_results import MODELS
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
 HALF_WIDTH_IN = 3.35
@@ -27,9 +29,18 @@ DPI = 220
 N_PCA = 2000          # test images in the PCA view
 N_MISTAKES = 8        # most confident mistakes shown per model
 CONFIDENT = 0.9       # a mistake made with at least this probability counts as confident
-MODELS = ("mlp", "cnn")
 MARKERS = "osD^vP*X"
 COLORS = ["#1b6ca8", "#d95f02", "#2a9d3a", "#7b3294", "#b8860b", "#555555", "#e7298a", "#17becf"]
+
+# How the report and the figures name a level.
+DISPLAY_NAMES = {
+    "relu": "ReLU", "leaky_relu": "Leaky ReLU", "tanh": "Tanh", "gelu": "GELU", "sigmoid": "Sigmoid",
+    "sgd": "SGD with momentum", "nesterov": "Nesterov momentum", "adam": "Adam", "adamw": "AdamW",
+    "max": "max pooling", "avg": "average pooling", "gap": "global average pooling", "xavier": "Xavier",
+    "he": "He", "random": "random N(0, 0.01²)", "joint": "joint training", "frozen": "frozen features",
+    "constant": "constant width", "double": "doubling", "doubling": "doubling", "halving": "halving",
+    "linear": "linear head", "bn": "BatchNorm", "batchnorm": "BatchNorm", "none": "none",
+    "onecycle": "one-cycle (cosine, 25% warm-up)", "true": "yes", "false": "no"}
 
 
 # ------------------------------------------------------------------------------------------ drawing, saving
@@ -195,7 +206,7 @@ def _init_panels(axes, stats, groups: list[tuple[str, bool | None]], what: str):
         if d.empty:
             continue
         colour = COLORS[schemes.index(scheme)]
-        label = run_experiments.DISPLAY_NAMES.get(scheme, scheme) + ("" if bn is None else (", BatchNorm" if bn else ", no BN"))
+        label = DISPLAY_NAMES.get(scheme, scheme) + ("" if bn is None else (", BatchNorm" if bn else ", no BN"))
         x = d["layer"].to_numpy(float) + (k - (n - 1) / 2) * (0.24 / max(n - 1, 1))
         for ax, (col, _, _) in zip(axes, INIT_PANELS):
             ax.plot(x, d[col].to_numpy(float), ls="-" if bn in (None, True) else "--", marker=MARKERS[k % 8],
@@ -381,7 +392,6 @@ def main(argv=None) -> int:
     if not rd.is_dir():
         raise cli.UserError(f"{rd} is {'not a folder' if rd.exists() else 'not there'}: "
                             "point --results-dir at the study's output folder")
-    import study_results  # the one reader of run records
     records, manifest = study_results.load_runs(rd, log=warn)
     summary = study_results.read_json(rd / "summary.json", log=warn, what="skipped")
     if not records and not summary:

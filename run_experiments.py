@@ -31,7 +31,7 @@ Engine: Dask distributed. `--workers N` starts a LocalCluster of N single-thread
 stage's runs (levels x seeds) are submitted together and the next stage starts when they are in; the tracks
 run side by side. A worker returns the record and the model bytes; only this process writes results, each
 file atomically, so an interrupted study resumes where it stopped, and a worker killed mid-run costs only
-that run, which Dask retries. Final CNN runs use every core of the worker machine, one at a time.
+that run, which Dask retries. On a CPU the final CNN runs come last, one at a time on every core.
 """
 from __future__ import annotations
 
@@ -200,16 +200,6 @@ def _cnn_init_levels(cfg):
         [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in inits]
 
 
-# How the report and the figures name a level.
-DISPLAY_NAMES = {
-    "relu": "ReLU", "leaky_relu": "Leaky ReLU", "tanh": "Tanh", "gelu": "GELU", "sigmoid": "Sigmoid",
-    "sgd": "SGD with momentum", "nesterov": "Nesterov momentum", "adam": "Adam", "adamw": "AdamW",
-    "max": "max pooling", "avg": "average pooling", "gap": "global average pooling", "xavier": "Xavier",
-    "he": "He", "random": "random N(0, 0.01²)", "joint": "joint training", "frozen": "frozen features",
-    "constant": "constant width", "double": "doubling", "doubling": "doubling", "halving": "halving",
-    "linear": "linear head", "bn": "BatchNorm", "batchnorm": "BatchNorm", "none": "none",
-    "onecycle": "one-cycle (cosine, 25% warm-up)", "true": "yes", "false": "no"}
-
 # The study's stages, in order: the one table that the driver, the tests, plots and the report read.
 # The sigmoid is left out of the activations: it saturates like tanh at a quarter of its slope, so it cannot win
 # where tanh does not; the statistics at initialisation (init_stats.csv) still show it beside the others.
@@ -286,6 +276,167 @@ def decide(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]
     gap, noise = means[best] - means[other], noise_margin(sd, len(accs[best]), len(accs[other]))
     beaten = best == incumbent or incumbent not in accs or gap > (noise or 1e-12)
     return {"winner": best if beaten else incumbent, "leader": best, "compared": other, "gap": gap, "noise": noise}
+
+
+# ----------------------------------------------------------------------------------------- the study
+class Study:
+    """The procedure. Each track (run_track) runs its stages in order, each stage around the winner of the one
+    before (run_stage: its levels x seeds trained together, `decide`, one level more past a winning edge), then
+    its finals (run_finals); the CNN recipe's ablation runs beside the tracks. What each stage decided is stored
+    once, in self.stages, and written to manifest.json. The engine trains: start (submit), run (submit and
+    wait), cancel."""
+
+    def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None):
+        self.engine, self.plan = engine, plan
+        self.tracks = [m for m in study_results.MODELS if only in (None, m)]
+        self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
+        self.runs: list[dict] = []            # manifest rows
+        self.stages: dict[str, dict] = {}     # manifest stages: levels and decision
+        self.finals: dict[str, dict] = {}     # manifest finals: the candidates and the one kept
+        self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time ratios' yardstick
+        self.grid_done = threading.Barrier(len(self.tracks) + ("cnn" in self.tracks))
+
+    def run(self) -> None:
+        jobs = [lambda m=m: self.run_track(m) for m in self.tracks]
+        if "cnn" in self.tracks:
+            jobs.append(self.run_ablation)
+        _run_threads(jobs, on_error=self.grid_done.abort)
+
+    def run_track(self, model: str) -> None:
+        cfg = start_config(model, self.plan)
+        if self.finals_early(model):
+            self.engine.start(self.final_specs(model, "default", cfg, self.final_seeds[model]))
+        for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
+            cfg = self.run_stage(stage, cfg)
+        # On a CPU the CNN finals take the whole machine, after the other tracks' runs; on a GPU they go at once.
+        whole_machine = model == "cnn" and self.engine.device == "cpu"
+        if whole_machine:
+            self.grid_done.wait()
+        self.run_finals(model, cfg, whole_machine)
+        if not whole_machine:
+            self.grid_done.wait()
+
+    def run_ablation(self) -> None:
+        self.run_stage(ABLATION_STAGE, start_config("cnn", self.plan))
+        self.grid_done.wait()
+
+    def run_stage(self, stage: Stage, cfg: dict) -> dict:
+        """One stage around the incumbent `cfg`; stores its decision and returns the winner's config."""
+        levels, own = self.levels(stage, cfg)
+        by_variant = self.run_levels(stage, levels, cfg)
+        if cfg == start_config(stage.model, self.plan):
+            self.reference.setdefault(stage.model, by_variant[own])
+        decision, macs, capped = self.decide_stage(stage, levels, by_variant, own, cfg)
+        extended = False
+        side = self.winning_edge(stage, levels, decision["winner"], own)
+        extra = stage.beyond(cfg, side) if side else None
+        if extra is not None and extra.variant not in by_variant:
+            levels = [extra, *levels] if side < 0 else [*levels, extra]
+            by_variant.update(self.run_levels(stage, [extra], cfg))
+            (decision, macs, capped), extended = self.decide_stage(stage, levels, by_variant, own, cfg), True
+        winner = decision["winner"]
+        self.stages[stage.id] = {
+            "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
+            **decision, "levels": [lv.variant for lv in levels], "extended": extended,
+            "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
+            "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
+            "macs_ratio": {v: round(r, 3) for v, r in macs.items()},
+            "time_ratio": self.time_ratios(stage.model, by_variant),
+            "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
+        return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
+
+    def levels(self, stage: Stage, cfg: dict) -> tuple[list[Level], str]:
+        """The stage's levels around `cfg` and the incumbent's label (--quick: the first few, the incumbent's kept)."""
+        levels = stage.levels(cfg)
+        own = next((lv.variant for lv in levels if all(cfg.get(k) == v for k, v in lv.changes.items())),
+                   "incumbent")
+        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
+            levels = [Level(own, {}), *levels]
+        if self.plan.max_levels:
+            levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
+        return levels, own
+
+    def winning_edge(self, stage: Stage, levels: list[Level], winner: str, own: str) -> int:
+        """-1 or +1 when a challenger won at that end of an ordered factor's levels (one more level goes past it),
+        else 0. Not in --quick, whose levels are cut short."""
+        if not stage.beyond or self.plan.max_levels or winner == own:
+            return 0
+        return -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
+
+    def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
+        """Every level x seed at once; each level's records."""
+        seeds = self.plan.mlp_seeds if stage.model == "mlp" else self.plan.cnn_seeds
+        specs = [self.spec(stage, lv, seed, cfg) for lv in levels for seed in seeds]
+        records = self.engine.run(specs)
+        self.runs += [s.row() for s in specs]
+        return {lv.variant: [r for s, r in zip(specs, records) if s.variant == lv.variant] for lv in levels}
+
+    def spec(self, stage: Stage, level: Level, seed: int, cfg: dict) -> RunSpec:
+        grid = self.plan.mlp_grid if stage.model == "mlp" else self.plan.cnn_grid
+        role = "ablation" if stage is ABLATION_STAGE else "grid"
+        return make_spec(stage.model, stage.id, level.variant, seed, apply(cfg, level.changes), grid, role,
+                         self.plan)
+
+    def decide_stage(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
+        """(`decide`'s decision, each level's multiply-adds over the module default's, the levels over the cap)."""
+        macs_of, cap = mlp_macs if stage.model == "mlp" else cnn_macs, self.plan.macs_cap
+        default = macs_of(start_config(stage.model, self.plan))
+        macs = {lv.variant: macs_of(apply(cfg, lv.changes)) / default for lv in levels}
+        capped = {v for v, r in macs.items() if cap and r > cap}
+        eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
+        return decide(by_variant, own, eligible | {own}), macs, capped
+
+    def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
+        """Each level's mean wall seconds over the module default's grid runs' (levels without times: left out)."""
+        ref = mean([r.get("seconds") for r in self.reference.get(model, [])])
+        means = {v: mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
+        return {v: round(m / ref, 3) for v, m in means.items() if m and ref}
+
+    def run_finals(self, model: str, chain: dict, whole_machine: bool = False) -> None:
+        """The chain of winners and (if different) the module default, seed 0 each; the better on validation
+        is kept and trained with the remaining final seeds. whole_machine: one at a time on every core."""
+        chain, default = (self.final_specs(model, name, cfg, self.final_seeds[model])
+                          for name, cfg in (("chain", chain), ("default", start_config(model, self.plan))))
+        if chain[0].key == default[0].key:  # nothing to choose: every seed at once
+            recs = self.train_finals(chain, whole_machine)
+            firsts, kept, rest = [recs[0], None], "chain", recs[1:]
+        else:
+            if self.finals_early(model):
+                self.engine.start(chain + default)
+            firsts = self.train_finals([chain[0], default[0]], whole_machine)
+            kept = "chain" if _val(firsts[0]) >= _val(firsts[1]) else "default"
+            self.engine.cancel((default if kept == "chain" else chain)[1:])
+            rest = self.train_finals((chain if kept == "chain" else default)[1:], whole_machine)
+        self.finals[model] = {"chain": firsts[0]["key"], "default": firsts[1] and firsts[1]["key"], "kept": kept,
+                              "seeds": [firsts[kept == "default"]["key"]] + [r["key"] for r in rest]}
+
+    def train_finals(self, specs: list[RunSpec], whole_machine: bool) -> list[dict]:
+        if whole_machine:  # one at a time on every core
+            recs = [self.engine.run([s], os.cpu_count() or 1)[0] for s in specs]
+        else:  # side by side, like grid runs
+            recs = self.engine.run(specs)
+        self.runs += [s.row() for s in specs]
+        return recs
+
+    def final_specs(self, model: str, name: str, cfg: dict, seeds) -> list[RunSpec]:
+        budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
+        variant = "chain of winners" if name == "chain" else "module default"
+        return [make_spec(model, f"{model}_final", variant, seed, cfg, budget, "final", self.plan) for seed in seeds]
+
+    def finals_early(self, model: str) -> bool:
+        """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP
+        finals are always needed (as the final, or as the candidate beside the chain of winners), so there they
+        start with the track, and every seed of both candidates trains at once."""
+        return model == "mlp" and self.engine.device != "cpu"
+
+    def manifest(self) -> dict:
+        """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
+        writes the same manifest."""
+        return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
+                "macs_cap": self.plan.macs_cap,
+                "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
+                "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
+                "finals": self.finals}
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -377,7 +528,6 @@ def make_spec(model, study, variant, seed, base: dict, budget: Budget, role: str
 
 
 # ----------------------------------------------------------------------------------------- worker side
-
 def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> tuple[dict, dict]:
     """Train and evaluate one run in a worker process: (record, model files as {relative path: bytes}).
     A divergence is a record; any other error propagates (it is a bug or a fault of the environment)."""
@@ -460,7 +610,6 @@ def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> d
 
 
 # ----------------------------------------------------------------------------------------- engine
-
 class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
@@ -593,155 +742,6 @@ def ctrl_c_held():
         previous(signal.SIGINT, pressed[0])
 
 
-# ----------------------------------------------------------------------------------------- the study
-
-def _matches(level: Level, cfg: dict) -> bool:
-    return all(cfg.get(k) == v for k, v in level.changes.items())
-
-
-class Study:
-    """The tracks' stages and finals; every decision is re-derived from the saved runs."""
-
-    def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None):
-        self.engine, self.plan = engine, plan
-        self.tracks = [m for m in ("mlp", "cnn") if only in (None, m)]
-        self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
-        self.runs: list[dict] = []            # manifest rows
-        self.stages: dict[str, dict] = {}     # manifest stages
-        self.finals: dict[str, dict] = {}
-        self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time ratios' yardstick
-        self.grid_done = threading.Barrier(len(self.tracks) + ("cnn" in self.tracks))
-
-    def spec(self, stage: Stage, level: Level, seed: int, cfg: dict) -> RunSpec:
-        grid = self.plan.mlp_grid if stage.model == "mlp" else self.plan.cnn_grid
-        role = "ablation" if stage is ABLATION_STAGE else "grid"
-        return make_spec(stage.model, stage.id, level.variant, seed, apply(cfg, level.changes), grid, role,
-                         self.plan)
-
-    def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
-        seeds = self.plan.mlp_seeds if stage.model == "mlp" else self.plan.cnn_seeds
-        specs = [self.spec(stage, lv, seed, cfg) for lv in levels for seed in seeds]
-        records = self.engine.run(specs)
-        self.runs += [s.row() for s in specs]
-        return {lv.variant: [r for s, r in zip(specs, records) if s.variant == lv.variant] for lv in levels}
-
-    def run_stage(self, stage: Stage, cfg: dict) -> dict:
-        """One stage around `cfg`; returns the winner's config. Ordered factors get one level past an edge."""
-        levels = stage.levels(cfg)
-        own = next((lv.variant for lv in levels if _matches(lv, cfg)), "incumbent")
-        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
-            levels = [Level(own, {}), *levels]
-        if self.plan.max_levels:
-            levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
-        by_variant = self.run_levels(stage, levels, cfg)
-        decision, macs, capped = self.decide(stage, levels, by_variant, own, cfg)
-        winner, extended = decision["winner"], False
-        if stage.beyond and not self.plan.max_levels and winner in (levels[0].variant, levels[-1].variant) \
-                and winner != own:
-            extra = stage.beyond(cfg, -1 if winner == levels[0].variant else 1)
-            if extra is not None and extra.variant not in by_variant:
-                levels = [extra, *levels] if winner == levels[0].variant else [*levels, extra]
-                by_variant.update(self.run_levels(stage, [extra], cfg))
-                (decision, macs, capped), extended = self.decide(stage, levels, by_variant, own, cfg), True
-                winner = decision["winner"]
-        self.stages[stage.id] = {
-            "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
-            **decision, "levels": [lv.variant for lv in levels], "extended": extended,
-            "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
-            "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
-            "macs_ratio": {v: round(r, 3) for v, r in macs.items()},
-            "time_ratio": self.time_ratios(stage.model, by_variant),
-            "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
-        return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
-
-    def decide(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
-        """(the decision, each level's multiply-adds over the module default's, the levels over the cap)."""
-        if cfg == start_config(stage.model, self.plan):
-            self.reference.setdefault(stage.model, by_variant[own])
-        macs_of, cap = mlp_macs if stage.model == "mlp" else cnn_macs, self.plan.macs_cap
-        default = macs_of(start_config(stage.model, self.plan))
-        macs = {lv.variant: macs_of(apply(cfg, lv.changes)) / default for lv in levels}
-        capped = {v for v, r in macs.items() if cap and r > cap}
-        eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
-        return decide(by_variant, own, eligible | {own}), macs, capped
-
-    def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
-        """Each level's mean wall seconds over the module default's grid runs' (levels without times: left out)."""
-        ref = mean([r.get("seconds") for r in self.reference.get(model, [])])
-        means = {v: mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
-        return {v: round(m / ref, 3) for v, m in means.items() if m and ref}
-
-    def finals_early(self, model: str) -> bool:
-        """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP
-        finals are always needed (as the final, or as the candidate beside the chain of winners), so there they
-        start with the track, and every seed of both candidates trains at once."""
-        return model == "mlp" and self.engine.device != "cpu"
-
-    def final_specs(self, model: str, name: str, cfg: dict, seeds) -> list[RunSpec]:
-        budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
-        variant = "chain of winners" if name == "chain" else "module default"
-        return [make_spec(model, f"{model}_final", variant, seed, cfg, budget, "final", self.plan) for seed in seeds]
-
-    def run_track(self, model: str) -> None:
-        cfg = start_config(model, self.plan)
-        if self.finals_early(model):
-            self.engine.start(self.final_specs(model, "default", cfg, self.final_seeds[model]))
-        for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
-            cfg = self.run_stage(stage, cfg)
-        # On a CPU the CNN finals take the whole machine, after the other tracks' runs; on a GPU they go at once.
-        whole_machine = model == "cnn" and self.engine.device == "cpu"
-        if whole_machine:
-            self.grid_done.wait()
-        self.run_finals(model, cfg, whole_machine)
-        if not whole_machine:
-            self.grid_done.wait()
-
-    def run_ablation(self) -> None:
-        self.run_stage(ABLATION_STAGE, start_config("cnn", self.plan))
-        self.grid_done.wait()
-
-    def run_finals(self, model: str, chain: dict, whole_machine: bool = False) -> None:
-        """The chain of winners and (if different) the module default, seed 0 each; the better on validation
-        is kept and trained with the remaining final seeds. whole_machine: one at a time on every core."""
-        chain, default = (self.final_specs(model, name, cfg, self.final_seeds[model])
-                          for name, cfg in (("chain", chain), ("default", start_config(model, self.plan))))
-        if chain[0].key == default[0].key:  # nothing to choose: every seed at once
-            recs = self._run_final(chain, whole_machine)
-            firsts, kept, rest = [recs[0], None], "chain", recs[1:]
-        else:
-            if self.finals_early(model):
-                self.engine.start(chain + default)
-            firsts = self._run_final([chain[0], default[0]], whole_machine)
-            kept = "chain" if _val(firsts[0]) >= _val(firsts[1]) else "default"
-            self.engine.cancel((default if kept == "chain" else chain)[1:])
-            rest = self._run_final((chain if kept == "chain" else default)[1:], whole_machine)
-        self.finals[model] = {"chain": firsts[0]["key"], "default": firsts[1] and firsts[1]["key"], "kept": kept,
-                              "seeds": [firsts[kept == "default"]["key"]] + [r["key"] for r in rest]}
-
-    def _run_final(self, specs: list[RunSpec], whole_machine: bool) -> list[dict]:
-        if whole_machine:  # one at a time on every core
-            recs = [self.engine.run([s], os.cpu_count() or 1)[0] for s in specs]
-        else:  # side by side, like grid runs
-            recs = self.engine.run(specs)
-        self.runs += [s.row() for s in specs]
-        return recs
-
-    def run(self) -> None:
-        jobs = [lambda m=m: self.run_track(m) for m in self.tracks]
-        if "cnn" in self.tracks:
-            jobs.append(self.run_ablation)
-        _run_threads(jobs, on_error=self.grid_done.abort)
-
-    def manifest(self) -> dict:
-        """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
-        writes the same manifest."""
-        return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
-                "macs_cap": self.plan.macs_cap,
-                "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
-                "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
-                "finals": self.finals}
-
-
 def _val(rec: dict) -> float:
     return -math.inf if rec["diverged"] or rec["val_acc"] is None else rec["val_acc"]
 
@@ -794,6 +794,7 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     return [{k: r.get(k) for k in INIT_STATS_COLUMNS} for r in clean(rows)]
 
 
+# ----------------------------------------------------------------------------------------- driver
 def write_manifest(results_dir: Path, manifest: dict, tracks: list[str]) -> None:
     """manifest.json: which runs make up each comparison, each stage's levels and decision, the finals. The
     rows of a track not run now (--only) are kept from the previous manifest (its readable parts)."""
@@ -805,7 +806,6 @@ def write_manifest(results_dir: Path, manifest: dict, tracks: list[str]) -> None
     cli.atomic_write(Path(results_dir) / "manifest.json", json.dumps(manifest, indent=1))
 
 
-# ----------------------------------------------------------------------------------------- driver
 def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: Plan | None = None, log=print,
               plots: bool = True) -> Study:
     """Train every run not yet in <results>/runs, then rebuild every output from the saved runs. `args`: what
@@ -855,7 +855,7 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
 
 
 def draw_figures(results_dir: Path, rows: list[dict], manifest: dict, summary: dict, splits) -> None:
-    import plots  # lazily: matplotlib is slow to import
+    import plots  # here, not at the top: matplotlib's import is only paid where figures are drawn
     plots.make_figures(results_dir, rows, manifest, summary, splits)
 
 
@@ -889,7 +889,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=cli.seed_list_arg, help="seeds of every grid level (default: MLP 0,1,2 and CNN 0,1)")
     p.add_argument("--final-seeds", type=cli.seed_list_arg, default=None,
                    help="seeds of the kept CNN final (default: 0 on a CPU, 0,1,2 on a GPU)")
-    p.add_argument("--only", choices=("mlp", "cnn"), default=None, help="one track only (default: both)")
+    p.add_argument("--only", choices=study_results.MODELS, default=None, help="one track only (default: both)")
     p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2,
                    help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
                         "benchmarks/bench_workers.py)")

@@ -56,7 +56,8 @@ def main() -> int:
         print(f"{label + ':':<48} {seconds:7.1f} s")
     print(f"2 workers / 1 worker at {cores} threads: ratio {two / serial:.2f}")
     print(f"2 workers / 1 worker: ratio {two / one:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,9 +7,10 @@ already display names (name()).
 """
 from __future__ import annotations
 
+import plots
 import run_experiments
 
-WORDS = run_experiments.DISPLAY_NAMES
+WORDS = plots.DISPLAY_NAMES
 
 
 def name(study: str, variant) -> str:

@@ -35,13 +35,17 @@ def synthetic_splits() -> preprocessing.Splits:
     return make_synthetic_splits()
 
 
-@pytest.fixture(scope="session")
-def tiny_plan():
+def make_tiny_plan():
     """The quick plan on a few hundred synthetic images: every stage, two levels each, in seconds."""
     import run_experiments as rx
     return dataclasses.replace(
         rx.QUICK_PLAN, mlp_grid=rx.Budget(300, 200, 1), cnn_grid=rx.Budget(100, 100, 1),
         mlp_final=rx.Budget(400, 200, 1), cnn_final=rx.Budget(100, 200, 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_plan():
+    return make_tiny_plan()
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import mlp_scratch
 import preprocessing
 from cnn_torch import CNNBackbone, CNNConfig
 from conftest import file_size_limit, make_synthetic_splits
+from torch_twin import torch_twin, twin_grads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -189,22 +190,6 @@ def test_dead_units_are_exactly_zero_for_every_input(monkeypatch):
 
 
 # --- the gradient bridge -------------------------------------------------------------------------------
-def torch_twin_of(head: mlp_scratch.MLP) -> nn.Sequential:
-    """The same MLP in torch with copied weights (numpy W is (fan_in, fan_out), torch's is transposed)."""
-    layers = []
-    n = len(head.hidden) + 1
-    for i in range(1, n + 1):
-        W, b = head.params[f"W{i}"], head.params[f"b{i}"]
-        lin = nn.Linear(*W.shape)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b.copy()))
-        layers.append(lin)
-        if i < n:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 @pytest.mark.parametrize("batchnorm,pool,smoothing", [(False, "max", 0.0), (True, "gap", 0.0), (True, "avg", 0.1)])
 def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
     torch.manual_seed(0)
@@ -216,7 +201,7 @@ def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
         if k.startswith("b"):
             head.params[k][...] = rng.normal(0, 0.1, head.params[k].shape)
     twin_backbone = copy.deepcopy(backbone)
-    twin_head = torch_twin_of(head)
+    twin_head = torch_twin(head)
     x = torch.rand(16, 1, 28, 28)
     y = rng.integers(0, 10, 16)
 
@@ -237,7 +222,8 @@ def test_joint_step_gradients_equal_all_torch_twin(batchnorm, pool, smoothing):
         scale = q.grad.abs().max().item()
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
     # The head's hand-written grads (taken before its step) equal torch's too.
-    np.testing.assert_allclose(head.grads["W1"], twin_head[0].weight.grad.numpy().T, rtol=1e-4, atol=1e-6)
+    for k, g in twin_grads(twin_head).items():
+        np.testing.assert_allclose(head.grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
     # ... and both optimizers stepped.
     assert not torch.equal(next(backbone.parameters()), next(twin_backbone.parameters()))
 
@@ -438,9 +424,15 @@ def test_bad_flags_exit_with_a_message(argv, word, capsys):
     assert word in err[-1] and err[-1].startswith("usage") is False
 
 
-def test_describe_flag(capsys):
-    assert cnn_torch.main(["--describe"]) == 0
-    assert "feature_dim" in capsys.readouterr().out
+def test_describe_flag_prints_the_pooling_table_of_the_configured_net(capsys):
+    """One row per pooling variant of the net the other flags configure: feature size, parameters, compute."""
+    assert cnn_torch.main(["--describe", "--filters", "constant", "--base-filters", "4", "--head-hidden", "8"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "pool" not in line}
+    nets = {p: backbone_of(filters="constant", base_filters=4, pool=p) for p in cnn_torch.POOLS}
+    assert rows == {p: [str(n.feature_dim), f"{n.n_params:,}", f"{n.feature_dim * 8 + 8 + 8 * 10 + 10:,}",
+                        f"{n.conv_macs() / 1e6:.1f}"] for p, n in nets.items()}
+    assert rows["gap"][0] == "4" and rows["max"][0] == rows["avg"][0] == "36"  # 4 channels x 3 x 3
 
 
 @pytest.fixture

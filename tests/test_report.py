@@ -2,9 +2,10 @@
 direction and noise), refuses to contradict them; the figures read at print size; the zip.
 
 Every results folder here is SYNTHETIC: `write_synthetic_results` writes random numbers in the results
-schema of .contract.md (records, manifest, summary, CSVs) in well under a second; no study is run."""
+schema of study_results.py (records, manifest, summary, CSVs) in well under a second; no study is run."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -238,25 +239,19 @@ def facts(results, tmp_path_factory):
     return {mode: build.make_facts(build.load_results(d), group) for mode, d in results.items()}
 
 
-FIG_HEIGHT_IN = {"class_samples.png": 3.9, "learning_curves.png": 4.2, "init_stats_cnn.png": 2.6,
-                 "init_stats_mlp.png": 4.8, "confusion.png": 4.1, "per_class.png": 2.7, "cnn_filters.png": 1.9,
-                 "pca.png": 2.75, "confident_mistakes.png": 2.6}
-
-
-def _blank_figures(d: Path) -> None:
-    """Blank PNGs of each figure's printed size (plots.py's own drawing is tested apart): page layout only."""
-    from PIL import Image
+def _committed_figures(d: Path) -> None:
+    """The committed study's figures (plots.py's drawing is tested apart): the page layout at their real sizes."""
     import plots
     (d / "figures").mkdir(exist_ok=True)
-    for fname, width in plots.FIG_WIDTH_IN.items():
-        Image.new("L", (int(40 * width), int(40 * FIG_HEIGHT_IN[fname])), 255).save(d / "figures" / fname)
+    for fname in plots.FIGURES:
+        shutil.copy(REPO / "results" / "figures" / fname, d / "figures" / fname)
 
 
 @pytest.fixture(scope="module")
 def built(results, tmp_path_factory):
-    """The PDF and its facts.json, built from the base results (every figure present, blank) with a template
+    """The PDF and its facts.json, built from the base results (with the committed figures) and a template
     group file."""
-    _blank_figures(results["base"])
+    _committed_figures(results["base"])
     tmp = tmp_path_factory.mktemp("built")
     group = tmp / "group.toml"
     group.write_text(TEMPLATE)
@@ -271,13 +266,17 @@ def _group(tmp_path, body):
 
 
 # ------------------------------------------------------------------------------------------ build
-def test_pdf_built_with_every_section(built):
+def test_pdf_built_with_every_section_in_order(built):
+    """The PDF's outline (its bookmarks, one per numbered heading, stored as plain strings) lists every
+    section, numbered in the order of SECTIONS."""
     pdf, _facts = built
-    assert pdf.read_bytes()[:5] == b"%PDF-"
-    source = build.TYP_SOURCE.read_text()
-    missing = [s for s in SECTIONS if f"= {s}" not in source]
-    assert not missing, missing
-    assert not (REPO / "report" / "pdftext.py").exists()  # no hand-written PDF parser
+    data = pdf.read_bytes()
+    assert data[:5] == b"%PDF-"
+    outline = dict(t.decode().split(" ", 1)[::-1] for t in re.findall(rb"/Title ?\(([\d.]+ [^)]*)\)", data))
+    missing = [s for s in SECTIONS if s not in outline]
+    assert not missing, (missing, outline)
+    numbers = [tuple(int(n) for n in outline[s].split(".")) for s in SECTIONS]
+    assert numbers == sorted(numbers), numbers
 
 
 def test_page_limits(built):
@@ -289,10 +288,11 @@ def test_page_limits(built):
 def test_numbers_come_from_results(built, results):
     _pdf, f = built
     summary = json.loads((results["base"] / "summary.json").read_text())
+    def percents(text):  # every "12.34%" in a phrase, as a fraction
+        return [float(p) / 100 for p in re.findall(r"(\d+\.\d\d)%", text)]
     for model in ("mlp", "cnn"):
-        assert f["final"][model]["test_acc"] == f"{100 * summary[model]['test_acc']:.2f}%"
-        lo, hi = summary[model]["test_acc_wilson95"]
-        assert f["final"][model]["wilson"] == f"{100 * lo:.2f}% – {100 * hi:.2f}%"
+        stated = percents(f["final"][model]["test_acc"]) + percents(f["final"][model]["wilson"])
+        assert stated == pytest.approx([summary[model]["test_acc"], *summary[model]["test_acc_wilson95"]], abs=5e-5)
     grad = json.loads((results["base"] / "gradcheck.json").read_text())
     assert max(r["fd"] for r in grad["rows"]) < 1e-6 and max(r["torch"] for r in grad["rows"]) < 1e-10
     assert len(f["conclusion"]) == 5 and [c[0] for c in f["conclusion"]] == ["Q2f", "Q3a", "Q3b", "Q3c", "Q3d"]
@@ -334,7 +334,6 @@ def test_ablation_and_choice_sentences_flip(facts):
 
 def test_no_sentence_template_in_more_than_two_sections(facts):
     """A sentence's skeleton (numbers and level names blanked) appears in at most two sections."""
-    import re
     from report.text import name
     seen = {}
     for s in [s for f in facts.values() for s in f["studies_mlp"] + f["studies_cnn"]]:
@@ -403,7 +402,7 @@ def test_a_damaged_summary_stops_the_report_with_one_line(results, tmp_path, cap
 def test_a_damaged_figure_is_named_in_one_line(results, tmp_path, capsys):
     d = tmp_path / "r"
     shutil.copytree(results["base"], d)
-    _blank_figures(d)
+    _committed_figures(d)
     png = d / "figures" / "confusion.png"
     png.write_bytes(png.read_bytes()[:-20])  # cut off: Typst would only say "failed to decode image"
     assert build.main(["--results-dir", str(d), "--out", str(tmp_path / "r.pdf")]) == 1

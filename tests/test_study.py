@@ -3,6 +3,7 @@ cluster and on a scheduler with two worker processes started here."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,6 +225,12 @@ def test_a_study_touches_the_test_set_only_in_its_final_runs(mlp_study):
     assert {"mlp_final", "mlp_activation", "mlp_lr"} <= {r["study"] for r in records}
 
 
+def test_a_study_measures_both_models_at_initialisation(mlp_study):
+    """Even a one-track study writes the statistics at initialisation of both models (the report's init figure)."""
+    stats = (mlp_study[0] / "init_stats.csv").read_text()
+    assert "cnn,he,True" in stats and "cnn,he,False" in stats and "mlp,xavier,False" in stats
+
+
 def test_a_second_start_trains_nothing(mlp_study, synthetic_splits, tiny_plan):
     out, first = mlp_study
     wall = study_results.loads((out / "summary.json").read_text())["study"]["wall_seconds"]
@@ -311,8 +318,24 @@ def test_a_second_study_on_the_same_folder_is_refused(tmp_path, synthetic_splits
             _study(tmp_path, synthetic_splits, tiny_plan)
 
 
+# The script itself (its __main__ block), on the synthetic data and the tiny plan of conftest.py.
+TINY_SCRIPT = """
+import runpy, sys
+import preprocessing, run_experiments
+sys.path.insert(0, "tests")
+import conftest
+preprocessing.load_splits = lambda *a, **k: conftest.make_synthetic_splits()
+run_experiments.QUICK_PLAN = conftest.make_tiny_plan()
+sys.argv = ["run_experiments.py", *sys.argv[1:]]
+runpy.run_path("run_experiments.py", run_name="__main__")
+"""
+
+
 def test_ctrl_c_stops_with_one_line_and_keeps_the_finished_runs(tmp_path):
-    proc = subprocess.Popen([sys.executable, "run_experiments.py", "--quick", "--only", "mlp",
+    """A real SIGINT to the whole process group once the first run is saved (the initialisation statistics,
+    10 s of work tested elsewhere, are there already)."""
+    (tmp_path / "init_stats.csv").write_text("made before the study\n")
+    proc = subprocess.Popen([sys.executable, "-c", TINY_SCRIPT, "--quick", "--only", "mlp",
                              "--results-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
@@ -422,9 +445,16 @@ def dask_cluster():
         p.wait(timeout=30)
 
 
+def _with_init_stats_of(study_folder: Path, folder: Path) -> None:
+    """A study computes its initialisation statistics (10 s) only where they are missing: these tests are about
+    the runs, so they start with the local study's."""
+    shutil.copy(study_folder / "init_stats.csv", folder / "init_stats.csv")
+
+
 def test_a_study_on_a_dask_scheduler_gives_the_local_records(dask_cluster, mlp_study, synthetic_splits,
                                                               tiny_plan, tmp_path):
     out, _ = mlp_study
+    _with_init_stats_of(out, tmp_path)
     remote = _study(tmp_path, synthetic_splits, tiny_plan, "--scheduler", dask_cluster)
     assert remote.executed and _vals(tmp_path) == _vals(out)
 
@@ -440,6 +470,7 @@ def test_a_worker_killed_mid_study_costs_only_its_run(dask_cluster, mlp_study, s
         while not list(tmp_path.glob("runs/*.json")) and time.time() < deadline:
             time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
+    _with_init_stats_of(mlp_study[0], tmp_path)
     killer = threading.Thread(target=kill_after_first_record)
     killer.start()
     _study(tmp_path, synthetic_splits, tiny_plan, "--scheduler", dask_cluster)
@@ -449,25 +480,31 @@ def test_a_worker_killed_mid_study_costs_only_its_run(dask_cluster, mlp_study, s
     assert _vals(tmp_path) == _vals(mlp_study[0])  # complete, and the same numbers
 
 
-def test_runs_started_early_train_once_and_cancelled_ones_are_never_written(synthetic_splits, tiny_plan, tmp_path):
+@pytest.fixture(scope="module")
+def local_client():
+    """One local cluster of two workers (as the study starts it) for the tests that drive an Engine."""
     client, cluster = rx.start_client(2)
-    try:
-        registry = study_results.Registry(tmp_path, log=lambda *a: None)
-        engine = rx.Engine(client, synthetic_splits, registry, device="cpu", log=lambda *a: None)
-        study = rx.Study(engine, tiny_plan, only="mlp")
-        specs = study.final_specs("mlp", "default", rx.start_config("mlp", tiny_plan), (0, 1, 2))
-        engine.start(specs)
-        engine.start(specs)  # already in flight: not submitted again
-        assert len(engine.in_flight) == 3 and engine.bar.total == 3
-        first = engine.run(specs[:1])
-        engine.cancel(specs[1:])
-        assert engine.in_flight == {} and engine.bar.total == 1
-        assert set(study_results.Registry(tmp_path).records) == {specs[0].key} == {first[0]["key"]}
-        engine.run(specs)  # what was cancelled trains when it is asked for again
-        assert sorted(engine.executed) == sorted(s.key for s in specs)
-    finally:
-        client.close()
-        cluster.close()
+    yield client
+    client.close()
+    cluster.close()
+
+
+def test_runs_started_early_train_once_and_cancelled_ones_are_never_written(local_client, synthetic_splits,
+                                                                            tiny_plan, tmp_path):
+    registry = study_results.Registry(tmp_path, log=lambda *a: None)
+    engine = rx.Engine(local_client, synthetic_splits, registry, device="cpu", log=lambda *a: None)
+    study = rx.Study(engine, tiny_plan, only="mlp")
+    specs = study.final_specs("mlp", "default", rx.start_config("mlp", tiny_plan), (0, 1, 2))
+    engine.start(specs)
+    engine.start(specs)  # already in flight: not submitted again
+    assert len(engine.in_flight) == 3 and engine.bar.total == 3
+    first = engine.run(specs[:1])
+    engine.cancel(specs[1:])
+    assert engine.in_flight == {} and engine.bar.total == 1
+    assert set(study_results.Registry(tmp_path).records) == {specs[0].key} == {first[0]["key"]}
+    engine.run(specs)  # what was cancelled trains when it is asked for again
+    assert sorted(engine.executed) == sorted(s.key for s in specs)
+    engine.bar.close()
 
 
 def _kill_own_worker(spec, splits, threads, device):
@@ -495,32 +532,27 @@ def test_a_run_that_kills_every_worker_it_runs_on_stops_the_study_in_one_line(sy
         cluster.close()
 
 
-def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(mlp_study, synthetic_splits, tiny_plan,
-                                                                        tmp_path):
+def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(local_client, mlp_study, synthetic_splits,
+                                                                        tiny_plan, tmp_path):
     """On a GPU machine the default's MLP finals start with the track. MLP runs never use the device, so that
     schedule runs here: it must give the CPU schedule's records, and no others."""
-    client, cluster = rx.start_client(2)
-    try:
-        registry = study_results.Registry(tmp_path, log=lambda *a: None)
-        engine = rx.Engine(client, synthetic_splits, registry, device="cuda", log=lambda *a: None)
-        study = rx.Study(engine, tiny_plan, only="mlp")
-        study.run()
-    finally:
-        client.close()
-        cluster.close()
+    registry = study_results.Registry(tmp_path, log=lambda *a: None)
+    engine = rx.Engine(local_client, synthetic_splits, registry, device="cuda", log=lambda *a: None)
+    study = rx.Study(engine, tiny_plan, only="mlp")
+    study.run()
+    engine.bar.close()
     assert engine.in_flight == {} and study.finals == mlp_study[1].finals
     assert _vals(tmp_path) == _vals(mlp_study[0])
 
 
-def test_both_tracks_with_one_seed_build_every_output(tmp_path, synthetic_splits, tiny_plan):
+def test_both_tracks_with_one_seed_build_every_output(mlp_study, tmp_path, synthetic_splits, tiny_plan):
     plan = dataclasses.replace(tiny_plan, mlp_seeds=(0,), cnn_seeds=(0,), mlp_final_seeds=(0,))
+    _with_init_stats_of(mlp_study[0], tmp_path)
     study = rx.run_study(rx.parse_args(["--results-dir", str(tmp_path)]), splits=synthetic_splits,
                          plan=plan, log=lambda *a: None, plots=False)
     summary = study_results.loads((tmp_path / "summary.json").read_text())
     assert set(study.finals) == {"mlp", "cnn"} and summary["mlp"]["test_acc_std"] is None
     assert {"cnn_ablation", "cnn_init", "mlp_lr"} <= set(summary["stages"])
-    stats = (tmp_path / "init_stats.csv").read_text()
-    assert "cnn,he,True" in stats and "cnn,he,False" in stats
     assert np.isfinite(summary["cnn"]["test_acc"])
 
 
