@@ -3,6 +3,7 @@ direction and noise), refuses to contradict them; the figures read at print size
 
 Every results folder here is SYNTHETIC: `write_synthetic_results` writes random numbers in the results
 schema of study_results.py (records, manifest, summary, CSVs) in well under a second; no study is run."""
+import functools
 import json
 import os
 import re
@@ -18,39 +19,30 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import mlp_scratch
+import run_experiments
 import study_results
 from preprocessing import CLASS_NAMES
 from report import build
 
 REPO = Path(__file__).resolve().parents[1]
 
-# study: (model, factor, ordered, default, levels, contrast levels)
-STAGES = {
-    "mlp_activation": ("mlp", "activation", False, "relu", ["relu", "leaky_relu", "tanh", "gelu"], []),
-    "mlp_depth": ("mlp", "hidden layers", True, "2", ["0", "1", "2", "3"], []),
-    "mlp_width": ("mlp", "units per hidden layer", True, "1024", ["512", "1024", "2048"], []),
-    "mlp_dropout": ("mlp", "dropout", True, "0.2", ["0", "0.1", "0.2", "0.3"], []),
-    "mlp_optimizer": ("mlp", "optimizer", False, "adamw", ["sgd", "nesterov", "adam", "adamw"], []),
-    "mlp_lr": ("mlp", "learning rate", True, "0.001", ["0.0003", "0.001", "0.003"], []),
-    "cnn_pool": ("cnn", "pooling", False, "max", ["max", "avg", "gap"], []),
-    "cnn_kernel": ("cnn", "kernel size", True, "3", ["3", "5", "7"], []),
-    "cnn_filters": ("cnn", "filters", False, "x1 x1 x2 x2 x4", ["x1 x1 x2 x2 x4", "constant", "doubling", "halving"], []),
-    "cnn_init": ("cnn", "initialisation", False, "xavier",
-                 ["random", "xavier", "he", "random, no BN", "xavier, no BN", "he, no BN"],
-                 ["random, no BN", "xavier, no BN", "he, no BN"]),
-    "cnn_head_mode": ("cnn", "head training", False, "joint", ["frozen", "joint"], []),
-    "cnn_head": ("cnn", "head hidden units", True, "256", ["128", "256", "512"], []),
-    "cnn_ablation": ("cnn", "recipe", False, "full recipe",
-                     ["full recipe", "no batchnorm", "no augmentation", "no erasing", "no label smoothing",
-                      "no weight decay"], []),
-}
-MLP_CONFIG = {"hidden": [1024, 1024], "activation": "relu", "dropout": 0.2, "init": "he", "optimizer": "adamw",
-              "lr": 0.001, "weight_decay": 0.01, "schedule": "cosine", "warmup_epochs": 1, "epochs": 30,
-              "batch_size": 128, "patience": 5, "standardize": True}
-CNN_CONFIG = {"filters": "32,32,64,64,128", "kernel_size": 3, "pool": "max", "init": "xavier", "batchnorm": True,
-              "head_mode": "joint", "head_hidden": [256], "head_activation": "relu", "head_dropout": 0.3,
-              "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05, "schedule": "onecycle", "epochs": 26,
-              "batch_size": 128, "augment": True, "erase": 0.25, "label_smoothing": 0.1, "patience": 0}
+
+def _stage_layout(stage) -> tuple[dict, str, list, list]:
+    """(start config, the default's label, the levels, the contrast levels) of one stage of the study's own
+    table, laid out as the full study lays out a stage around the module default: the synthetic results follow
+    the study when a stage, a level or a default changes. Every stage sits around the module default here (the
+    real study chains them, each around the winner before it): the test's choice, so that the default is known."""
+    plan = run_experiments.FULL_PLAN
+    cfg = run_experiments.start_config(stage.model, plan)
+    levels, default = run_experiments.Study(None, plan).levels(stage, cfg)
+    return cfg, default, levels, [lv.variant for lv in levels if not lv.eligible]
+
+
+@functools.cache
+def study_layout() -> dict:
+    """{stage id: _stage_layout(stage)} for every stage of run_experiments.STAGES, in the study's order."""
+    return {stage.id: _stage_layout(stage) for stage in run_experiments.STAGES}
 
 
 def _history(acc, epochs, phase_at=None):
@@ -122,6 +114,7 @@ def _final_summary(model, chain, default, seeds_recs):
 
 
 def _write_tables(d, records):
+    import cnn_torch  # torch: imported when a folder is written, not when the tests are collected
     rows = []
     for r in records:
         row = {k: r[k] for k in ("model", "study", "variant", "seed", "key", "role", "epochs_run", "best_epoch",
@@ -141,8 +134,8 @@ def _write_tables(d, records):
     init = [{"model": m, "scheme": s, "batchnorm": bn, "layer": layer, "act_mean": 0.1,
              "act_std": (0.01 if s == "random" and not bn else 0.6) * (0.8 if s != "he" else 1.0) ** layer,
              "dead_frac": 0.0 if bn else 0.02 * layer, "grad_norm": 10.0 ** (-layer if s == "random" else -1)}
-            for m, schemes, bns in (("mlp", ["random", "xavier", "he", "relu", "tanh", "gelu"], [False]),
-                                    ("cnn", ["random", "xavier", "he"], [True, False]))
+            for m, schemes, bns in (("mlp", mlp_scratch.INITS + mlp_scratch.ACTIVATIONS, [False]),
+                                    ("cnn", cnn_torch.INITS, [True, False]))
             for s in schemes for bn in bns for layer in range(1, 6 if m == "cnn" else 4)]
     pd.DataFrame(init).to_csv(d / "init_stats.csv", index=False)
 
@@ -154,26 +147,31 @@ def write_synthetic_results(d: Path, mode="base", seeds=(0, 1, 2)) -> Path:
     d = Path(d)
     (d / "runs").mkdir(parents=True, exist_ok=True)
     records, stages, manifest_stages = [], {}, {}
-    for study, (model, factor, ordered, default, levels, contrast) in STAGES.items():
-        eff = _effects(levels, default, mode)
+    for stage in run_experiments.STAGES:
+        study, model, ordered = stage.id, stage.model, stage.beyond is not None
+        start, default, levels, contrast = study_layout()[study]
+        names = [lv.variant for lv in levels]
+        # The outcome is the test's own: the accuracies are made up so that each stage comes out as `mode` says.
+        eff = _effects(names, default, mode)
         base = 0.89 if model == "mlp" else 0.925
-        cfg = MLP_CONFIG if model == "mlp" else CNN_CONFIG
-        role = "ablation" if study == "cnn_ablation" else "grid"
+        role = "ablation" if stage is run_experiments.ABLATION_STAGE else "grid"
         table = []
-        for v in levels:
+        for lv in levels:
+            cfg = run_experiments.apply(start, lv.changes)
             # seed noise of std 0.001 that averages out: a level's mean is exactly base + its effect
-            recs = [_record(model, study, v, s, role, base + eff[v] + 0.001 * (s - np.mean(seeds)), cfg, rng)
-                    for s in seeds]
+            recs = [_record(model, study, lv.variant, s, role, base + eff[lv.variant] + 0.001 * (s - np.mean(seeds)),
+                            cfg, rng) for s in seeds]
             records += recs
             table.append(_table_row(recs))
         eligible = [r for r in table if r["variant"] not in contrast]
         winner = max(eligible, key=lambda r: r["val_acc"])["variant"]
-        manifest_stages[study] = {"model": model, "factor": factor, "ordered": ordered, "default": default,
-                                  "winner": winner, "levels": levels, "contrast": contrast, "extended": False,
-                                  "edge": ordered and winner in (levels[0], levels[-1])}
+        manifest_stages[study] = {"model": model, "factor": stage.factor, "ordered": ordered, "default": default,
+                                  "winner": winner, "levels": names, "contrast": contrast, "extended": False,
+                                  "edge": ordered and winner in (names[0], names[-1])}
         stages[study] = {**manifest_stages[study], "table": table}
     finals = {}
-    for model, cfg, acc in (("mlp", MLP_CONFIG, 0.905), ("cnn", CNN_CONFIG, 0.945)):
+    for model, acc in (("mlp", 0.905), ("cnn", 0.945)):
+        cfg = run_experiments.start_config(model, run_experiments.FULL_PLAN)
         chain = [_record(model, f"{model}_final", "chain", s, "final", acc, cfg, rng, 10000, 6) for s in seeds]
         default = _record(model, f"{model}_final", "default", 0, "final",
                           acc - (0.004 if mode != "flip" else -0.004), cfg, rng, 10000, 6)
@@ -299,13 +297,13 @@ def test_numbers_come_from_results(built, results):
 
 
 def _expected(study, mode):
-    _m, _f, _o, default, levels, contrast = STAGES[study]
-    levels = [v for v in levels if v not in contrast]
+    _cfg, default, levels, contrast = study_layout()[study]
+    levels = [lv.variant for lv in levels if lv.variant not in contrast]
     best = {"base": levels[-1], "flip": levels[0]}.get(mode)
     return best, default
 
 
-@pytest.mark.parametrize("study", [s for s in STAGES if s != "cnn_ablation"])
+@pytest.mark.parametrize("study", [s.id for s in run_experiments.STAGES if s is not run_experiments.ABLATION_STAGE])
 def test_each_explanation_follows_the_outcome(facts, study):
     """Reversing the ranking, or shrinking every gap inside the noise, changes what the sentence says."""
     from report.text import name
@@ -338,7 +336,7 @@ def test_no_sentence_template_in_more_than_two_sections(facts):
     seen = {}
     for s in [s for f in facts.values() for s in f["studies_mlp"] + f["studies_cnn"]]:
         body = s["sentence"]
-        for v in sorted(STAGES[s["id"]][4], key=lambda v: -len(name(s["id"], v))):
+        for v in sorted((lv.variant for lv in study_layout()[s["id"]][2]), key=lambda v: -len(name(s["id"], v))):
             body = body.replace(name(s["id"], v), "L")
         for sentence in re.split(r"(?<=\.) ", re.sub(r"\([^)]*\)", "()", body)):
             seen.setdefault(re.sub(r"[\d.]+", "#", sentence), set()).add(s["id"])
