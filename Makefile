@@ -38,6 +38,7 @@ debian-data:
 
 quick: data
 	$(PY) run_experiments.py --quick --results-dir results-quick
+	$(PY) -m report.build --results-dir results-quick
 
 report: setup
 	$(PY) -m report.build --results-dir results
