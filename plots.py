@@ -363,11 +363,9 @@ FIGURES = {
 FIG_WIDTH_IN = {name: width for name, (width, _) in FIGURES.items()}
 
 
-def make_figures(results_dir, records: list[dict], manifest: dict | None, summary: dict | None,
-                 splits=None, only=None) -> list[Path]:
+def make_figures(results_dir, records: list[dict], summary: dict | None, splits=None, only=None) -> list[Path]:
     """Draw every figure (or those named in `only`) into <results_dir>/figures; return the paths written.
-    A figure that fails prints one warning line (its name and why) and the others are still drawn.
-    `manifest` is accepted for the callers' sake; no figure needs it."""
+    A figure that fails prints one warning line (its name and why) and the others are still drawn."""
     summary = summary or {}
     ctx = {"root": Path(results_dir), "summary": summary, "splits": splits,
            "finals": {m: final_record(records, summary, m) for m in MODELS}}
@@ -392,7 +390,7 @@ def main(argv=None) -> int:
     if not rd.is_dir():
         raise cli.UserError(f"{rd} is {'not a folder' if rd.exists() else 'not there'}: "
                             "point --results-dir at the study's output folder")
-    records, manifest = study_results.load_runs(rd, log=warn)
+    records, _ = study_results.load_runs(rd, log=warn)
     summary = study_results.read_json(rd / "summary.json", log=warn, what="skipped")
     if not records and not summary:
         raise cli.UserError(f"{rd} holds no study results (no runs/*.json, no summary.json): "
@@ -403,7 +401,7 @@ def main(argv=None) -> int:
             splits = load_splits(download=False)
         except DataError as exc:  # the figures that need no images are still drawn
             warn(f"warning: no data ({exc}): the image figures are skipped")
-    written = make_figures(rd, records, manifest, summary if isinstance(summary, dict) else {}, splits)
+    written = make_figures(rd, records, summary if isinstance(summary, dict) else {}, splits)
     print(f"wrote {len(written)} of {len(FIGURES)} figures to {rd / 'figures'}")
     return 0 if len(written) == len(FIGURES) else 1
 

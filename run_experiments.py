@@ -855,8 +855,9 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
 
 
 def draw_figures(results_dir: Path, rows: list[dict], manifest: dict, summary: dict, splits) -> None:
+    """The figures of rebuild_outputs' (rows, manifest, summary); no figure needs the manifest."""
     import plots  # here, not at the top: matplotlib's import is only paid where figures are drawn
-    plots.make_figures(results_dir, rows, manifest, summary, splits)
+    plots.make_figures(results_dir, rows, summary, splits)
 
 
 def rebuild_only(args: argparse.Namespace) -> None:

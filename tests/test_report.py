@@ -472,7 +472,7 @@ def test_figures_print_at_size_and_fail_alone(results, capsys):
     d = results["base"]
     recs, _ = study_results.load_runs(d)
     summary = json.loads((d / "summary.json").read_text())
-    written = plots.make_figures(d, recs, {}, summary, None,
+    written = plots.make_figures(d, recs, summary, None,
                                  only=("per_class.png", "cnn_filters.png"))
     assert [p.name for p in written] == ["per_class.png"]
     err = capsys.readouterr().err.strip().splitlines()
@@ -543,7 +543,7 @@ def test_plots_redraws_a_figure_from_the_saved_model_when_the_record_lacks_predi
     n = len(synthetic_splits.y_test)
     records = [{"key": "k", "model": "mlp", "final": True, "model_file": "models/m.npz"},
                {"key": "c", "model": "cnn", "final": True, "test_pred": [0] * n, "test_prob_max": [0.5] * n}]
-    written = plots.make_figures(tmp_path, records, None, {}, synthetic_splits, only=("confident_mistakes.png",))
+    written = plots.make_figures(tmp_path, records, {}, synthetic_splits, only=("confident_mistakes.png",))
     assert [p.name for p in written] == ["confident_mistakes.png"]
     stats = json.loads((tmp_path / "figures" / "mistakes.json").read_text())
     pred = model.forward(synthetic_splits.X_test).argmax(axis=1)
