@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export MPLBACKEND := Agg
 
-.PHONY: study test setup data quick report zip bench clean
+.PHONY: study test setup data quick reproduce report zip bench clean
 
 study: data
 	$(PY) run_experiments.py
@@ -40,6 +40,13 @@ quick: data
 	$(PY) run_experiments.py --quick --results-dir results-quick
 	$(PY) -m report.build --results-dir results-quick
 
+# The whole study from scratch into a new folder, its report, then every run record compared with results/.
+reproduce: data
+	rm -rf results-reproduce
+	$(PY) run_experiments.py --results-dir results-reproduce
+	$(PY) -m report.build --results-dir results-reproduce
+	$(PY) run_experiments.py --compare results-reproduce results
+
 report: setup
 	$(PY) -m report.build --results-dir results
 
@@ -52,4 +59,4 @@ bench: data
 	$(PY) benchmarks/bench_workers.py
 
 clean:
-	rm -rf $(VENV) results-quick .pytest_cache report/build
+	rm -rf $(VENV) results-quick results-reproduce .pytest_cache report/build

@@ -72,7 +72,7 @@ POOLS = ("max", "avg", "gap")
 KERNELS = (1, 3, 5, 7)  # odd, so that 'same' padding is k // 2 on every side
 INITS = ("random", "xavier", "he")  # formulas: mlp_scratch.init_std (one for both models); the study's order
 HEAD_MODES = ("joint", "frozen")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the device computes it natively, else fp32
 ONECYCLE_WARMUP = 0.25  # "onecycle" = "cosine" after a linear warm-up over this fraction of the steps
 MAX_FILTERS = 2048  # caps on sizes turn absurd values into one-line errors, not an out-of-memory crash later
 VAL_BATCH, PREDICT_BATCH = 1024, 512  # images per forward pass when validating / predicting (results depend on it)
@@ -106,24 +106,24 @@ class CNNConfig:
     head_hidden: list[int] = cli.flag([256], "scratch MLP hidden widths", mlp_scratch.WIDTHS, type=int, nargs="*")
     head_activation: str = cli.flag("gelu", "scratch MLP activation", choices=mlp_scratch.ACTIVATIONS)
     head_dropout: float = cli.flag(0.3, "scratch MLP drop probability after each hidden layer", cli.BELOW_ONE)
-    head_epochs: int = cli.flag(20, "frozen mode: epochs of mlp_scratch.train on the features", mlp_scratch.EPOCHS)
+    head_epochs: int = cli.flag(10, "frozen mode: epochs of mlp_scratch.train on the features", mlp_scratch.EPOCHS)
     # the names mlp_scratch.make_optimizer knows too: the head steps with the same kind
     optimizer: str = cli.flag("adamw", "optimizer of backbone and head (sgd: momentum)",
                               choices=("adamw", "adam", "sgd"))
-    lr: float = cli.flag(3e-3, "peak backbone learning rate", cli.POSITIVE)
+    lr: float = cli.flag(4e-3, "peak backbone learning rate", cli.POSITIVE)
     head_lr: float = cli.flag(1e-3, "peak head learning rate", cli.POSITIVE)
     momentum: float = cli.flag(0.9, "SGD momentum", cli.BELOW_ONE)
     weight_decay: float = cli.flag(5e-2, "decay of conv / head weights (decoupled in AdamW)", cli.NON_NEGATIVE)
     schedule: str = cli.flag("onecycle", "onecycle (cosine after a warm-up) or cosine", choices=("onecycle", "cosine"))
-    epochs: int = cli.flag(26, "training epochs", mlp_scratch.EPOCHS)
-    batch_size: int = cli.flag(128, "mini-batch size", cli.integer(1, 65536))
+    epochs: int = cli.flag(10, "training epochs", mlp_scratch.EPOCHS)
+    batch_size: int = cli.flag(256, "mini-batch size", cli.integer(1, 65536))
     augment: bool = cli.flag(True, "random crop (zero padding 2) + horizontal flip", cli.BOOL)
     erase: float = cli.flag(0.5, "probability of a random rectangle zeroed",
                             cli.number(lambda v: 0 <= v <= 1, "in [0, 1]"))
     label_smoothing: float = cli.flag(0.1, "target (1 - e) * onehot + e / 10 (backbone, joint head)", cli.BELOW_ONE)
     tta: bool = cli.flag(False, "predict with the mean softmax of each image and its mirror image", cli.BOOL)
     patience: int = cli.flag(0, "stop after this many epochs without a better val acc (0: off)", mlp_scratch.PATIENCE)
-    precision: str = cli.flag("bf16", "backbone precision (autocast; fp32 on CPUs without bf16)", choices=PRECISIONS)
+    precision: str = cli.flag("auto", "backbone precision (bf16 autocast); auto: bf16 where native", choices=PRECISIONS)
     channels_last: bool = cli.flag(True, "NHWC memory format", cli.BOOL)
     seed: int = cli.flag(0, "random seed (weights, order, augmentation, dropout)", cli.SEED, type=cli.seed_arg)
     subset: int | None = cli.flag(None, "train on N images (stratified; val, test whole)", mlp_scratch.SUBSET, type=int)
@@ -257,8 +257,18 @@ def check_images(images) -> torch.Tensor:
     return x.float().reshape(len(x), 1, IMAGE_SIDE, IMAGE_SIDE)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where the device computes bf16 natively (a CUDA GPU that supports it, a CPU with
+    AVX512-BF16 or AMX), else "fp32" (a T4, most laptops): emulated bf16 would be slower than fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
 def map_batches(backbone: CNNBackbone, fn: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor,
@@ -399,6 +409,7 @@ class CNNTrainResult:
     diverged: bool
     seconds: float
     device: str
+    precision: str       # what "auto" resolved to on that device
     n_params: int        # backbone + head
 
 
@@ -654,7 +665,7 @@ def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
                    best_epoch=offset + result.best_epoch)
     backbone.eval()
     return CNNTrainResult(classifier=classifier, **run, seconds=time.perf_counter() - t_start, device=str(device),
-                          n_params=classifier.n_params)
+                          precision=resolve_precision(config.precision, device), n_params=classifier.n_params)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -707,6 +718,7 @@ def build_parser() -> cli.ArgumentParser:
     a("--json", type=path, default=None, help="write final metrics and the full config to this JSON file")
     a("--no-progress", action="store_true", help="no progress bar (the per-epoch lines remain)")
     a("--describe", action="store_true", help="print the pooling-variant table and exit")
+    a("--no-test", action="store_true", help="do not evaluate on the test set (to time training, or while tuning)")
     return p
 
 
@@ -736,15 +748,17 @@ def train_from_args(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print("config:", json.dumps(config.to_dict()))
     splits = preprocessing.load_splits(args.data_dir)
+    if args.no_test:
+        splits = replace(splits, X_test=None, y_test=None)
     result = train(config, splits, progress=not args.no_progress, log=print)
     if result.diverged:
         raise cli.Diverged(f"training diverged (the loss blew up) after {result.epochs_run} epochs; try a lower "
                            f"--lr / --head-lr")
-    val, test = (evaluate_classifier(result.classifier, preprocessing.to_images(X), y)
+    val, test = (None if X is None else evaluate_classifier(result.classifier, preprocessing.to_images(X), y)
                  for X, y in ((splits.X_val, splits.y_val), (splits.X_test, splits.y_test)))
-    print(f"done: {result.epochs_run} epochs in {result.seconds:.1f}s on {result.device}, best epoch "
-          f"{result.best_epoch}; val acc {val['acc']:.4f}  test acc {test['acc']:.4f}  "
-          f"({result.n_params:,} parameters)")
+    print(f"done: {result.epochs_run} epochs in {result.seconds:.1f}s on {result.device} ({result.precision}), "
+          f"best epoch {result.best_epoch}; val acc {val['acc']:.4f}" + (f"  test acc {test['acc']:.4f}" if test else "")
+          + f"  ({result.n_params:,} parameters)")
     if args.save:
         print("saved to", result.classifier.save(args.save))
     if args.json:

@@ -7,31 +7,29 @@
 
 The report is built from the results afterwards (`python -m report.build`; `make study` runs both).
 
-Design (issue "the study decides the models"):
-- Each track's grid starts at its module's defaults (MLPConfig, CNNConfig): the final model's architecture and
-  its whole training recipe. A stage (STAGES) varies one factor; everything else stays the incumbent's. The
-  grid trains on a reduced budget (fewer images and epochs), the same for every level of a stage.
-- Every stage holds the incumbent's level. Ordered factors (depth, width, dropout, learning rate, kernel,
-  head width) have a level on each side of it; a winner at the edge of its range gets one more level beyond
-  it, and if it still wins there the manifest flags the stage ("edge").
-- The CNN's filter shapes are scaled to the incumbent's multiply-adds (within 10%); pooling variants share the
-  head; joint and frozen heads train the backbone for the same epochs. Initialisation is compared with
-  BatchNorm (the candidates) and without it (a contrast that cannot win).
-- A stage's winner is the incumbent unless another level beats its mean validation accuracy over seeds by
-  more than the seed noise (`decide`): the default is the prior and a change needs evidence. A level with a
-  diverged seed cannot win, nor can a level with more than 1.1x the module default's multiply-adds per image
-  (its final would not fit the 3- and 15-minute budgets here). The test set is never evaluated in the grid.
-  The decision (winner, the level it was compared with, gap, noise) is stored in manifest.json, once.
-- The final model of each track is the chain of stage winners, at full budget. Where it differs from the module
-  default, the default is trained beside it (seed 0 each) and the better on validation is kept; the kept
-  candidate then trains with more seeds (MLP: 3; CNN: --final-seeds). Only final runs touch the test set.
-- The CNN recipe's ablation (each regulariser removed in turn from the default, grid budget) runs beside it.
+Design:
+- Each track's grid begins at START, the start configuration stated whole below (not the module defaults,
+  which hold the study's answer). A stage (STAGES) varies one factor; everything else stays the incumbent's
+  (the winner so far). The grid trains on a reduced budget (Plan), the same for every level of a stage.
+- Ordered factors (depth, width, dropout, learning rate, kernel, head width) have a level on each side of the
+  incumbent; a winner at the edge of its range gets one more level beyond it, and if it still wins there the
+  manifest flags the stage ("edge"). The CNN's filter shapes are scaled to the incumbent's multiply-adds;
+  initialisation is compared with BatchNorm (the candidates) and without it (a contrast that cannot win).
+- Winners by the evidence (`decide`): the best mean validation accuracy over seeds wins; a cheaper level within
+  0.05 points (TIE) wins instead. A level with a diverged seed cannot win, nor can one with more than 1.1x the
+  start config's multiply-adds (its final would not fit the 3- and 6-minute budgets). Each level's difference
+  to the winner is paired by seed, with a 95% interval, and each stage states its detectable difference.
+- Confirmed at full budget (`Study.confirm`): the chain of winners beside the start config (and for the MLP the
+  single change with the largest grid gain), every final seed each (MLP 3, CNN 2); the best mean validation
+  accuracy is kept. These final runs are the only ones that see the test set. Q3d beside them: the CNN chain
+  with the other head training mode at full budget; a frozen run also records its linear head's accuracy.
+- The CNN recipe's ablation (a regulariser removed in turn from START, grid budget) runs beside the tracks.
 
 Engine: Dask distributed. `--workers N` starts a LocalCluster of N single-threaded worker processes; each
 stage's runs (levels x seeds) are submitted together and the next stage starts when they are in; the tracks
 run side by side. A worker returns the record and the model bytes; only this process writes results, each
 file atomically, so an interrupted study resumes where it stopped, and a worker killed mid-run costs only
-that run, which Dask retries. On a CPU the final CNN runs come last, one at a time on every core.
+that run, which Dask retries.
 """
 from __future__ import annotations
 
@@ -60,7 +58,7 @@ import mlp_scratch
 import preprocessing
 import study_results
 from preprocessing import Splits, to_images
-from study_results import StudyError, clean, mean
+from study_results import T80, T975, StudyError, clean, mean
 
 
 # ----------------------------------------------------------------------------------------- plans
@@ -83,13 +81,14 @@ class Plan:
     mlp_seeds: tuple[int, ...]     # seeds of every MLP grid level
     cnn_seeds: tuple[int, ...]     # seeds of every CNN grid and ablation level
     mlp_final_seeds: tuple[int, ...] = (0, 1, 2)
-    cnn_final_seeds: tuple[int, ...] = (0,)
+    cnn_final_seeds: tuple[int, ...] = (0, 1)
+    confirm_single: tuple[str, ...] = ("mlp",)      # tracks whose largest single grid change is confirmed too
     init_images: int = 256                          # images behind the statistics at initialisation
-    # A level with more than macs_cap times the module default's multiply-adds per image is trained and shown
-    # but cannot win: the defaults' finals take about 2.7 min (MLP, one core) and 15 min (CNN, both cores)
-    # here, against budgets of 3 and 15. Multiply-adds, not measured seconds: they are exact, so the cap
-    # decides alike on every run and machine, where the grid's seconds vary by 10% between levels that do the
-    # same arithmetic (random, Xavier and He initialisation). The seconds stay in every table (time_ratio).
+    # A level with more than macs_cap times the start config's multiply-adds per image is trained and shown
+    # but cannot win: the start configs' finals take about 2.6 min (MLP, one core) and 5.3 min (CNN, both
+    # cores) here, against budgets of 3 and 6 minutes. Multiply-adds, not measured seconds: they are exact, so
+    # the cap decides alike on every run and machine, where the grid's seconds vary by 10% between levels that
+    # do the same arithmetic (random, Xavier and He initialisation). The seconds stay in every table.
     macs_cap: float | None = 1.1
     overrides: dict = field(default_factory=dict)   # quick only: {"mlp": {...}, "cnn": {...}} on every run
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)
@@ -100,7 +99,8 @@ FULL_PLAN = Plan(
     # The MLP grid keeps the final's 20 epochs on 10k images: at 6 epochs (20k images) no dropout won and
     # lost at full budget, because overfitting only shows over the final's epochs.
     mlp_grid=Budget(subset=10000, n_eval=None, epochs=None),
-    cnn_grid=Budget(subset=8000, n_eval=None, epochs=3),
+    # The CNN grid: 10k images for 5 of the final's 10 epochs (1/11 of its image-epochs), 2 seeds.
+    cnn_grid=Budget(subset=10000, n_eval=None, epochs=5),
     mlp_final=Budget(subset=None, n_eval=None, epochs=None),
     cnn_final=Budget(subset=None, n_eval=None, epochs=None),
     mlp_seeds=(0, 1, 2), cnn_seeds=(0, 1))
@@ -111,7 +111,7 @@ QUICK_PLAN = Plan(
     cnn_grid=Budget(subset=300, n_eval=300, epochs=1),
     mlp_final=Budget(subset=2000, n_eval=1000, epochs=2),
     cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
-    mlp_seeds=(0, 1), cnn_seeds=(0, 1), mlp_final_seeds=(0, 1), cnn_final_seeds=(0,), init_images=32,
+    mlp_seeds=(0, 1), cnn_seeds=(0, 1), mlp_final_seeds=(0, 1), cnn_final_seeds=(0, 1), init_images=32,
     overrides={"mlp": {"hidden": [64, 64]},
                "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}},
     max_levels=2)
@@ -173,9 +173,9 @@ MLP_OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
                   "adamw": {"optimizer": "adamw", "lr": 1e-3}}
 FILTER_SHAPES = {"x1 x1 x2 x2 x4": (1, 1, 2, 2, 4), "constant": (1, 1, 1, 1, 1),
                  "doubling": (1, 2, 4, 8, 16), "halving": (16, 8, 4, 2, 1)}
-ABLATION = {"full recipe": {}, "no BatchNorm": {"batchnorm": False}, "no augmentation": {"augment": False},
-            "no erasing": {"erase": 0.0}, "no label smoothing": {"label_smoothing": 0.0},
-            "no weight decay": {"weight_decay": 0.0}}
+# BatchNorm's removal is the init stage's contrast; weight decay is left in (three removals fit the budget).
+ABLATION = {"full recipe": {}, "no augmentation": {"augment": False}, "no erasing": {"erase": 0.0},
+            "no label smoothing": {"label_smoothing": 0.0}}
 
 
 def _cnn(name: str):
@@ -199,6 +199,20 @@ def _cnn_init_levels(cfg):
     return [Level(name, {"init": name, "batchnorm": True}) for name in inits] + \
         [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in inits]
 
+
+# Where each track's grid starts, stated whole: the MLP as the previous study kept it; the CNN with the short
+# recipe of benchmarks/cnn_recipe_sweep.py (E10: 10 epochs at batch 256 and peak lr 4e-3, 10 head epochs).
+# The module defaults (MLPConfig, CNNConfig) are the study's answer, so changing them moves no run here.
+START = {
+    "mlp": {"hidden": [1024, 1024], "activation": "relu", "dropout": 0.3, "init": "he", "optimizer": "adamw",
+            "lr": 0.001, "momentum": 0.9, "weight_decay": 0.01, "schedule": "cosine", "warmup_epochs": 1.0,
+            "epochs": 20, "batch_size": 256, "patience": 0, "standardize": True, "seed": 0, "subset": None},
+    "cnn": {"filters": "32,32,64,64,128", "base_filters": 32, "kernel_size": 3, "pool": "max", "init": "xavier",
+            "batchnorm": True, "head_mode": "frozen", "head_hidden": [256], "head_activation": "gelu",
+            "head_dropout": 0.3, "head_epochs": 10, "optimizer": "adamw", "lr": 0.004, "head_lr": 0.001,
+            "momentum": 0.9, "weight_decay": 0.05, "schedule": "onecycle", "epochs": 10, "batch_size": 256,
+            "augment": True, "erase": 0.5, "label_smoothing": 0.1, "tta": False, "patience": 0,
+            "precision": "auto", "channels_last": True, "seed": 0, "subset": None, "device": "auto"}}
 
 # The study's stages, in order: the one table that the driver, the tests, plots and the report read.
 # The sigmoid is left out of the activations: it saturates like tanh at a quarter of its slope, so it cannot win
@@ -241,50 +255,52 @@ STUDY_ORDER = [*(s.id for s in MLP_STAGES), "mlp_final", *(s.id for s in CNN_STA
 # ----------------------------------------------------------------------------------------- decisions
 # Pure statistics: a stage's decision from its runs' validation accuracies. Computed here once and stored in
 # manifest.json; the tables, plots and report read it from there.
-NOISE_Z = 2.0  # a gap is "more than the noise" when it exceeds 2 standard errors of the difference
+TIE = 0.0005  # levels within 0.05 points of the best mean are tied; of tied levels the cheaper wins
 
 
-def pooled_sd(groups) -> float | None:
-    """Seed-to-seed std of validation accuracy pooled over (n, std) groups; groups of one seed (std None)
-    add nothing. None when no group has two seeds."""
-    groups = [(n, sd) for n, sd in groups if n > 1 and sd is not None]
-    dof = sum(n - 1 for n, _ in groups)
-    return math.sqrt(sum((n - 1) * sd ** 2 for n, sd in groups) / dof) if dof else None
+def decide(by_variant: dict[str, list[dict]], cost: dict[str, float], eligible: set[str], incumbent: str) -> dict:
+    """A stage's decision from its levels' runs ({variant: records}), each level's cost (multiply-adds) and
+    the levels that may win (within the compute budget, no diverged seed).
 
-
-def noise_margin(sd: float | None, n_a: int, n_b: int) -> float | None:
-    """NOISE_Z standard errors of the difference between two means of n_a and n_b seeds."""
-    return None if sd is None else NOISE_Z * sd * math.sqrt(1 / n_a + 1 / n_b)
-
-
-def decide(by_variant: dict[str, list[dict]], incumbent: str, eligible: set[str]) -> dict:
-    """{"winner", "leader", "compared", "gap", "noise"}. The winner is the incumbent unless an eligible level beats its
-    mean validation accuracy by more than the noise (noise_margin, the std pooled over the stage's eligible
-    levels): then the best such level. A level with a diverged seed is not eligible. With one seed a run (no
-    noise estimate) the best mean wins; the incumbent keeps its place on a tie. `leader` is the eligible level
-    with the best mean, `compared` the level it was measured against (the incumbent, or when the incumbent is
-    best, the runner-up), `gap` the difference of their means and `noise` its margin (None with one seed)."""
-    accs = {v: [r["val_acc"] for r in recs] for v, recs in by_variant.items()
-            if v in eligible and recs and not any(r["diverged"] or r["val_acc"] is None for r in recs)}
-    means = {v: float(np.mean(a)) for v, a in accs.items()}
-    ranked = sorted(means, key=lambda v: (means[v], v == incumbent), reverse=True)  # stable: first of equals
-    best = ranked[0] if ranked else None
-    other = incumbent if best != incumbent and incumbent in accs else (ranked[1:] or [None])[0]
-    if other is None:
-        return {"winner": best or incumbent, "leader": best, "compared": None, "gap": None, "noise": None}
-    sd = pooled_sd([(len(a), study_results.sample_std(a)) for a in accs.values()])
-    gap, noise = means[best] - means[other], noise_margin(sd, len(accs[best]), len(accs[other]))
-    beaten = best == incumbent or incumbent not in accs or gap > (noise or 1e-12)
-    return {"winner": best if beaten else incumbent, "leader": best, "compared": other, "gap": gap, "noise": noise}
+    The winner has the best mean validation accuracy, except that a cheaper level within TIE of it wins
+    instead (an exact tie of cost and mean: the incumbent). Every level is then compared with the winner,
+    paired by seed (a seed fixes the initial weights' draw, the data subset and its order): the mean of its
+    per-seed differences d_s, with the 95% interval mean +- t(.975, dof) s / sqrt(n), where s is the standard
+    deviation of the differences pooled over the levels that may win (dof: the sum of their n - 1). `mdd`, the
+    smallest true difference the stage detects with 80% power at the 5% level, is
+    (t(.975, dof) + t(.80, dof)) s / sqrt(n). With one seed there is no s: no interval, no mdd."""
+    accs = {v: {r["seed"]: r["val_acc"] for r in recs} for v, recs in by_variant.items() if recs}
+    ok = {v: a for v, a in accs.items() if v in eligible and None not in a.values()
+          and not any(r["diverged"] for r in by_variant[v])}
+    means = {v: float(np.mean(list(a.values()))) for v, a in accs.items() if None not in a.values()}
+    best = max(ok, key=lambda v: means[v], default=None)
+    if best is None:
+        return {"winner": None, "rows": {}, "sd": None, "dof": 0, "mdd": None}
+    tied = [v for v in ok if means[v] >= means[best] - TIE]
+    winner = min(tied, key=lambda v: (cost[v], -means[v], v != incumbent))
+    diffs = {v: [a[s] - accs[winner][s] for s in a if s in accs[winner]] for v, a in accs.items()
+             if v != winner and v in means}
+    pooled = [d for v, d in diffs.items() if v in ok]
+    dof = sum(len(d) - 1 for d in pooled)
+    sd = math.sqrt(sum(((np.array(d) - np.mean(d)) ** 2).sum() for d in pooled) / dof) if dof else None
+    n = len(accs[winner])
+    t = (T975.get(dof, 1.960), T80.get(dof, 0.842))
+    rows = {v: {"mean": means.get(v), "diff": float(np.mean(diffs[v])) if v in diffs else 0.0 if v == winner else None,
+                "ci": None if sd is None or v not in diffs else
+                [float(np.mean(diffs[v])) + k * t[0] * sd / math.sqrt(len(diffs[v])) for k in (-1, 1)],
+                "n": len(accs[v]), "eligible": v in ok} for v in accs}
+    return {"winner": winner, "rows": rows, "sd": sd, "dof": dof,
+            "mdd": None if sd is None else (t[0] + t[1]) * sd / math.sqrt(n)}
 
 
 # ----------------------------------------------------------------------------------------- the study
 class Study:
     """The procedure. Each track (run_track) runs its stages in order, each stage around the winner of the one
     before (run_stage: its levels x seeds trained together, `decide`, one level more past a winning edge), then
-    its finals (run_finals); the CNN recipe's ablation runs beside the tracks. What each stage decided is stored
-    once, in self.stages, and written to manifest.json. The engine trains: start (submit), run (submit and
-    wait), cancel."""
+    confirms at full budget (confirm): the chain of winners beside the start configuration (and, where the
+    plan asks, the single change with the largest grid gain), paired by seed; the better on mean validation
+    accuracy is kept. The CNN recipe's ablation runs beside the tracks. What each stage decided is stored once,
+    in self.stages, and written to manifest.json. The engine trains (run: submit and wait)."""
 
     def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None):
         self.engine, self.plan = engine, plan
@@ -292,33 +308,25 @@ class Study:
         self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
         self.runs: list[dict] = []            # manifest rows
         self.stages: dict[str, dict] = {}     # manifest stages: levels and decision
-        self.finals: dict[str, dict] = {}     # manifest finals: the candidates and the one kept
-        self.reference: dict[str, list[dict]] = {}  # the module default's grid runs: the time ratios' yardstick
-        self.grid_done = threading.Barrier(len(self.tracks) + ("cnn" in self.tracks))
+        self.finals: dict[str, dict] = {}     # manifest finals: the candidates, the one kept, the heads (Q3d)
+        self.reference: dict[str, list[dict]] = {}  # the start config's grid runs: the time ratios' yardstick
 
     def run(self) -> None:
         jobs = [lambda m=m: self.run_track(m) for m in self.tracks]
         if "cnn" in self.tracks:
-            jobs.append(self.run_ablation)
-        _run_threads(jobs, on_error=self.grid_done.abort)
+            jobs.append(lambda: self.run_stage(ABLATION_STAGE, start_config("cnn", self.plan)))
+        _run_threads(jobs)
 
     def run_track(self, model: str) -> None:
-        cfg = start_config(model, self.plan)
-        if self.finals_early(model):
-            self.engine.start(self.final_specs(model, "default", cfg, self.final_seeds[model]))
+        start = cfg = start_config(model, self.plan)
         for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
             cfg = self.run_stage(stage, cfg)
-        # On a CPU the CNN finals take the whole machine, after the other tracks' runs; on a GPU they go at once.
-        whole_machine = model == "cnn" and self.engine.device == "cpu"
-        if whole_machine:
-            self.grid_done.wait()
-        self.run_finals(model, cfg, whole_machine)
-        if not whole_machine:
-            self.grid_done.wait()
-
-    def run_ablation(self) -> None:
-        self.run_stage(ABLATION_STAGE, start_config("cnn", self.plan))
-        self.grid_done.wait()
+        candidates = {"chain": cfg, "start": start}
+        if model in self.plan.confirm_single:  # the stage change with the largest grid gain, on its own
+            gains = {sid: st["gain"] for sid, st in self.stages.items() if sid.startswith(model) and st["gain"]}
+            if gains and (top := max(gains, key=gains.get)) is not None:
+                candidates["largest single change"] = apply(start, self.stages[top]["changes"])
+        self.confirm(model, candidates)
 
     def run_stage(self, stage: Stage, cfg: dict) -> dict:
         """One stage around the incumbent `cfg`; stores its decision and returns the winner's config."""
@@ -326,24 +334,29 @@ class Study:
         by_variant = self.run_levels(stage, levels, cfg)
         if cfg == start_config(stage.model, self.plan):
             self.reference.setdefault(stage.model, by_variant[own])
-        decision, macs, capped = self.decide_stage(stage, levels, by_variant, own, cfg)
+        decision, macs, capped = self.decide_stage(stage, levels, by_variant, own)
         extended = False
         side = self.winning_edge(stage, levels, decision["winner"], own)
         extra = stage.beyond(cfg, side) if side else None
         if extra is not None and extra.variant not in by_variant:
             levels = [extra, *levels] if side < 0 else [*levels, extra]
             by_variant.update(self.run_levels(stage, [extra], cfg))
-            (decision, macs, capped), extended = self.decide_stage(stage, levels, by_variant, own, cfg), True
-        winner = decision["winner"]
+            (decision, macs, capped), extended = self.decide_stage(stage, levels, by_variant, own), True
+        winner = decision["winner"] or own  # no level usable (all diverged): the incumbent stays
+        changes = next(lv.changes for lv in levels if lv.variant == winner)
+        rows = decision["rows"]
         self.stages[stage.id] = {
-            "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "default": own,
-            **decision, "levels": [lv.variant for lv in levels], "extended": extended,
+            "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "incumbent": own,
+            **decision, "winner": winner, "changes": changes,
+            "gain": rows[winner]["mean"] - rows[own]["mean"] if winner != own and rows.get(own, {}).get("mean")
+            is not None else 0.0,
+            "levels": [lv.variant for lv in levels], "extended": extended,
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
             "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
             "macs_ratio": {v: round(r, 3) for v, r in macs.items()},
             "time_ratio": self.time_ratios(stage.model, by_variant),
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
-        return apply(cfg, next(lv.changes for lv in levels if lv.variant == winner))
+        return apply(cfg, changes)
 
     def levels(self, stage: Stage, cfg: dict) -> tuple[list[Level], str]:
         """The stage's levels around `cfg` and the incumbent's label (--quick: the first few, the incumbent's kept)."""
@@ -359,81 +372,79 @@ class Study:
     def winning_edge(self, stage: Stage, levels: list[Level], winner: str, own: str) -> int:
         """-1 or +1 when a challenger won at that end of an ordered factor's levels (one more level goes past it),
         else 0. Not in --quick, whose levels are cut short."""
-        if not stage.beyond or self.plan.max_levels or winner == own:
+        if not stage.beyond or self.plan.max_levels or winner in (own, None):
             return 0
         return -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
 
     def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
         """Every level x seed at once; each level's records."""
         seeds = self.plan.mlp_seeds if stage.model == "mlp" else self.plan.cnn_seeds
-        specs = [self.spec(stage, lv, seed, cfg) for lv in levels for seed in seeds]
-        records = self.engine.run(specs)
-        self.runs += [s.row() for s in specs]
-        return {lv.variant: [r for s, r in zip(specs, records) if s.variant == lv.variant] for lv in levels}
-
-    def spec(self, stage: Stage, level: Level, seed: int, cfg: dict) -> RunSpec:
         grid = self.plan.mlp_grid if stage.model == "mlp" else self.plan.cnn_grid
         role = "ablation" if stage is ABLATION_STAGE else "grid"
-        return make_spec(stage.model, stage.id, level.variant, seed, apply(cfg, level.changes), grid, role,
-                         self.plan)
+        specs = [make_spec(stage.model, stage.id, lv.variant, seed, apply(cfg, lv.changes), grid, role, self.plan)
+                 for lv in levels for seed in seeds]
+        records = self.train(specs)
+        return {lv.variant: [r for s, r in zip(specs, records) if s.variant == lv.variant] for lv in levels}
 
-    def decide_stage(self, stage: Stage, levels: list[Level], by_variant: dict, own: str, cfg: dict):
-        """(`decide`'s decision, each level's multiply-adds over the module default's, the levels over the cap)."""
+    def decide_stage(self, stage: Stage, levels: list[Level], by_variant: dict, own: str):
+        """(`decide`'s decision, each level's multiply-adds over the start config's, the levels over the cap)."""
         macs_of, cap = mlp_macs if stage.model == "mlp" else cnn_macs, self.plan.macs_cap
-        default = macs_of(start_config(stage.model, self.plan))
-        macs = {lv.variant: macs_of(apply(cfg, lv.changes)) / default for lv in levels}
-        capped = {v for v, r in macs.items() if cap and r > cap}
+        macs = {lv.variant: macs_of(apply(self.start(stage.model), lv.changes)) for lv in levels}
+        ratio = {v: m / macs_of(self.start(stage.model)) for v, m in macs.items()}
+        capped = {v for v, r in ratio.items() if cap and r > cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
-        return decide(by_variant, own, eligible | {own}), macs, capped
+        return decide(by_variant, macs, eligible, own), ratio, capped
+
+    def start(self, model: str) -> dict:
+        return start_config(model, self.plan)
 
     def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
-        """Each level's mean wall seconds over the module default's grid runs' (levels without times: left out)."""
+        """Each level's mean wall seconds over the start config's grid runs' (levels without times: left out)."""
         ref = mean([r.get("seconds") for r in self.reference.get(model, [])])
         means = {v: mean([r.get("seconds") for r in recs]) for v, recs in by_variant.items()}
         return {v: round(m / ref, 3) for v, m in means.items() if m and ref}
 
-    def run_finals(self, model: str, chain: dict, whole_machine: bool = False) -> None:
-        """The chain of winners and (if different) the module default, seed 0 each; the better on validation
-        is kept and trained with the remaining final seeds. whole_machine: one at a time on every core."""
-        chain, default = (self.final_specs(model, name, cfg, self.final_seeds[model])
-                          for name, cfg in (("chain", chain), ("default", start_config(model, self.plan))))
-        if chain[0].key == default[0].key:  # nothing to choose: every seed at once
-            recs = self.train_finals(chain, whole_machine)
-            firsts, kept, rest = [recs[0], None], "chain", recs[1:]
-        else:
-            if self.finals_early(model):
-                self.engine.start(chain + default)
-            firsts = self.train_finals([chain[0], default[0]], whole_machine)
-            kept = "chain" if _val(firsts[0]) >= _val(firsts[1]) else "default"
-            self.engine.cancel((default if kept == "chain" else chain)[1:])
-            rest = self.train_finals((chain if kept == "chain" else default)[1:], whole_machine)
-        self.finals[model] = {"chain": firsts[0]["key"], "default": firsts[1] and firsts[1]["key"], "kept": kept,
-                              "seeds": [firsts[kept == "default"]["key"]] + [r["key"] for r in rest]}
+    def confirm(self, model: str, candidates: dict[str, dict]) -> None:
+        """Every candidate (a config; one that equals an earlier candidate is that candidate) at full budget with
+        the final seeds, all at once; the best mean validation accuracy is kept (a tie: the first named). These
+        are the final runs, the only ones that see the test set. For the CNN, Q3d beside them: the chain with
+        the other way of training the head, at the same budget (no test set)."""
+        same = {}
+        for name, cfg in candidates.items():
+            same[name] = next(n for n, c in candidates.items() if c == cfg)
+        specs = {name: self.final_specs(model, name, candidates[name], "final")
+                 for name in candidates if same[name] == name}
+        heads = {}
+        if model == "cnn":
+            other = next(m for m in _cnn("HEAD_MODES") if m != candidates["chain"]["head_mode"])
+            heads = {other: self.final_specs(model, f"{other} head", apply(candidates["chain"], {"head_mode": other}),
+                                             "heads")}
+        recs = self.train([s for group in (*specs.values(), *heads.values()) for s in group])
+        by_key = {r["key"]: r for r in recs}
+        val = {name: float(np.mean([_val(by_key[s.key]) for s in group])) for name, group in specs.items()}
+        kept = max(specs, key=lambda name: val[name])
+        self.finals[model] = {"candidates": {n: [s.key for s in g] for n, g in specs.items()}, "same": same,
+                              "kept": kept, "seeds": [s.key for s in specs[kept]]}
+        if heads:
+            self.finals[model]["heads"] = {candidates["chain"]["head_mode"]: self.finals[model]["candidates"]["chain"],
+                                           **{m: [s.key for s in g] for m, g in heads.items()}}
 
-    def train_finals(self, specs: list[RunSpec], whole_machine: bool) -> list[dict]:
-        if whole_machine:  # one at a time on every core
-            recs = [self.engine.run([s], os.cpu_count() or 1)[0] for s in specs]
-        else:  # side by side, like grid runs
-            recs = self.engine.run(specs)
+    def train(self, specs: list[RunSpec]) -> list[dict]:
+        records = self.engine.run(specs)
         self.runs += [s.row() for s in specs]
-        return recs
+        return records
 
-    def final_specs(self, model: str, name: str, cfg: dict, seeds) -> list[RunSpec]:
+    def final_specs(self, model: str, name: str, cfg: dict, role: str) -> list[RunSpec]:
         budget = self.plan.mlp_final if model == "mlp" else self.plan.cnn_final
-        variant = "chain of winners" if name == "chain" else "module default"
-        return [make_spec(model, f"{model}_final", variant, seed, cfg, budget, "final", self.plan) for seed in seeds]
-
-    def finals_early(self, model: str) -> bool:
-        """On a GPU machine the CNN runs leave CPU cores idle beside the MLP grid. The module default's MLP
-        finals are always needed (as the final, or as the candidate beside the chain of winners), so there they
-        start with the track, and every seed of both candidates trains at once."""
-        return model == "mlp" and self.engine.device != "cpu"
+        return [make_spec(model, f"{model}_final", name, seed, cfg, budget, role, self.plan)
+                for seed in self.final_seeds[model]]
 
     def manifest(self) -> dict:
         """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
         writes the same manifest."""
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
-                "macs_cap": self.plan.macs_cap,
+                "macs_cap": self.plan.macs_cap, "tie": TIE,
+                "start": {m: start_config(m, self.plan) for m in self.tracks},
                 "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
                 "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
                 "finals": self.finals}
@@ -442,10 +453,6 @@ class Study:
 # ----------------------------------------------------------------------------------------- configs
 def config_class(model: str):
     return mlp_scratch.MLPConfig if model == "mlp" else _cnn("CNNConfig")
-
-
-def default_config(model: str) -> dict:
-    return _json(config_class(model)().to_dict())
 
 
 def _json(x):
@@ -491,7 +498,7 @@ class RunSpec:
     seed: int
     config: dict        # the module config, seed and budget applied
     budget: Budget
-    role: str           # "grid" | "ablation" | "final"
+    role: str           # "grid" | "ablation" | "final" | "heads" (Q3d at full budget, no test set)
     plan: str           # "full" | "quick"
 
     @property
@@ -509,8 +516,9 @@ class RunSpec:
 
 
 def start_config(model: str, plan: Plan) -> dict:
-    """Where a track's grid, its ablation and its module-default final start: the module's defaults."""
-    return apply(default_config(model), plan.overrides.get(model, {}))
+    """Where a track's grid, its ablation and its "start" final begin: START, whole (not the module defaults,
+    which are the study's answer)."""
+    return apply(START[model], plan.overrides.get(model, {}))
 
 
 def make_spec(model, study, variant, seed, base: dict, budget: Budget, role: str, plan: Plan) -> RunSpec:
@@ -573,9 +581,13 @@ def _train_cnn(spec: RunSpec, data: Splits, device: str):
     import cnn_torch
     res = cnn_torch.train(cnn_torch.CNNConfig(**{**spec.config, "device": device}), data, progress=False)
     clf = res.classifier
+    backbone = [h for h in res.history if h["phase"] == "backbone"]  # frozen mode: trained with a linear head
     out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-           "diverged": bool(res.diverged), "device": str(res.device), "n_params": int(res.n_params),
+           "diverged": bool(res.diverged), "device": str(res.device), "precision": res.precision,
+           "n_params": int(res.n_params), "feature_dim": clf.backbone.feature_dim,
            "macs": cnn_macs(spec.config), "layer_stats": None,
+           "linear_val_acc": max((h["val_acc"] for h in backbone), default=None),  # Q3d: the linear head's best
+           "backbone_seconds": sum(h["seconds"] for h in backbone) if backbone else None,
            **_evaluate(spec, data, lambda X, y: cnn_torch.evaluate_classifier(clf, to_images(X), y),
                        lambda X: clf.predict_proba(to_images(X)))}
     return out, clf.save, ""
@@ -626,27 +638,25 @@ class Engine:
         from tqdm import tqdm
         self.bar = tqdm(total=0, unit="run", desc="study", disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
-    def start(self, specs: list[RunSpec], threads: int | None = None) -> list:
-        """Submit the specs neither done nor in flight, each on `threads` BLAS and torch threads (default: the
-        engine's), without waiting; returns the futures of the specs not done yet. A run in flight is never
-        submitted twice: a later call for it waits on the same future."""
-        threads = threads or self.threads
+    def start(self, specs: list[RunSpec]) -> list:
+        """Submit the specs neither done nor in flight, without waiting; returns the futures of the specs not
+        done yet. A run in flight is never submitted twice: a later call for it waits on the same future."""
         with self.lock:
             for s in specs:
                 if s.key not in self.registry and s.key not in self.in_flight:
                     # A Dask key of its own per submission: a run cancelled and asked for again is a new task.
                     self.submitted += 1
                     self.in_flight[s.key] = self.client.submit(
-                        self.runner, s, self.splits, threads, self.device,
+                        self.runner, s, self.splits, self.threads, self.device,
                         key=f"run-{s.key}-{s.plan}-{self.submitted}", pure=False, retries=1)
                     self.bar.total += 1
             self.bar.refresh()
             return list({s.key: self.in_flight[s.key] for s in specs if s.key in self.in_flight}.values())
 
-    def run(self, specs: list[RunSpec], threads: int | None = None) -> list[dict]:
+    def run(self, specs: list[RunSpec]) -> list[dict]:
         """Every spec's record, training those not yet done (all at once; this call waits for them)."""
         from distributed import KilledWorker, as_completed
-        for future in as_completed(self.start(specs, threads)):
+        for future in as_completed(self.start(specs)):
             try:
                 record, files = future.result()
             except KilledWorker as e:  # every worker that ran it died: out of memory, most likely
@@ -663,14 +673,6 @@ class Engine:
                 self.bar.update(1)
                 (self.log if self.bar.disable else self.bar.write)(_run_line(record))
         return [self.registry.records[s.key] for s in specs]
-
-    def cancel(self, specs: list[RunSpec]) -> None:
-        """Drop the specs' runs still in flight: started early, then not needed."""
-        with self.lock:
-            futures = [self.in_flight.pop(s.key) for s in specs if s.key in self.in_flight]
-            self.bar.total -= len(futures)
-        if futures:
-            self.client.cancel(futures)
 
 
 def _run_line(rec: dict) -> str:
@@ -746,18 +748,15 @@ def _val(rec: dict) -> float:
     return -math.inf if rec["diverged"] or rec["val_acc"] is None else rec["val_acc"]
 
 
-def _run_threads(jobs: list[Callable[[], None]], on_error: Callable[[], None]) -> None:
+def _run_threads(jobs: list[Callable[[], None]]) -> None:
     """Run the jobs side by side; the first error (or Ctrl-C) stops the study."""
     errors: list[BaseException] = []
 
     def wrap(job):
         try:
             job()
-        except threading.BrokenBarrierError:
-            pass  # another job failed first
         except BaseException as e:  # re-raised in the main thread below
             errors.append(e)
-            on_error()
     threads = [threading.Thread(target=wrap, args=(j,), daemon=True) for j in jobs]
     for t in threads:
         t.start()
@@ -776,7 +775,7 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     activation, four hidden layers deep so trends show; the CNN per init, with BatchNorm and without."""
     import cnn_torch
     X, y = splits.X_train[:n_images], splits.y_train[:n_images]
-    mlp = default_config("mlp")
+    mlp = START["mlp"]
     rows = []
     cases = [(init, mlp["activation"], init) for init in mlp_scratch.INITS]
     cases += [(mlp["init"], act, act) for act in mlp_scratch.ACTIVATIONS]
@@ -788,7 +787,7 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
                  for r in mlp_scratch.layer_statistics(model, X, y)]
     for batchnorm in (True, False):
         for scheme in cnn_torch.INITS:
-            cfg = cnn_torch.CNNConfig(init=scheme, batchnorm=batchnorm, seed=0, device="cpu")
+            cfg = cnn_torch.CNNConfig(**{**START["cnn"], "init": scheme, "batchnorm": batchnorm, "device": "cpu"})
             rows += [{"model": "cnn", "scheme": scheme, "batchnorm": batchnorm, **r}
                      for r in cnn_torch.init_statistics(cfg, to_images(X), y)]
     return [{k: r.get(k) for k in INIT_STATS_COLUMNS} for r in clean(rows)]
@@ -832,8 +831,7 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
                 client, cluster = start_client(args.workers)
             engine = Engine(client, splits, registry, device=device, threads=args.threads,
                             log=None if log is print else log)
-            final_seeds = args.final_seeds or ((0, 1, 2) if device.startswith("cuda") and not args.quick else None)
-            study = Study(engine, plan, only=args.only, final_seeds=final_seeds)
+            study = Study(engine, plan, only=args.only, final_seeds=args.final_seeds)
             study.executed = engine.executed
             try:
                 study.run()
@@ -884,19 +882,21 @@ def _check_device(name: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the whole pipeline on a small subset (default: off)")
+    p.add_argument("--compare", nargs=2, type=cli.path_arg, metavar=("NEW", "OLD"),
+                   help="compare every run record of results folder OLD with NEW's (make reproduce) and exit")
     p.add_argument("--plots-only", action="store_true",
                    help="rebuild CSVs, summary.json and figures from <results-dir>/runs without training")
     p.add_argument("--results-dir", type=cli.path_arg, default="results", help="output folder (default: results)")
     p.add_argument("--seeds", type=cli.seed_list_arg, help="seeds of every grid level (default: MLP 0,1,2 and CNN 0,1)")
     p.add_argument("--final-seeds", type=cli.seed_list_arg, default=None,
-                   help="seeds of the kept CNN final (default: 0 on a CPU, 0,1,2 on a GPU)")
+                   help="seeds of each CNN final candidate (default: 0,1; 0,1,2 is affordable on a GPU)")
     p.add_argument("--only", choices=study_results.MODELS, default=None, help="one track only (default: both)")
     p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2,
                    help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
                         "benchmarks/bench_workers.py)")
     p.add_argument("--threads", type=cli.count_arg("threads", 1024), default=1,
                    help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores "
-                        "(default: 1; final CNN runs take every core)")
+                        "(default: 1)")
     p.add_argument("--scheduler", type=cli.path_arg, default=None,
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
@@ -906,7 +906,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.plots_only:
+    if args.compare:
+        import pandas as pd
+        rows, line = study_results.compare_studies(*args.compare)
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{100 * v:+.2f}"))
+        print(f"reproduce: {line}")
+    elif args.plots_only:
         rebuild_only(args)
     elif why := cli.cannot_write(args.results_dir, folder=True):
         raise StudyError(why)

@@ -33,7 +33,7 @@ import cli
 from preprocessing import CLASS_NAMES, NUM_CLASSES
 
 MODELS = ("mlp", "cnn")
-ROLES = ("grid", "ablation", "final")
+ROLES = ("grid", "ablation", "final", "heads")
 STALE_TMP_SECONDS = 60.0  # a temporary file this old belongs to no live writer (writes take < 1 s)
 
 
@@ -144,7 +144,7 @@ RECORD: dict[str, Callable] = {
     "study": _NAME,                                  # the stage or final it was trained for: mlp_lr, cnn_final
     "variant": _is(str),                             # the level's label, e.g. 0.003, chain of winners
     "seed": lambda v: _is(int)(v) and v >= 0,
-    "role": lambda v: v in ROLES,                    # grid | ablation | final (only finals see the test set)
+    "role": lambda v: v in ROLES,                    # grid | ablation | final | heads (only finals see the test set)
     "config": _is(dict),                             # the module config it trained (MLPConfig / CNNConfig)
     "val_acc": _FRACTION,                            # validation accuracy at the best epoch; None if it diverged
     "diverged": _is(bool),                           # training stopped on a non-finite or exploding loss
@@ -299,6 +299,11 @@ def load_runs(results_dir, log: Callable = print) -> tuple[list[dict], dict]:
 
 
 # ------------------------------------------------------------------------------------------ statistics
+# Student t quantiles by degrees of freedom: 0.975 (two-sided 95% interval, 5% test) and 0.80 (80% power).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879}
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n (95% for z = 1.96); (0, 1) when n = 0. Unlike the
     normal approximation it stays inside [0, 1] and is sensible near 0 and 1."""
@@ -387,8 +392,8 @@ RUN_ROW = ("key", "model", "study", "variant", "seed", "role")
 MANIFEST_PARTS = (
     ("runs", list, {k: RECORD[k] for k in RUN_ROW}, RUN_ROW),
     ("stages", dict, {"levels": _opt(_list_of(_is(str)))}, ()),
-    ("finals", dict, {"chain": _is(str), "default": _opt(_is(str)), "kept": lambda v: v in ("chain", "default"),
-                      "seeds": _list_of(_is(str))}, ("chain", "kept", "seeds")))
+    ("finals", dict, {"candidates": lambda v: isinstance(v, dict) and all(_list_of(_is(str))(k) for k in v.values()),
+                      "kept": _NAME, "seeds": _list_of(_is(str))}, ("candidates", "kept", "seeds")))
 
 
 def load_manifest(results_dir, log: Callable = print) -> dict:
@@ -427,16 +432,13 @@ def study_records(records: dict[str, dict], manifest: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ finals
 def _candidates(records: dict[str, dict], manifest: dict, model: str) -> dict | None:
-    """{"kept": name, "runs": {name: seed-0 record}, "seeds": [records of the kept candidate]} from the
+    """{"kept": name, "runs": {name: its records by seed}, "seeds": the kept candidate's usable records} from the
     manifest's finals; None when the track has no usable final."""
     spec = manifest["finals"].get(model, {})
-    runs = {name: records[spec[name]] for name in ("chain", "default")
-            if spec.get(name) in records and not records[spec[name]]["diverged"]}
-    if spec.get("kept") not in runs:
-        return None
-    keys = dict.fromkeys([runs[spec["kept"]]["key"], *spec["seeds"]])
-    seeds = [records[k] for k in keys if k in records and not records[k]["diverged"]]
-    return {"kept": spec["kept"], "runs": runs, "seeds": sorted(seeds, key=lambda r: r["seed"])}
+    runs = {name: sorted((records[k] for k in keys if k in records), key=lambda r: r["seed"])
+            for name, keys in spec.get("candidates", {}).items()}
+    seeds = [r for r in runs.get(spec.get("kept"), []) if not r["diverged"]]
+    return {"kept": spec["kept"], "runs": runs, "seeds": seeds, "same": spec.get("same", {})} if seeds else None
 
 
 def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, log: Callable) -> dict | None:
@@ -455,23 +457,56 @@ def _wilson_of(rec: dict) -> list[float] | None:
     return list(wilson_interval(int(round(rec["test_acc"] * n)), int(n)))
 
 
+def paired_difference(a: list[dict], b: list[dict], field: str = "val_acc") -> dict | None:
+    """Mean of a's minus b's `field` over the seeds both ran, with its 95% t interval (None with one seed)."""
+    by_seed = {r["seed"]: r.get(field) for r in b}
+    d = [r[field] - by_seed[r["seed"]] for r in a if r.get(field) is not None and by_seed.get(r["seed"]) is not None]
+    if not d:
+        return None
+    half = T975.get(len(d) - 1, 1.96) * sample_std(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    return {"n": len(d), "diff": float(np.mean(d)), "ci": None if half is None else [np.mean(d) - half, np.mean(d) + half]}
+
+
+def _seed_row(r: dict) -> dict:
+    return {"seed": r["seed"], "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
+            "train_acc": r.get("train_acc"), "seconds": r.get("seconds"), "diverged": r["diverged"],
+            "test_acc_wilson95": _wilson_of(r)}
+
+
 def _model_summary(c: dict) -> dict:
-    rec = c["runs"][c["kept"]]
+    rec = c["seeds"][0]  # the seed whose model is saved as models/<model>_best
     seed_accs = [r["test_acc"] for r in c["seeds"] if r.get("test_acc") is not None]
+    kept = c["runs"][c["kept"]]
     return {
         "test_acc": rec["test_acc"], "val_acc": rec["val_acc"], "test_macro_f1": rec.get("test_macro_f1"),
         "per_class": rec.get("per_class"), "confusion": rec.get("confusion"), "config": rec["config"],
-        "key": rec["key"], "kept": c["kept"],
-        "train_seconds": rec.get("seconds"), "epochs_run": rec.get("epochs_run"),
+        "key": rec["key"], "kept": c["kept"], "same": c["same"],
+        "train_seconds": rec.get("seconds"), "epochs_run": rec.get("epochs_run"), "precision": rec.get("precision"),
         "n_params": rec.get("n_params"), "macs": rec.get("macs"), "n_test": rec.get("n_test"),
         "test_acc_wilson95": _wilson_of(rec),
-        "seeds": [{"seed": r["seed"], "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
-                   "test_acc_wilson95": _wilson_of(r)} for r in c["seeds"]],
+        "seeds": [_seed_row(r) for r in c["seeds"]],
+        "val_acc_mean": mean([r["val_acc"] for r in c["seeds"]]),
         "test_acc_mean": mean(seed_accs), "test_acc_std": sample_std(seed_accs),
-        "candidates": [{"name": name, "key": r["key"], "val_acc": r["val_acc"], "test_acc": r.get("test_acc"),
-                        "test_acc_wilson95": _wilson_of(r), "config": r["config"]}
-                       for name, r in c["runs"].items()],
+        "candidates": [{"name": name, "config": rs[0]["config"], "seeds": [_seed_row(r) for r in rs],
+                        "val_acc_mean": mean([r["val_acc"] for r in rs]),
+                        "test_acc_mean": mean([r.get("test_acc") for r in rs]),
+                        "val_diff_to_kept": paired_difference(rs, kept)}
+                       for name, rs in c["runs"].items() if rs],
     }
+
+
+def _heads_summary(records: dict[str, dict], manifest: dict) -> dict | None:
+    """Q3d at full budget: per head training mode, its runs' validation accuracy (and for frozen runs the
+    linear head's that trained the backbone), seconds, and the backbone phase's seconds."""
+    heads = manifest["finals"].get("cnn", {}).get("heads")
+    if not heads:
+        return None
+    out = {}
+    for mode, keys in heads.items():
+        rs = [records[k] for k in keys if k in records]
+        out[mode] = [{**_seed_row(r), "linear_val_acc": r.get("linear_val_acc"),
+                      "backbone_seconds": r.get("backbone_seconds")} for r in rs]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ summary.json
@@ -509,12 +544,12 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
     results_dir = Path(results_dir)
     cands = {m: _candidates(records, manifest, m) for m in MODELS}
     summary: dict = {m: _model_summary(c) for m, c in cands.items() if c is not None}
-    kept = {m: c["runs"][c["kept"]] for m, c in cands.items() if c}
+    kept = {m: c["seeds"][0] for m, c in cands.items() if c}
     tests = [("MLP", "CNN", kept["mlp"], kept["cnn"])] if len(kept) == 2 else []
-    tests += [(f"{m.upper()} chain", f"{m.upper()} default", c["runs"]["chain"], c["runs"]["default"])
-              for m, c in cands.items() if c and {"chain", "default"} <= set(c["runs"])
-              and c["runs"]["chain"]["key"] != c["runs"]["default"]["key"]]
+    tests += [(f"{m.upper()} chain", f"{m.upper()} start", c["runs"]["chain"][0], c["runs"]["start"][0])
+              for m, c in cands.items() if c and c["runs"].get("chain") and c["runs"].get("start")]
     summary["mcnemar"] = [row for a, b, ra, rb in tests if (row := _mcnemar_row(a, b, ra, rb, log))]
+    summary["heads"] = _heads_summary(records, manifest)
     stages = manifest["stages"]
     summary["stages"] = {study: {**st, "table": study_table(rows, study, st.get("levels"))}
                          for study, st in stages.items()}
@@ -567,8 +602,7 @@ def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manife
     names, kept = {}, set()
     for m in MODELS:
         if c := _candidates(records, manifest, m):
-            names.update({**dict.fromkeys(manifest["finals"][m]["seeds"], c["kept"]),
-                          **{r["key"]: n for n, r in c["runs"].items()}})
+            names.update({r["key"]: n for n, rs in c["runs"].items() for r in rs})
             kept.update(r["key"] for r in c["seeds"])
     finals = sorted((r for r in records.values() if r["role"] == "final"),
                     key=lambda r: (MODELS.index(r["model"]), r["variant"], r["seed"]))
@@ -589,12 +623,48 @@ def copy_best_models(results_dir, records: dict[str, dict], manifest: dict) -> N
                         ("cnn", results_dir / "models" / "cnn_best")):
         if (c := _candidates(records, manifest, model)) is None:
             continue
-        src = results_dir / c["runs"][c["kept"]]["model_file"]
+        src = results_dir / c["seeds"][0]["model_file"]
         if src.is_dir():
             cli.atomic_folder(dest, {str(f.relative_to(src)): f.read_bytes()
                                      for f in sorted(src.rglob("*")) if f.is_file()})
         else:
             cli.atomic_write(dest, src.read_bytes())
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+TIMING = ("seconds", "sec_per_epoch", "train_seconds", "backbone_seconds", "finished_at")
+REPRODUCE_TOLERANCE = 0.005  # accuracies on another machine (its bf16 kernels, a GPU): within half a point
+
+
+def _without_timing(x):
+    if isinstance(x, dict):
+        return {k: _without_timing(v) for k, v in x.items() if k not in TIMING}
+    return [_without_timing(v) for v in x] if isinstance(x, list) else x
+
+
+def compare_studies(new_dir, old_dir) -> tuple[list[dict], str]:
+    """Every run record of old_dir against new_dir's of the same key: (a row per run, one line that sums up).
+    A row's status: "identical" (every field but the timings), "differs" (with the accuracies' differences)
+    or "missing" (not in new_dir)."""
+    new, old = (Registry(d, log=lambda *a: None, read_only=True).records for d in (new_dir, old_dir))
+    rows = []
+    for key, rec in sorted(old.items(), key=lambda kv: (kv[1]["study"], kv[1]["variant"], kv[1]["seed"])):
+        other = new.get(key)
+        row = {"study": rec["study"], "variant": rec["variant"], "seed": rec["seed"], "key": key,
+               "status": "missing" if other is None else
+               "identical" if _without_timing(other) == _without_timing(rec) else "differs"}
+        for f in ("val_acc", "test_acc"):
+            if other is not None and rec.get(f) is not None and other.get(f) is not None:
+                row[f"d_{f}"] = other[f] - rec[f]
+        rows.append(row)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("identical", "differs", "missing")}
+    worst = max((abs(r.get(f"d_{f}", 0.0)) for r in rows for f in ("val_acc", "test_acc")), default=0.0)
+    line = (f"{counts['identical']} of {len(rows)} run records identical except timings"
+            + (f"; {counts['differs']} differ, the largest accuracy difference {100 * worst:.2f} points "
+               f"({'within' if worst <= REPRODUCE_TOLERANCE else 'beyond'} the tolerance of "
+               f"{100 * REPRODUCE_TOLERANCE:.1f} points for another machine)" if counts["differs"] else "")
+            + (f"; {counts['missing']} missing" if counts["missing"] else ""))
+    return rows, line
 
 
 # ------------------------------------------------------------------------------------------ all outputs

@@ -1,4 +1,5 @@
-"""Seconds per training epoch of the CNN variants on this machine, and the training loop's overhead.
+"""Seconds per training epoch of the CNN variants on this machine, the training loop's overhead, its throughput
+against the machine's bf16 matrix-product peak, and the default recipe's seconds against the old one's.
 
     python benchmarks/bench_cnn.py                  # ~3 minutes on a 2-core CPU
     python benchmarks/bench_cnn.py --n-images 1280 --repeats 1   # quicker, noisier
@@ -10,13 +11,16 @@ indexing, augmentation, the numpy head through the gradient bridge, the schedule
 `--n-images` random training images and scales it to the 54,000 images of a full epoch. For the default
 configuration it then times, interleaved in the same process, the bare model work on the same batches
 (cnn_torch.train_step: forward, loss, backward and both optimizers' steps; no shuffling, indexing,
-augmentation, schedule or metrics) and prints the loop's overhead over it. The best of `--repeats` runs is
+augmentation, schedule or metrics) and prints the loop's overhead over it; the loop's arithmetic rate
+(3 x 2 x multiply-adds per image: forward and backward) over the best bf16 matrix product measured in the same
+process; and the default recipe's backbone seconds (epochs x s/epoch at its batch size) over OLD_RECIPE's. The best of `--repeats` runs is
 kept, since other processes on the machine can only make a run slower. numpy's BLAS is held at one thread
 throughout, as cnn_torch.train holds it.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import replace
@@ -36,8 +40,23 @@ FULL_EPOCH = 54_000
 VARIANTS = [{"pool": pool, **filters} for filters in ({}, {"filters": "constant", "base_filters": 32},
                                                       {"filters": "double", "base_filters": 8})
             for pool in cnn_torch.POOLS]
-VARIANTS += [{"precision": p, "channels_last": cl} for p in cnn_torch.PRECISIONS for cl in (False, True)
+VARIANTS += [{"precision": p, "channels_last": cl} for p in ("fp32", "bf16") for cl in (False, True)
              if (p, cl) != (cnn_torch.CNNConfig.precision, cnn_torch.CNNConfig.channels_last)]
+
+
+# The recipe before the short one (benchmarks/cnn_recipe_sweep.py's DEFAULT26): 26 epochs at batch 128, lr 3e-3.
+OLD_RECIPE = {"epochs": 26, "batch_size": 128, "lr": 3e-3, "head_epochs": 20}
+
+
+def matmul_peak(dtype=torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` n x n matrix products in `dtype`: the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def make_data(n: int, seed: int = 0) -> dict:
@@ -104,8 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(max(3, args.repeats)):  # interleaved, so that a busy spell slows both alike
             bare.append(bare_seconds(base, data))
             loop.append(loop_seconds(base, data))
+        old = replace(base, **OLD_RECIPE)
+        old_epoch = min(loop_seconds(old, data) for _ in range(args.repeats)) * scale
+        peak = matmul_peak()
+    epoch = min(loop) * scale
+    rate = 6 * cnn_torch.build_backbone(base).conv_macs() * FULL_EPOCH / epoch
     print(f"\nDefault configuration: bare forward/backward/step {min(bare) * scale:.1f} s/epoch, training loop "
-          f"{min(loop) * scale:.1f} s/epoch: overhead {100 * (min(loop) / min(bare) - 1):+.1f}% (target <= 10%)")
+          f"{epoch:.1f} s/epoch: overhead {100 * (min(loop) / min(bare) - 1):+.1f}% (target <= 10%)")
+    print(f"Throughput: {rate / 1e9:.1f} GFLOP/s of convolutions against a bf16 matrix-product peak of "
+          f"{peak / 1e9:.1f} GFLOP/s measured here: ratio {rate / peak:.2f}")
+    print(f"Recipe: default {base.epochs} epochs x {epoch:.1f} s = {base.epochs * epoch:.0f} s of backbone training; "
+          f"old {old.epochs} x {old_epoch:.1f} s = {old.epochs * old_epoch:.0f} s: ratio "
+          f"{base.epochs * epoch / (old.epochs * old_epoch):.2f}")
     return 0
 
 

@@ -275,8 +275,8 @@ def build_study(results, *, mlp_seeds=(0, 1, 2), with_default=True, plan="quick"
         add(final_record(f"mchain{seed}", Y, _wrong(4 + seed), seed=seed, val_acc=0.9, plan=plan),
             {f"models/runs/mchain{seed}.npz": b"mlp%d" % seed})
     if with_default:
-        add(final_record("mdefault0", Y, _wrong(6, shift=2), variant="default", val_acc=0.88, plan=plan),
-            {"models/runs/mdefault0.npz": b"mlp default"})
+        add(final_record("mdefault0", Y, _wrong(6, shift=2), variant="start", val_acc=0.88, plan=plan),
+            {"models/runs/mdefault0.npz": b"mlp start"})
     add(final_record("cchain0", Y, _wrong(1), model="cnn", plan=plan),
         {"models/runs/cchain0/backbone.pt": b"cnn", "models/runs/cchain0/config.json": b"{}"})
     manifest = {
@@ -288,9 +288,10 @@ def build_study(results, *, mlp_seeds=(0, 1, 2), with_default=True, plan="quick"
                    "cnn_ablation": {"model": "cnn", "factor": "recipe", "ordered": False,
                                     "default": "full recipe", "winner": "full recipe",
                                     "levels": ["full recipe", "no batchnorm"], "contrast": []}},
-        "finals": {"mlp": {"chain": "mchain0", "default": "mdefault0" if with_default else None,
+        "finals": {"mlp": {"candidates": {"chain": [f"mchain{s}" for s in mlp_seeds],
+                                          **({"start": ["mdefault0"]} if with_default else {})},
                            "kept": "chain", "seeds": [f"mchain{s}" for s in mlp_seeds]},
-                   "cnn": {"chain": "cchain0", "default": None, "kept": "chain", "seeds": ["cchain0"]}},
+                   "cnn": {"candidates": {"chain": ["cchain0"]}, "kept": "chain", "seeds": ["cchain0"]}},
     }
     sr.write_json(results / "manifest.json", manifest)
     return manifest
@@ -319,10 +320,12 @@ def test_rebuild_outputs_tables_summary_and_models(tmp_path):
     assert mlp["test_acc_mean"] == pytest.approx(np.mean(accs))
     assert mlp["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
     assert mlp["test_acc_wilson95"] == pytest.approx(list(sr.wilson_interval(36, 40)))
-    assert {c["name"] for c in mlp["candidates"]} == {"chain", "default"}
+    assert {c["name"] for c in mlp["candidates"]} == {"chain", "start"}
+    start = next(c for c in mlp["candidates"] if c["name"] == "start")
+    assert start["val_diff_to_kept"] == {"n": 1, "diff": pytest.approx(0.88 - 0.9), "ci": None}  # seed 0 only
     assert on_disk["cnn"]["test_acc_std"] is None
     tests = {(t["a"], t["b"]): t for t in on_disk["mcnemar"]}
-    assert set(tests) == {("MLP", "CNN"), ("MLP chain", "MLP default")}
+    assert set(tests) == {("MLP", "CNN"), ("MLP chain", "MLP start")}
     t = tests[("MLP", "CNN")]
     assert (t["n01"], t["n10"]) == (3, 0) and t["a_key"] == "mchain0" and t["b_key"] == "cchain0"
     assert t["p_value"] == pytest.approx(2 * 1 / 8)

@@ -40,23 +40,17 @@ def _vals(out: Path) -> dict:
 
 class FakeEngine:
     """Answers each run with a validation accuracy from `score(spec)` and wall seconds from `seconds(spec)`
-    (default: 10 s); trains nothing. Records what was run (calls), started early and cancelled."""
+    (default: 10 s); trains nothing. Records what was run (calls)."""
 
     def __init__(self, score, seconds=None, device="cpu"):
         self.score, self.seconds, self.asked = score, seconds or (lambda s: 10.0), []
-        self.device, self.threads, self.calls, self.started, self.cancelled = device, 1, [], [], []
+        self.device, self.threads, self.calls = device, 1, []
 
-    def run(self, specs, threads=None):
+    def run(self, specs):
         self.asked += specs
-        self.calls.append(([(s.variant, s.seed) for s in specs], threads))
-        return [{"key": s.key, "val_acc": self.score(s), "diverged": False, "seconds": self.seconds(s)}
-                for s in specs]
-
-    def start(self, specs, threads=None):
-        self.started.append([(s.variant, s.seed) for s in specs])
-
-    def cancel(self, specs):
-        self.cancelled += [(s.variant, s.seed) for s in specs]
+        self.calls.append([(s.variant, s.seed) for s in specs])
+        return [{"key": s.key, "seed": s.seed, "val_acc": self.score(s), "diverged": False,
+                 "seconds": self.seconds(s)} for s in specs]
 
 
 def _decide(score, study="mlp_lr", seconds=None):
@@ -66,11 +60,11 @@ def _decide(score, study="mlp_lr", seconds=None):
     return study_.stages[study], study_.engine.asked
 
 
-def test_a_stage_holds_the_default_and_a_level_on_each_side_of_it():
+def test_a_stage_holds_the_incumbent_and_a_level_on_each_side_of_it():
     stage, asked = _decide(lambda s: 0.8)
-    assert stage["default"] == "0.001" and stage["levels"] == ["0.000333", "0.001", "0.003"]
-    assert stage["winner"] == "0.001" and not stage["extended"] and not stage["edge"]  # a tie keeps the default
-    assert stage["leader"] == "0.001" and stage["gap"] == 0.0 and stage["noise"] < 1e-12  # the decision, stored
+    assert stage["incumbent"] == "0.001" and stage["levels"] == ["0.000333", "0.001", "0.003"]
+    assert stage["winner"] == "0.001" and not stage["extended"] and not stage["edge"]  # an exact tie: the incumbent
+    assert stage["rows"]["0.003"]["diff"] == 0.0 and stage["sd"] == 0.0 and stage["gain"] == 0.0
     assert len(asked) == 3 * len(rx.FULL_PLAN.mlp_seeds)
     assert all(s.role == "grid" and s.budget == rx.FULL_PLAN.mlp_grid for s in asked)
 
@@ -79,84 +73,93 @@ def test_a_winner_at_the_edge_gets_one_more_level_beyond_it():
     stage, _ = _decide(lambda s: s.config["lr"] * 10)  # the larger the rate, the better
     assert stage["levels"] == ["0.000333", "0.001", "0.003", "0.009"]
     assert stage["extended"] and stage["winner"] == "0.009" and stage["edge"]  # still at the edge: flagged
+    assert stage["gain"] == pytest.approx(0.09 - 0.01) and stage["changes"] == {"lr": 0.009}
     stage, _ = _decide(lambda s: -abs(s.config["lr"] - 0.003))  # best at 0.003, found after one step
     assert stage["winner"] == "0.003" and stage["extended"] and not stage["edge"]
 
 
-def _seeded(means: dict, spread: float):
-    """Records of levels with these mean accuracies, seeds at mean -/+ spread."""
-    return {v: [{"val_acc": m - spread, "diverged": False}, {"val_acc": m + spread, "diverged": False}]
-            for v, m in means.items()}
+def _seeded(means: dict, spreads: dict):
+    """Records of levels with these mean accuracies, seed 0 at mean - spread and seed 1 at mean + spread."""
+    return {v: [{"seed": 0, "val_acc": m - spreads.get(v, 0), "diverged": False},
+                {"seed": 1, "val_acc": m + spreads.get(v, 0), "diverged": False}] for v, m in means.items()}
 
 
-def test_a_level_replaces_the_incumbent_only_by_more_than_the_seed_noise():
-    levels = {"a": 0.900, "b": 0.903, "c": 0.899}
-    # seed std 0.0028 (spread 0.002): noise = 2 * 0.0028 * sqrt(1/2 + 1/2) = 0.0057 > 0.003
-    held = rx.decide(_seeded(levels, 0.002), "a", eligible=set(levels))
-    assert held["winner"] == "a" and held["leader"] == "b" and held["compared"] == "a"
-    assert held["gap"] == pytest.approx(0.003) and held["noise"] == pytest.approx(2 * np.std([0.898, 0.902], ddof=1))
-    # seed std 0.00014: the same 0.3-point gap is now clear
-    assert rx.decide(_seeded(levels, 0.0001), "a", eligible=set(levels))["winner"] == "b"
-    one_seed = {v: [{"val_acc": m, "diverged": False}] for v, m in levels.items()}
-    assert rx.decide(one_seed, "a", eligible=set(levels))["winner"] == "b"  # no noise estimate: the best mean
-    # the incumbent on top is measured against the runner-up
-    top = rx.decide(_seeded({"a": 0.91, "b": 0.90}, 0.0001), "a", eligible={"a", "b"})
-    assert top["winner"] == top["leader"] == "a" and top["compared"] == "b" and top["gap"] == pytest.approx(0.01)
+def test_the_best_mean_wins_unless_a_cheaper_level_is_within_the_tie():
+    levels = {"a": 0.900, "b": 0.903, "c": 0.8996}
+    cost = {"a": 1, "b": 1, "c": 1}
+    assert rx.decide(_seeded(levels, {}), cost, set(levels), "a")["winner"] == "b"  # no evidence rule: the best
+    cheap = rx.decide(_seeded({**levels, "c": 0.9026}, {}), {**cost, "c": 0.5}, set(levels), "a")
+    assert cheap["winner"] == "c"  # 0.04 points behind b, half the multiply-adds
+    assert rx.decide(_seeded({**levels, "c": 0.9024}, {}), {**cost, "c": 0.5}, set(levels), "a")["winner"] == "b"
+
+
+def test_each_level_is_compared_with_the_winner_paired_by_seed():
+    # b - a per seed: 0.003 - 0.001 = 0.002 and 0.003 + 0.001 = 0.004; c - b: -0.004 -/+ 0.001
+    d = rx.decide(_seeded({"a": 0.900, "b": 0.903, "c": 0.899}, {"a": 0.001, "c": 0.002, "b": 0.002}),
+                  dict.fromkeys("abc", 1), set("abc"), "a")
+    assert d["winner"] == "b" and d["dof"] == 2
+    diffs = {"a": [(0.899 - 0.901), (0.901 - 0.905)], "c": [(0.897 - 0.901), (0.901 - 0.905)]}
+    sd = np.sqrt(sum(((np.array(v) - np.mean(v)) ** 2).sum() for v in diffs.values()) / 2)
+    assert d["sd"] == pytest.approx(sd)
+    for v in "ac":
+        half = 4.303 * sd / np.sqrt(2)
+        assert d["rows"][v]["diff"] == pytest.approx(np.mean(diffs[v]))
+        assert d["rows"][v]["ci"] == pytest.approx([np.mean(diffs[v]) - half, np.mean(diffs[v]) + half])
+    assert d["mdd"] == pytest.approx((4.303 + 1.061) * sd / np.sqrt(2))
+    one_seed = rx.decide({v: [{"seed": 0, "val_acc": m, "diverged": False}] for v, m in {"a": .9, "b": .8}.items()},
+                         {"a": 1, "b": 1}, {"a", "b"}, "b")
+    assert one_seed["winner"] == "a" and one_seed["mdd"] is None and one_seed["rows"]["b"]["ci"] is None
 
 
 def test_a_level_with_a_diverged_seed_or_a_contrast_level_never_wins():
-    recs = {"a": [{"val_acc": 0.9, "diverged": False}], "b": [{"val_acc": 0.95, "diverged": True}],
-            "c": [{"val_acc": 0.99, "diverged": False}]}
-    assert rx.decide(recs, "a", eligible={"a", "b"})["winner"] == "a"
+    recs = {"a": [{"seed": 0, "val_acc": 0.9, "diverged": False}], "b": [{"seed": 0, "val_acc": 0.95, "diverged": True}],
+            "c": [{"seed": 0, "val_acc": 0.99, "diverged": False}]}
+    assert rx.decide(recs, dict.fromkeys("abc", 1), {"a", "b"}, "a")["winner"] == "a"
     stage, _ = _decide(lambda s: 0.5 if s.config["batchnorm"] else 0.9, study="cnn_init")
     assert stage["winner"] == "xavier" and set(stage["contrast"]) == {"random, no BN", "xavier, no BN", "he, no BN"}
 
 
-def _finals(model, chain, device="cpu", score=lambda s: 0.9):
-    engine = FakeEngine(score, device=device)
+def _confirm(model, candidates, score=lambda s: 0.9):
+    engine = FakeEngine(score)
     study_ = rx.Study(engine, rx.FULL_PLAN, only=model)
-    study_.run_finals(model, chain, whole_machine=model == "cnn" and device == "cpu")
+    study_.confirm(model, candidates)
     return study_.finals[model], engine
 
 
-def test_finals_with_nothing_to_choose_train_every_seed_at_once():
-    mlp = rx.start_config("mlp", rx.FULL_PLAN)
-    finals, engine = _finals("mlp", mlp)
-    assert engine.calls == [([("chain of winners", s) for s in rx.FULL_PLAN.mlp_seeds], None)]  # side by side
-    assert finals["kept"] == "chain" and finals["default"] is None and len(finals["seeds"]) == 3
-    assert engine.started == []
-    # A CNN final on a CPU takes every core, one run at a time.
-    _, engine = _finals("cnn", rx.start_config("cnn", rx.FULL_PLAN))
-    assert engine.calls == [([("chain of winners", 0)], os.cpu_count() or 1)]
+def test_a_chain_equal_to_the_start_is_one_candidate_trained_on_every_final_seed():
+    start = rx.start_config("mlp", rx.FULL_PLAN)
+    finals, engine = _confirm("mlp", {"chain": start, "start": start})
+    assert engine.calls == [[("chain", s) for s in rx.FULL_PLAN.mlp_final_seeds]]  # at once
+    assert finals["kept"] == "chain" and finals["same"] == {"chain": "chain", "start": "chain"}
+    assert finals["seeds"] == finals["candidates"]["chain"] and len(finals["seeds"]) == 3
+    assert all(s.role == "final" and s.budget == rx.FULL_PLAN.mlp_final for s in engine.asked)
 
 
-def test_a_chain_that_differs_from_the_default_is_trained_beside_it_and_the_better_kept():
-    chain = {**rx.start_config("mlp", rx.FULL_PLAN), "lr": 0.003}
-    seeds = rx.FULL_PLAN.mlp_seeds
-    finals, engine = _finals("mlp", chain, score=lambda s: 0.9 if s.variant == "module default" else 0.8)
-    assert engine.calls[0] == ([("chain of winners", 0), ("module default", 0)], None)
-    assert engine.calls[1] == ([("module default", s) for s in seeds[1:]], None)
-    assert finals["kept"] == "default" and finals["default"] == finals["seeds"][0] != finals["chain"]
-    assert engine.started == []  # on a CPU nothing starts before it is needed
-    # On a GPU machine every seed of both candidates starts at once; the loser's other seeds are cancelled.
-    finals, engine = _finals("mlp", chain, device="cuda", score=lambda s: 0.9 if s.variant != "module default" else 0.8)
-    assert engine.started == [[("chain of winners", s) for s in seeds] + [("module default", s) for s in seeds]]
-    assert engine.calls[1] == ([("chain of winners", s) for s in seeds[1:]], None)
-    assert engine.cancelled == [("module default", s) for s in seeds[1:]] and finals["kept"] == "chain"
+def test_the_candidates_train_side_by_side_and_the_best_mean_validation_is_kept():
+    start = rx.start_config("mlp", rx.FULL_PLAN)
+    cands = {"chain": {**start, "lr": 0.003}, "start": start, "largest single change": {**start, "dropout": 0.1}}
+    finals, engine = _confirm("mlp", cands, score=lambda s: {"start": 0.90, "chain": 0.89}.get(s.variant, 0.895))
+    assert engine.calls == [[(n, s) for n in cands for s in rx.FULL_PLAN.mlp_final_seeds]]
+    assert finals["kept"] == "start" and finals["seeds"] == finals["candidates"]["start"]
 
 
-def test_on_a_gpu_machine_the_default_mlp_finals_start_with_the_mlp_track():
-    engine = FakeEngine(lambda s: 0.9, device="cuda")
+def test_the_cnn_confirmation_trains_the_chain_with_the_other_head_mode_beside_it():
+    start = rx.start_config("cnn", rx.FULL_PLAN)
+    finals, engine = _confirm("cnn", {"chain": start, "start": start})
+    other = [s for s in engine.asked if s.role == "heads"]
+    assert [s.config["head_mode"] for s in other] == ["joint"] * len(rx.FULL_PLAN.cnn_final_seeds)
+    assert finals["heads"] == {"frozen": finals["candidates"]["chain"], "joint": [s.key for s in other]}
+
+
+def test_a_track_confirms_its_largest_single_grid_change_on_its_own():
+    engine = FakeEngine(lambda s: 0.9 + s.config["dropout"] / 10 + (0.01 if s.config["activation"] == "gelu" else 0)
+                        - (0.1 if s.config["hidden"] != [1024, 1024] else 0))
     study = rx.Study(engine, rx.FULL_PLAN, only="mlp")
     study.run_track("mlp")
-    seeds = rx.FULL_PLAN.mlp_seeds
-    assert engine.started[0] == [("module default", s) for s in seeds]  # before any grid run
-    assert engine.calls[-1] == ([("chain of winners", s) for s in seeds], None)  # the same runs: keys match
-    assert {s.key for s in engine.asked if s.role == "final"} == {
-        s.key for s in study.final_specs("mlp", "default", rx.start_config("mlp", rx.FULL_PLAN), seeds)}
-    # The CNN's finals would share the GPU with its grid: they wait for it. On a CPU nothing starts early.
-    assert not study.finals_early("cnn")
-    assert not rx.Study(FakeEngine(lambda s: 0.9), rx.FULL_PLAN).finals_early("mlp")
+    finals = study.finals["mlp"]
+    assert set(finals["candidates"]) == {"chain", "start", "largest single change"}
+    single = next(s for s in engine.asked if s.variant == "largest single change")
+    assert single.config["dropout"] > 0.3 and single.config["activation"] == "relu"  # dropout's gain was larger
 
 
 def test_filter_shapes_spend_the_same_multiply_adds_as_the_default():
@@ -169,17 +172,17 @@ def test_filter_shapes_spend_the_same_multiply_adds_as_the_default():
         assert abs(rx.cnn_macs({**cfg, **lv.changes}) / target - 1) <= 0.10, lv
 
 
-def test_the_grid_starts_at_the_module_defaults_and_keeps_their_recipe():
+def test_the_grid_starts_at_the_stated_start_config_and_keeps_its_recipe():
     for model in ("mlp", "cnn"):
         start = rx.start_config(model, rx.FULL_PLAN)
-        assert start == rx.default_config(model)
+        assert start == rx.START[model] and set(start) == set(rx.config_class(model)().to_dict())
         spec = rx.make_spec(model, "x", "y", 1, start, rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN)
         changed = {k for k in start if spec.config[k] != start[k]}
         assert changed <= {"seed", "subset", "epochs", "device"}  # the reduced budget only
 
 
 def test_run_keys_cover_config_budget_and_role_but_not_the_device():
-    base = rx.default_config("cnn")
+    base = rx.START["cnn"]
     spec = rx.make_spec("cnn", "s", "v", 0, base, rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN)
     same = rx.make_spec("cnn", "other", "label", 0, {**base, "device": "cuda"}, rx.FULL_PLAN.cnn_grid, "grid",
                         rx.FULL_PLAN)
@@ -193,7 +196,7 @@ def test_run_keys_cover_config_budget_and_role_but_not_the_device():
 
 def test_a_bad_level_stops_the_plan_before_anything_trains():
     with pytest.raises(study_results.StudyError, match="kernel_size"):
-        rx.make_spec("cnn", "cnn_kernel", "9", 0, {**rx.default_config("cnn"), "kernel_size": 9},
+        rx.make_spec("cnn", "cnn_kernel", "9", 0, {**rx.START["cnn"], "kernel_size": 9},
                      rx.FULL_PLAN.cnn_grid, "grid", rx.FULL_PLAN)
 
 
@@ -202,7 +205,7 @@ def test_the_committed_results_are_what_the_code_would_run():
     registry = study_results.Registry(REPO / "results", log=lambda *a: None)
 
     class Replay(FakeEngine):
-        def run(self, specs, threads=1):
+        def run(self, specs):
             missing = [f"{s.study}/{s.variant}/seed {s.seed}" for s in specs if s.key not in registry]
             assert not missing, f"the committed results lack {missing[:3]}"
             return [registry.records[s.key] for s in specs]
@@ -210,6 +213,15 @@ def test_the_committed_results_are_what_the_code_would_run():
     study.run()
     # The same decisions, byte for byte, in the same order (the tracks' threads finish in any order).
     assert (REPO / "results" / "manifest.json").read_text() == json.dumps(study.manifest(), indent=1)
+
+
+def test_the_module_defaults_are_the_models_the_study_kept():
+    """python mlp_scratch.py and python cnn_torch.py train the study's answer (results/summary.json)."""
+    summary = study_results.loads((REPO / "results" / "summary.json").read_text())
+    for model in ("mlp", "cnn"):
+        kept, default = summary[model]["config"], rx.config_class(model)().to_dict()
+        assert {k: v for k, v in kept.items() if k not in ("seed", "device")} == \
+            {k: v for k, v in default.items() if k not in ("seed", "device")}, model
 
 
 # ---------------------------------------------------------------------------------- tiny studies, real workers
@@ -489,21 +501,19 @@ def local_client():
     cluster.close()
 
 
-def test_runs_started_early_train_once_and_cancelled_ones_are_never_written(local_client, synthetic_splits,
-                                                                            tiny_plan, tmp_path):
+def test_a_run_in_flight_or_done_is_never_trained_twice(local_client, synthetic_splits, tiny_plan, tmp_path):
     registry = study_results.Registry(tmp_path, log=lambda *a: None)
     engine = rx.Engine(local_client, synthetic_splits, registry, device="cpu", log=lambda *a: None)
     study = rx.Study(engine, tiny_plan, only="mlp")
-    specs = study.final_specs("mlp", "default", rx.start_config("mlp", tiny_plan), (0, 1, 2))
+    specs = study.final_specs("mlp", "start", rx.start_config("mlp", tiny_plan), "final")
     engine.start(specs)
     engine.start(specs)  # already in flight: not submitted again
-    assert len(engine.in_flight) == 3 and engine.bar.total == 3
+    assert len(engine.in_flight) == len(specs) and engine.bar.total == len(specs)
     first = engine.run(specs[:1])
-    engine.cancel(specs[1:])
-    assert engine.in_flight == {} and engine.bar.total == 1
-    assert set(study_results.Registry(tmp_path).records) == {specs[0].key} == {first[0]["key"]}
-    engine.run(specs)  # what was cancelled trains when it is asked for again
-    assert sorted(engine.executed) == sorted(s.key for s in specs)
+    assert set(study_results.Registry(tmp_path).records) >= {specs[0].key} == {first[0]["key"]}
+    engine.run(specs)
+    engine.run(specs)  # done: nothing submitted
+    assert sorted(engine.executed) == sorted(s.key for s in specs) and engine.submitted == len(specs)
     engine.bar.close()
 
 
@@ -522,8 +532,8 @@ def test_a_run_that_kills_every_worker_it_runs_on_stops_the_study_in_one_line(sy
         registry = study_results.Registry(tmp_path, log=lambda *a: None)
         engine = rx.Engine(client, synthetic_splits, registry, device="cpu", log=lambda *a: None,
                            runner=_kill_own_worker)
-        spec = rx.Study(engine, tiny_plan).final_specs("mlp", "default", rx.start_config("mlp", tiny_plan), (0,))[0]
-        with pytest.raises(rx.StudyError, match=r"^mlp_final module default seed 0 \(run \w+\) killed the worker "
+        spec = rx.Study(engine, tiny_plan).final_specs("mlp", "start", rx.start_config("mlp", tiny_plan), "final")[0]
+        with pytest.raises(rx.StudyError, match=r"^mlp_final start seed 0 \(run \w+\) killed the worker "
                                                 r"running it 2 times \(out of memory\?\); finished runs are kept"):
             engine.run([spec])
         assert not registry.records
@@ -532,21 +542,8 @@ def test_a_run_that_kills_every_worker_it_runs_on_stops_the_study_in_one_line(sy
         cluster.close()
 
 
-def test_the_gpu_machines_schedule_trains_the_same_mlp_runs_as_the_cpus(local_client, mlp_study, synthetic_splits,
-                                                                        tiny_plan, tmp_path):
-    """On a GPU machine the default's MLP finals start with the track. MLP runs never use the device, so that
-    schedule runs here: it must give the CPU schedule's records, and no others."""
-    registry = study_results.Registry(tmp_path, log=lambda *a: None)
-    engine = rx.Engine(local_client, synthetic_splits, registry, device="cuda", log=lambda *a: None)
-    study = rx.Study(engine, tiny_plan, only="mlp")
-    study.run()
-    engine.bar.close()
-    assert engine.in_flight == {} and study.finals == mlp_study[1].finals
-    assert _vals(tmp_path) == _vals(mlp_study[0])
-
-
 def test_both_tracks_with_one_seed_build_every_output(mlp_study, tmp_path, synthetic_splits, tiny_plan):
-    plan = dataclasses.replace(tiny_plan, mlp_seeds=(0,), cnn_seeds=(0,), mlp_final_seeds=(0,))
+    plan = dataclasses.replace(tiny_plan, mlp_seeds=(0,), cnn_seeds=(0,), mlp_final_seeds=(0,), cnn_final_seeds=(0,))
     _with_init_stats_of(mlp_study[0], tmp_path)
     study = rx.run_study(rx.parse_args(["--results-dir", str(tmp_path)]), splits=synthetic_splits,
                          plan=plan, log=lambda *a: None, plots=False)
