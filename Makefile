@@ -1,6 +1,8 @@
 # The two commands a newcomer needs (see README.md):
-#   make study   set up, get the data, run the full hyperparameter study, build report/report.pdf
-#   make test    set up, get the data, run the test suite
+#   make reproduce  set up, get the data, run the whole study from scratch into results-reproduce/, build its
+#                   report, compare every run record with the committed ones in results/
+#   make test       set up, get the data, run the test suite
+# make study: the same study resumed in results/ (on a fresh clone it trains nothing), then report/report.pdf
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,6 +1,6 @@
 """Every figure of the study, drawn from saved results only (run records, summary.json, init_stats.csv, the
-saved models): a plain reader of what the study wrote, through study_results, the one reader of run records. DISPLAY_NAMES,
-the names the figures and the report give the levels, is stated here.
+saved models): a plain reader of what the study wrote, through study_results, the one reader of run records. DISPLAY_NAMES and
+display_name, how the figures and the report name the levels, are stated here.
 
     python plots.py --results-dir results        # redraw results/figures/*.png without training
 
@@ -40,7 +40,23 @@ DISPLAY_NAMES = {
     "he": "He", "random": "random N(0, 0.01²)", "joint": "joint training", "frozen": "frozen features",
     "constant": "constant width", "double": "doubling", "doubling": "doubling", "halving": "halving",
     "linear": "linear head", "bn": "BatchNorm", "batchnorm": "BatchNorm", "none": "none",
-    "onecycle": "one-cycle (cosine, 25% warm-up)", "true": "yes", "false": "no"}
+    "onecycle": "one-cycle (cosine, 25% warm-up)", "true": "yes", "false": "no", "bf16": "bfloat16",
+    "fp32": "32-bit floats", "auto": "bfloat16 where native, else 32-bit"}
+
+
+def display_name(study: str, v) -> str:
+    """How the text names a level: 'leaky_relu' -> 'Leaky ReLU', '5' (kernel) -> '5×5', 'he, no BN' -> 'He
+    without BatchNorm'."""
+    v = str(v)
+    if study == "cnn_kernel" and v.isdigit():
+        return f"{v}×{v}"
+    if study == "mlp_depth" and v.isdigit():
+        return "no hidden layer" if v == "0" else f"{v} hidden layer{'s' if v != '1' else ''}"
+    if v.endswith(", no BN"):
+        return f"{display_name(study, v[:-7])} without BatchNorm"
+    if v.startswith("x1"):
+        return "widths " + " ".join("×" + t[1:] for t in v.split())
+    return DISPLAY_NAMES.get(v.lower(), v)
 
 
 # ------------------------------------------------------------------------------------------ drawing, saving
@@ -258,20 +274,35 @@ def fig_confusion(ctx, width):
     return fig
 
 
-def fig_per_class(ctx, width):
-    """Dot plot of per-class test recall (a dot plot needs no zero baseline; the axis says where it starts)."""
-    fig, ax = _figure(width, 2.7)
-    y = np.arange(NUM_CLASSES)
+N_BINS = 15  # equal-width confidence bins of the reliability diagram and the ECE (Guo et al. 2017)
+
+
+def calibration_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> list[dict]:
+    """The non-empty equal-width bins of top-class confidence: {n, conf (mean), acc (fraction correct)}. The
+    expected calibration error is sum(n |acc - conf|) / N over them (report/build.py)."""
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=bool)
+    idx = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    return [{"n": int((idx == b).sum()), "conf": float(conf[idx == b].mean()), "acc": float(correct[idx == b].mean())}
+            for b in range(n_bins) if (idx == b).any()]
+
+
+def fig_calibration(ctx, width):
+    """Reliability diagram of both final models: accuracy against confidence per bin (dots sized by count)."""
+    fig, ax = _figure(width, 2.9)
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
     for k, model in enumerate(MODELS):
-        pc = (ctx["summary"].get(model) or {}).get("per_class") or []
-        if len(pc) != NUM_CLASSES:
-            raise ValueError(f"summary.json has no per-class results for the {model}")
-        ax.plot([c["recall"] for c in pc], y, MARKERS[k], color=COLORS[k], ms=4, label=model.upper())
-    ax.set_yticks(y, CLASS_NAMES)
-    ax.invert_yaxis()
-    ax.set_xlabel("test recall (fraction of the class classified correctly)")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
+        rec = ctx["finals"][model]
+        if not rec.get("test_prob_max") or not rec.get("test_true"):
+            raise ValueError(f"the {model.upper()} final record has no test probabilities")
+        bins = calibration_bins(rec["test_prob_max"], np.asarray(rec["test_pred"]) == np.asarray(rec["test_true"]))
+        n = np.array([b["n"] for b in bins], dtype=float)
+        ax.plot([b["conf"] for b in bins], [b["acc"] for b in bins], "-", color=COLORS[k], lw=1)
+        ax.scatter([b["conf"] for b in bins], [b["acc"] for b in bins], s=4 + 60 * n / n.max(),
+                   marker=MARKERS[k], color=COLORS[k], label=model.upper(), zorder=3)
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy in the bin", xlim=(0, 1.02),
+           ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", frameon=False)
     return fig
 
 
@@ -355,7 +386,7 @@ FIGURES = {
     "init_stats_cnn.png": (TEXT_WIDTH_IN, fig_init_stats_cnn),
     "init_stats_mlp.png": (TEXT_WIDTH_IN, fig_init_stats_mlp),
     "confusion.png": (TEXT_WIDTH_IN, fig_confusion),
-    "per_class.png": (HALF_WIDTH_IN, fig_per_class),
+    "calibration.png": (HALF_WIDTH_IN, fig_calibration),
     "cnn_filters.png": (HALF_WIDTH_IN, fig_cnn_filters),
     "pca.png": (TEXT_WIDTH_IN, fig_pca),
     "confident_mistakes.png": (TEXT_WIDTH_IN, fig_confident_mistakes),

@@ -67,7 +67,7 @@ class Budget:
     """How much data and training a run gets; part of the run key."""
     subset: int | None       # training images (None = all 54k)
     n_eval: int | None       # validation (and, for finals, test) images (None = all)
-    epochs: int | None       # None = the module default's epochs
+    epochs: int | None       # None = the config's own epochs
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,8 @@ STAGES = (
           *_ladder(lambda c: [0, 1, 2, 3, 4, 5], lambda c: len(c["hidden"]),
                    lambda d, c: {"hidden": [_width(c) or 1024] * d})),
     Stage("mlp_width", "Units per hidden layer", "units per hidden layer",
-          *_ladder(lambda c: [128, 256, 512, 768, 1024, 1536, 2048, 4096], _width,
+          # after a winning depth of 0 (no hidden layer) the widths are of one hidden layer, around 1024
+          *_ladder(lambda c: [128, 256, 512, 768, 1024, 1536, 2048, 4096], lambda c: _width(c) or 1024,
                    lambda w, c: {"hidden": [w] * max(len(c["hidden"]), 1)})),
     Stage("mlp_dropout", "Dropout probability", "dropout probability",
           *_ladder(lambda c: [0.0, 0.1, 0.3, 0.5, 0.7], lambda c: c["dropout"], lambda p, c: {"dropout": p})),

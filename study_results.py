@@ -142,7 +142,7 @@ RECORD: dict[str, Callable] = {
     "key": lambda v: _NAME(v) and "/" not in v and not v.startswith("."),
     "model": lambda v: v in MODELS,
     "study": _NAME,                                  # the stage or final it was trained for: mlp_lr, cnn_final
-    "variant": _is(str),                             # the level's label, e.g. 0.003, chain of winners
+    "variant": _is(str),                             # the level's label, e.g. 0.003; a final candidate: chain, start
     "seed": lambda v: _is(int)(v) and v >= 0,
     "role": lambda v: v in ROLES,                    # grid | ablation | final | heads (only finals see the test set)
     "config": _is(dict),                             # the module config it trained (MLPConfig / CNNConfig)
@@ -293,7 +293,7 @@ class Registry:
 def load_runs(results_dir, log: Callable = print) -> tuple[list[dict], dict]:
     """The one reader of saved results for plots and the report: (the runs as members of their comparisons
     (study_records), the manifest (load_manifest)). Read only: a damaged record is skipped with a warning,
-    never renamed; the stage decisions are manifest["stages"][study] (winner, leader, gap, noise)."""
+    never renamed; the stage decisions are manifest["stages"][study] (winner, rows, sd, mdd)."""
     manifest = load_manifest(results_dir, log)
     return study_records(Registry(results_dir, log, read_only=True).records, manifest), manifest
 
@@ -647,6 +647,8 @@ def compare_studies(new_dir, old_dir) -> tuple[list[dict], str]:
     A row's status: "identical" (every field but the timings), "differs" (with the accuracies' differences)
     or "missing" (not in new_dir)."""
     new, old = (Registry(d, log=lambda *a: None, read_only=True).records for d in (new_dir, old_dir))
+    if not old or not new:
+        raise StudyError(f"{old_dir if not old else new_dir} holds no run records (runs/*.json) to compare")
     rows = []
     for key, rec in sorted(old.items(), key=lambda kv: (kv[1]["study"], kv[1]["variant"], kv[1]["seed"])):
         other = new.get(key)

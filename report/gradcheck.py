@@ -83,13 +83,9 @@ def check(activation: str, seed: int = 0) -> list[dict]:
     net.backward(dlogits)
     ours = net.grads  # fresh arrays, untouched by the forward passes of the finite differences
     fd, ref = finite_difference(net, X, y), torch_grads(net, X, y, activation)
-    rows = []
-    for layer in range(1, len(SHAPE[1]) + 2):
-        keys = (f"W{layer}", f"b{layer}")
-        rows.append({"activation": activation, "layer": layer,
-                     "fd": rel_error([ours[k] for k in keys], [fd[k] for k in keys]),
-                     "torch": rel_error([ours[k] for k in keys], [ref[k] for k in keys])})
-    return rows
+    keys = {layer: (f"W{layer}", f"b{layer}") for layer in range(1, len(SHAPE[1]) + 2)}
+    return [{"activation": activation, "layer": layer, "fd": rel_error([ours[k] for k in ks], [fd[k] for k in ks]),
+             "torch": rel_error([ours[k] for k in ks], [ref[k] for k in ks])} for layer, ks in keys.items()]
 
 
 def run() -> dict:

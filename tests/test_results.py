@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,3 +427,50 @@ def test_missing_labels_skip_mcnemar_with_a_warning(tmp_path):
     logs = []
     _, _, summary = sr.rebuild_outputs(tmp_path, log=logs.append)
     assert summary["mcnemar"] == [] and any("McNemar" in m for m in logs)
+
+
+def test_compare_studies_tells_identical_records_from_changed_and_missing_ones(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_study(a)
+    build_study(b)
+    for p in (b / "runs").glob("*.json"):  # timings differ from run to run: they are not compared
+        rec = json.loads(p.read_text())
+        p.write_text(json.dumps({**rec, "seconds": 99.0, "finished_at": "2030-01-01T00:00:00+00:00"}))
+    rows, line = sr.compare_studies(b, a)
+    assert {r["status"] for r in rows} == {"identical"} and line.startswith(f"{len(rows)} of {len(rows)} run records")
+    changed = json.loads((b / "runs" / "mchain1.json").read_text())
+    (b / "runs" / "mchain1.json").write_text(json.dumps({**changed, "val_acc": changed["val_acc"] + 0.01}))
+    (b / "runs" / "w128s0.json").unlink()
+    rows, line = sr.compare_studies(b, a)
+    status = {r["key"]: r["status"] for r in rows}
+    assert status["mchain1"] == "differs" and status["w128s0"] == "missing"
+    assert "1 differ, the largest accuracy difference 1.00 points (beyond the tolerance" in line and "1 missing" in line
+
+
+def _readme_row(readme: str, first_cell: str) -> str:
+    rows = [line for line in readme.splitlines() if line.startswith(f"| {first_cell}")]
+    assert len(rows) == 1, f"README.md: one table row starting with '| {first_cell}' expected, got {len(rows)}"
+    return rows[0]
+
+
+def test_the_readme_states_the_committed_results():
+    """Every number of the README's result tables is the one results/ holds (summary.json, grid_budget.json, the
+    recipe sweep's timed rows), formatted as the README writes it."""
+    repo = Path(__file__).resolve().parents[1]
+    readme, results = (repo / "README.md").read_text(), repo / "results"
+    summary = sr.loads((results / "summary.json").read_text())
+    for model, label in (("mlp", "MLP"), ("cnn", "CNN")):
+        m, row = summary[model], _readme_row(readme, label)
+        lo, hi = m["test_acc_wilson95"]
+        for stated in (f"{100 * m['test_acc_mean']:.2f} ± {100 * m['test_acc_std']:.2f}% ({len(m['seeds'])} seeds)",
+                       f"{100 * m['test_acc']:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}%)",
+                       f"{100 * m['test_macro_f1']:.2f}%", f"{100 * m['val_acc_mean']:.2f}%",
+                       f"{m['train_seconds'] / 60:.1f} min"):
+            assert stated in row, f"README.md's {label} row does not state {stated!r}: {row}"
+    for v in json.loads((results / "grid_budget.json").read_text())["factors"]:
+        row = _readme_row(readme, f"{v['model'].upper()} {v['factor']}")
+        stated = [f"{100 * m:.2f}" for m in v["means"].values()] + ["passes" if v["passes"] else "fails"]
+        assert all(s in row for s in stated), f"README.md's grid-budget row does not state {stated}: {row}"
+    timed = [json.loads(line) for line in (results / "cnn_recipe_sweep_cpu.jsonl").read_text().splitlines()]
+    timed = sorted(r["wall_seconds"] for r in timed if r["name"] == "E10 timed")
+    assert f"median {timed[1] / 60:.1f} min" in readme

@@ -215,6 +215,15 @@ def test_the_committed_results_are_what_the_code_would_run():
     assert (REPO / "results" / "manifest.json").read_text() == json.dumps(study.manifest(), indent=1)
 
 
+def test_after_a_winning_depth_of_zero_the_width_stage_tries_one_hidden_layer():
+    study = rx.Study(FakeEngine(lambda s: 0.9 - 0.01 * len(s.config["hidden"])), rx.FULL_PLAN, only="mlp")
+    cfg = rx.start_config("mlp", rx.FULL_PLAN)
+    for sid in ("mlp_activation", "mlp_depth", "mlp_width"):
+        cfg = study.run_stage(rx.STAGE[sid], cfg)
+    assert study.stages["mlp_depth"]["winner"] == "0" and study.stages["mlp_width"]["incumbent"] == "incumbent"
+    assert cfg["hidden"] == []  # one hidden layer of any width loses to none here
+
+
 def test_the_module_defaults_are_the_models_the_study_kept():
     """python mlp_scratch.py and python cnn_torch.py train the study's answer (results/summary.json)."""
     summary = study_results.loads((REPO / "results" / "summary.json").read_text())
@@ -257,7 +266,7 @@ def test_a_study_resumes_after_losing_runs_and_a_final_model(mlp_study, syntheti
     runs = sorted((copy / "runs").glob("*.json"))
     runs[0].unlink()
     runs[1].write_text("[]")  # damaged: set aside and retrained
-    final = study_results.Registry(copy).records[first.finals["mlp"]["chain"]]
+    final = study_results.Registry(copy).records[first.finals["mlp"]["seeds"][0]]
     (copy / final["model_file"]).unlink()
     again = _study(copy, synthetic_splits, tiny_plan)
     assert sorted(again.executed) == sorted([runs[0].stem, runs[1].stem, final["key"]])
