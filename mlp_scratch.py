@@ -450,9 +450,9 @@ SUBSET = (lambda v: v is None or cli.is_int(v) and v >= 10, "None or an integer 
 class MLPConfig:
     """One run's hyperparameters, each a flag of `python mlp_scratch.py`. The defaults are the chosen
     configuration (picked on validation accuracy; the study in run_experiments.py compares more)."""
-    hidden: list[int] = cli.flag([1024, 1024], f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)",
+    hidden: list[int] = cli.flag([768, 768], f"hidden widths, each at most {MAX_WIDTH} (none: softmax regression)",
                                  WIDTHS, type=int, nargs="*")
-    activation: str = cli.flag("relu", "hidden activation", choices=ACTIVATIONS)
+    activation: str = cli.flag("gelu", "hidden activation", choices=ACTIVATIONS)
     dropout: float = cli.flag(0.3, "drop probability after each hidden activation", cli.BELOW_ONE)
     init: str = cli.flag("he", "weight initialisation (init_std)", choices=INITS)
     optimizer: str = cli.flag("adamw", "optimizer", choices=OPTIMIZERS)

@@ -448,7 +448,7 @@ class Study:
                 "start": {m: start_config(m, self.plan) for m in self.tracks},
                 "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
                 "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
-                "finals": self.finals}
+                "finals": {m: self.finals[m] for m in study_results.MODELS if m in self.finals}}
 
 
 # ----------------------------------------------------------------------------------------- configs

@@ -60,7 +60,7 @@ from plots import display_name as name  # noqa: E402
 import run_experiments as rx  # noqa: E402
 from cli import ArgumentParser, atomic_write, path_arg  # noqa: E402
 from preprocessing import CLASS_NAMES  # noqa: E402
-from study_results import paired_difference, wilson_interval  # noqa: E402
+from study_results import mean, paired_difference, wilson_interval  # noqa: E402
 
 REBUILD = "rebuild it with `python run_experiments.py --plots-only`"
 MAX_BODY_PAGES, MAX_PAGES = 12, 16  # the assignment's report: pages before the appendix, and in all
@@ -138,11 +138,6 @@ class Facts:
         return "–" if lo is None else f"[{fmt(lo, 'spts')}, {fmt(hi, 'spts')}]"
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
-
-
 def _record(rd: Path, key) -> dict:
     try:
         return dict(json.loads((rd / "runs" / f"{key}.json").read_text()))
@@ -205,7 +200,7 @@ def final_facts(f: Facts, m: str, s: dict, rd: Path) -> list[list[str]]:
     for cname, c in cands.items():
         q = f"{m}.cand.{slug(cname)}"
         f.put(q, val_mean=c.get("val_acc_mean"), test_mean=c.get("test_acc_mean"),
-              same_as=(fm.get("same") or {}).get(cname, cname))
+              same_as=(fm.get("same") or {}).get(cname, cname), minutes=mean([r.get("seconds") for r in c["seeds"]]))
         interval = f.interval(f"{q}.diff", c.get("val_diff_to_kept"))
         rows.append([m.upper(), CANDIDATE_WORDS.get(cname, cname) + (" ✓" if cname == fm.get("kept") else ""),
                      str(len(c.get("seeds") or [])), f.v[f"{q}.val_mean"], f.v[f"{q}.diff"], interval,
@@ -250,8 +245,8 @@ def heads_facts(f: Facts, heads: dict | None) -> list[list[str]]:
             ("linear", linear, [r.get("backbone_seconds") for r in frozen], "backbone's linear head"),
             ("frozen", frozen, [r.get("seconds") for r in frozen], "scratch MLP on frozen features"),
             ("joint", joint, [r.get("seconds") for r in joint], "joint training through the scratch MLP")):
-        f.put(f"heads.{mode}", val_mean=_mean([r.get("val_acc") for r in rs]), n=len(rs),
-              test_mean=_mean([r.get("test_acc") for r in rs]), seconds=_mean(secs))
+        f.put(f"heads.{mode}", val_mean=mean([r.get("val_acc") for r in rs]), n=len(rs),
+              test_mean=mean([r.get("test_acc") for r in rs]), seconds=mean(secs))
         rows.append([words, str(len(rs)), *(f.v[f"heads.{mode}.{k}"] for k in ("val_mean", "test_mean", "seconds"))])
     for key, a, b in (("scratch_minus_linear", frozen, linear), ("joint_minus_frozen", joint, frozen),
                       ("joint_minus_linear", joint, linear)):
@@ -298,6 +293,9 @@ def design_facts(f: Facts, s: dict, manifest: dict, rd: Path) -> None:
         df = pd.DataFrame([json.loads(x) for x in sweep.read_text().splitlines() if x.strip()])
         means = df.groupby("name")["val_plain"].mean()
         f.put("sweep", n_recipes=len(means), n_runs=len(df), best=str(means.idxmax()), best_val=float(means.max()))
+    if (timing := rd / "cnn_default_timing.jsonl").is_file():  # `time python cnn_torch.py` with the start's recipe
+        f.put("sweep.default", minutes=float(np.median([json.loads(x)["wall_seconds"]
+                                                        for x in timing.read_text().splitlines()])))
     for opt, cfg in rx.MLP_OPTIMIZERS.items():
         f.put(f"optim.{opt}", **{k: x for k, x in cfg.items() if k != "optimizer"})
     f.put("baseline", **{k: acc for k, (_, _, acc) in BASELINES.items()})
@@ -366,15 +364,10 @@ def cnn_layer_rows(cfg: dict) -> list[list[str]]:
                    for i, o in zip(dims[:-1], dims[1:])]
 
 
-_GRADCHECK: dict = {}  # the checks depend on the code only: run once per process
-
-
 def gradcheck_facts(f: Facts, rd: Path) -> list[list[str]]:
     """gradcheck.worst_fd, worst_torch, shape, n_layers; saved to <results>/gradcheck.json; the table rows."""
     from report import gradcheck
-    if "data" not in _GRADCHECK:
-        _GRADCHECK["data"] = gradcheck.run()
-    data = _GRADCHECK["data"]
+    data = gradcheck.run()
     atomic_write(rd / "gradcheck.json", json.dumps(data, indent=1).encode())
     cell, sh = {(r["activation"], r["layer"]): r for r in data["rows"]}, data["shape"]
     layers = sorted({r["layer"] for r in data["rows"]})
@@ -386,6 +379,21 @@ def gradcheck_facts(f: Facts, rd: Path) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ all facts
+def budget_facts(f: Facts, rd: Path) -> list[list[str]]:
+    """benchmarks/grid_budget.py's check, where it ran (results/grid_budget.json): per stage s the display names
+    budget.<s>.grid_winner and .full_winner, .passes, and .diff (at full budget, the grid winner minus the full
+    budget's, points) with .diff_lo / .diff_hi; budget.n and budget.n_passed."""
+    factors, rows = _json(rd / "grid_budget.json")["factors"] if (rd / "grid_budget.json").is_file() else [], []
+    for v in factors:
+        p, sid, levels = f"budget.{v['factor']}", v["factor"], list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in v["means"]))
+        f.put(p, grid_winner=name(sid, v["grid_winner"]), full_winner=name(sid, v["full_winner"]), passes=v["passes"])
+        rows.append([rx.STAGE[sid].title, " vs ".join(name(sid, lv) for lv in levels), *(" / ".join(
+            fmt(v["means"][f"{lv} {b}"], "pct") for lv in levels) for b in ("grid", "full")),
+            f"{fmt(v['diff'], 'spts')} {f.interval(p + '.diff', v)}", f.v[f"{p}.passes"]])
+    f.put("budget", n=len(factors), n_passed=sum(v["passes"] for v in factors))
+    return rows
+
+
 def make_facts(results: dict, group: dict) -> dict:
     """facts.json: {"n": raw facts, "v": printed facts, "tables": rows, "figures", "group", "stages"}."""
     rd, s, man, f = results["dir"], results["summary"], results["manifest"], Facts()
@@ -399,6 +407,7 @@ def make_facts(results: dict, group: dict) -> dict:
     tables = {"stage": {k: stage_facts(f, k, st, rd, man) for k, st in stages.items()},
               "candidates": [r for m in ("mlp", "cnn") for r in final_facts(f, m, s, rd)],
               "heads": heads_facts(f, s.get("heads")), "init": init_facts(f, rd), "mcnemar": mcnemar_facts(f, s),
+              "budget": budget_facts(f, rd),
               "gradcheck": gradcheck_facts(f, rd), "mlp_layers": mlp_layer_rows(s["mlp"]["config"]),
               "cnn_layers": cnn_layer_rows(s["cnn"]["config"]),
               "config": config_rows(*(c for m in ("mlp", "cnn") for c in (starts.get(f"start.{m}", {}),

@@ -106,13 +106,13 @@ def test_pool_variants_share_the_convolutions():
 
 
 def test_backbone_follows_the_config_defaults():
-    """One set of defaults: the backbone of CNNConfig() is the configured one (filters, BN, xavier)."""
+    """One set of defaults: the backbone of CNNConfig() is the configured one (filters, BN, init, kernel)."""
     d = CNNConfig()
     net = CNNBackbone(d)
-    assert net.channels == cnn_torch.parse_filters(d.filters, d.base_filters) == [32, 32, 64, 64, 128]
-    assert d.init == "xavier" and net.init == "xavier" and d.kernel_size == net.kernel_size == 3
+    assert net.channels == cnn_torch.parse_filters(d.filters, d.base_filters) and len(net.channels) == 5
+    assert net.init == d.init and d.kernel_size == net.kernel_size
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == (5 if d.batchnorm else 0)
-    assert cnn_torch.build_backbone(d).feature_dim == net.feature_dim == 128 * 3 * 3
+    assert cnn_torch.build_backbone(d).feature_dim == net.feature_dim == net.channels[-1] * (3 * 3 if d.pool != "gap" else 1)
 
 
 def test_same_seed_same_weights_and_checkpoint_keys():

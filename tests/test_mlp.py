@@ -324,7 +324,8 @@ def test_a_finite_loss_that_blew_up_is_divergence_too(synthetic_splits):
     assert ms.loss_blew_up(float("nan"), 10) and ms.loss_blew_up(float("inf"), 10) and ms.loss_blew_up(231.0, 10)
     assert not ms.loss_blew_up(230.0, 10) and not ms.loss_blew_up(2.3, 10)  # 100 ln 10 = 230.26
     s, logs = synthetic_splits, []
-    cfg = MLPConfig(hidden=[64], optimizer="adamw", lr=3.0, epochs=3, schedule="constant", warmup_epochs=0)
+    cfg = MLPConfig(hidden=[64], activation="relu", optimizer="adamw", lr=3.0, epochs=3, schedule="constant",
+                    warmup_epochs=0)
     with np.errstate(all="ignore"):
         result = ms.train(cfg, s.X_train, s.y_train, s.X_val, s.y_val, log=logs.append)
     assert result.diverged and result.epochs_run == 0 and result.best_epoch == 0

@@ -459,7 +459,7 @@ def test_the_readme_states_the_committed_results():
     repo = Path(__file__).resolve().parents[1]
     readme, results = (repo / "README.md").read_text(), repo / "results"
     summary = sr.loads((results / "summary.json").read_text())
-    for model, label in (("mlp", "MLP"), ("cnn", "CNN")):
+    for model, label in (("mlp", "MLP from scratch:"), ("cnn", "CNN:")):
         m, row = summary[model], _readme_row(readme, label)
         lo, hi = m["test_acc_wilson95"]
         for stated in (f"{100 * m['test_acc_mean']:.2f} ± {100 * m['test_acc_std']:.2f}% ({len(m['seeds'])} seeds)",
@@ -467,10 +467,15 @@ def test_the_readme_states_the_committed_results():
                        f"{100 * m['test_macro_f1']:.2f}%", f"{100 * m['val_acc_mean']:.2f}%",
                        f"{m['train_seconds'] / 60:.1f} min"):
             assert stated in row, f"README.md's {label} row does not state {stated!r}: {row}"
+    for model in ("mlp", "cnn"):  # the confirmation: the kept combination against the start, and the grid's gains
+        start = next(c for c in summary[model]["candidates"] if c["name"] == "start")["val_diff_to_kept"]
+        lead, (lo, hi) = -start["diff"], (-start["ci"][1], -start["ci"][0])
+        gain = sum(st["gain"] for k, st in summary["stages"].items() if st["model"] == model and k != "cnn_ablation")
+        for stated in (f"{100 * lead:.2f}", f"{100 * lo:.2f} to {100 * hi:+.2f}", f"{100 * gain:.2f}"):
+            assert stated in readme, f"README.md does not state the {model} confirmation's {stated}"
     for v in json.loads((results / "grid_budget.json").read_text())["factors"]:
         row = _readme_row(readme, f"{v['model'].upper()} {v['factor']}")
         stated = [f"{100 * m:.2f}" for m in v["means"].values()] + ["passes" if v["passes"] else "fails"]
         assert all(s in row for s in stated), f"README.md's grid-budget row does not state {stated}: {row}"
-    timed = [json.loads(line) for line in (results / "cnn_recipe_sweep_cpu.jsonl").read_text().splitlines()]
-    timed = sorted(r["wall_seconds"] for r in timed if r["name"] == "E10 timed")
+    timed = sorted(json.loads(line)["wall_seconds"] for line in (results / "cnn_default_timing.jsonl").read_text().splitlines())
     assert f"median {timed[1] / 60:.1f} min" in readme
