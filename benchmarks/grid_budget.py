@@ -96,7 +96,9 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", type=cli.path_arg, default="results", help="the study's results (default: results)")
     args = p.parse_args(argv)
     records = study_results.Registry(args.results_dir, log=lambda *a: None, read_only=True).records
-    manifest = study_results.load_manifest(args.results_dir)
+    manifest = study_results.load_manifest(args.results_dir, log=lambda *a: None)
+    if missing := [sid for m in FACTORS for sid in FACTORS[m] if args.only in (None, m) and sid not in manifest["stages"]]:
+        p.error(f"{args.results_dir} holds no finished study with stages {', '.join(missing)}: run the study first")
     done = {_same_run(r["config"], rx.Budget(**r["budget"])): r for r in records.values()}
     rows = [row for m in ("cnn", "mlp") if args.only in (None, m) for row in jobs(m, manifest, records)]
     todo = {}
