@@ -1,6 +1,7 @@
 """The study driver (run_experiments.py): its decisions on fake records, and tiny real studies on a local Dask
 cluster and on a scheduler with two worker processes started here."""
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,14 @@ import run_experiments as rx
 import study_results
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_client_left_to_collect():
+    """A Dask Client that an earlier test left behind (e.g. a handshake given up on) must be finalised here,
+    not by a garbage collection that happens to run inside the next Client's start: distributed's
+    Client.__del__ then waits on the loop that start holds, and the suite hangs."""
+    gc.collect()
 
 
 def _study(out, splits, plan, *flags):
