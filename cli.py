@@ -49,22 +49,20 @@ def run(main, prog: str, argv: list[str] | None = None, *, oom_hint: str = "",
         print(f"\n{prog}: interrupted (Ctrl-C); {on_interrupt}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        line, code = str(e), e.exit_code
     except OSError as e:
         if e.errno not in FILE_ERRNOS:
             raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror}", file=sys.stderr)  # errno set: strerror is too
-        return EXIT_ERROR
+        line, code = f"{e.filename}: {e.strerror}" if e.filename else f"{e.strerror}", EXIT_ERROR
     except (MemoryError, RuntimeError) as e:
         # numpy's MemoryError; torch's OutOfMemoryError ("CUDA out of memory"), a RuntimeError, and its CPU
         # allocator's plain RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")
         if isinstance(e, RuntimeError) and not any(s in str(e).lower() for s in OUT_OF_MEMORY_TEXTS):
             raise
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"{prog}: error: out of memory ({first_line}){oom_hint}", file=sys.stderr)
-        return EXIT_ERROR
+        line, code = f"out of memory ({first_line}){oom_hint}", EXIT_ERROR
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    return code
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -86,13 +84,10 @@ def path_arg(text: str) -> str:
 
 def seed_arg(text: str) -> int:
     """argparse type of every seed flag: an integer in [0, MAX_SEED]."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = None
-    if seed is None or not 0 <= seed <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
-    return seed
+    with contextlib.suppress(ValueError):  # not an integer at all
+        if 0 <= (seed := int(text)) <= MAX_SEED:
+            return seed
+    raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
 
 
 def seed_list_arg(text: str) -> tuple[int, ...]:
@@ -143,8 +138,7 @@ def integer(lo: int, hi: int):
 
 def number(test, text: str):
     """A field's rule: a finite real number (not a bool) that passes `test`, described by `text`."""
-    real = (int, float, np.integer, np.floating)
-    return (lambda v: isinstance(v, real) and not isinstance(v, bool) and math.isfinite(v) and test(v)), \
+    return (lambda v: (is_int(v) or isinstance(v, (float, np.floating))) and math.isfinite(v) and test(v)), \
         f"a finite number {text}"
 
 
@@ -205,13 +199,12 @@ def atomic_write(path, data: str | bytes) -> None:
     ENOSPC) the temporary file is removed, the original is untouched, and the error is re-raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)
-            view = memoryview(data)
-            while view:
+            view = memoryview(data.encode("utf-8") if isinstance(data, str) else data)
+            while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:

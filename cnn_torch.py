@@ -41,8 +41,6 @@ with it, so a saved classifier takes images scaled to [0, 1] (anything else is r
 How the defaults were chosen, and what they reach, is in the README and the report.
 """
 
-from __future__ import annotations
-
 import argparse
 import copy
 import io
@@ -73,13 +71,11 @@ KERNELS = (1, 3, 5, 7)  # odd, so that 'same' padding is k // 2 on every side
 INITS = ("random", "xavier", "he")  # formulas: mlp_scratch.init_std (one for both models); the study's order
 HEAD_MODES = ("joint", "frozen")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the device computes it natively, else fp32
-ONECYCLE_WARMUP = 0.25  # "onecycle" = "cosine" after a linear warm-up over this fraction of the steps
 MAX_FILTERS = 2048  # caps on sizes turn absurd values into one-line errors, not an out-of-memory crash later
 VAL_BATCH, PREDICT_BATCH = 1024, 512  # images per forward pass when validating / predicting (results depend on it)
 CHECKPOINT_FILES = ("backbone.pt", "head.npz", "config.json")
-IMAGES_MESSAGE = (f"expected floating-point images of shape (N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}), (N, {IMAGE_SIDE}, "
-                  f"{IMAGE_SIDE}) or (N, {INPUT_DIM}) with finite pixels in [0, 1]; got {{}}. Scale pixels to "
-                  f"[0, 1]: divide uint8 images by 255")
+IMAGES_MESSAGE = ("expected floating-point images of shape (N, 1, 28, 28), (N, 28, 28) or (N, 784) with finite pixels "
+                  "in [0, 1]; got {}. Scale pixels to [0, 1]: divide uint8 images by 255")
 OOM_HINT = "; use fewer or narrower --filters or --head-hidden layers, or a smaller --batch-size"
 
 
@@ -129,10 +125,9 @@ class CNNConfig:
     subset: int | None = cli.flag(None, "train on N images (stratified; val, test whole)", mlp_scratch.SUBSET, type=int)
     device: str = cli.flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda[:i] or mps", TEXT)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    to_dict = asdict  # config.to_dict(): its fields as a dict
 
-    def validate(self) -> CNNConfig:
+    def validate(self) -> "CNNConfig":
         """Returns self, or raises ValueError("<field>: <what is wrong>") on the first invalid field."""
         cli.check_fields(self)  # each field's rule (metadata["valid"])
         parse_filters(self.filters, self.base_filters)
@@ -195,11 +190,9 @@ class CNNBackbone(nn.Module):
         down = nn.AvgPool2d if config.pool == "avg" else nn.MaxPool2d  # "gap" downsamples as "max" does
         final = nn.AdaptiveAvgPool2d(1) if config.pool == "gap" else down(2)
         # One flat Sequential: its state_dict keys (layers.0.weight, ...) are those of every saved checkpoint.
-        self.layers = nn.Sequential(
-            *block(1, c1), *block(c1, c2), down(2),   # stage 1: 28x28 -> 14x14
-            *block(c2, c3), *block(c3, c4), down(2),  # stage 2: 14x14 -> 7x7
-            *block(c4, c5), final,                    # stage 3: 7x7 -> 3x3, or 1x1 for "gap"
-            nn.Flatten())
+        self.layers = nn.Sequential(*block(1, c1), *block(c1, c2), down(2),   # stage 1: 28x28 -> 14x14
+                                    *block(c2, c3), *block(c3, c4), down(2),  # stage 2: 14x14 -> 7x7
+                                    *block(c4, c5), final, nn.Flatten())      # stage 3: 7x7 -> 3x3 (1x1 for "gap")
         self.feature_dim = c5 * (1 if config.pool == "gap" else (IMAGE_SIDE // 8) ** 2)
         # After building all five (each Conv2d draws torch's default init first): the same seed, the same weights.
         for conv in self.convs:
@@ -271,8 +264,12 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")
 
 
-def map_batches(backbone: CNNBackbone, fn: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor,
-                config: CNNConfig, batch_size: int, tta: bool = False) -> np.ndarray:
+def memory_format(config: CNNConfig) -> torch.memory_format:
+    """What .to(memory_format=...) makes of a backbone's weights: NHWC with config.channels_last, else unchanged."""
+    return torch.channels_last if config.channels_last else torch.preserve_format
+
+
+def map_batches(backbone: CNNBackbone, fn: Callable, x: torch.Tensor, config: CNNConfig, batch_size: int, tta=False):
     """fn (a head's logits, or the features as numpy) of the eval-mode float32 features (B, feature_dim) of
     consecutive batches of checked images x (N, 1, 28, 28), outside autocast; the results concatenated. With
     `tta`, fn gives logits, and the result is the logits of the mean softmax of each image and its mirror.
@@ -298,8 +295,7 @@ def map_batches(backbone: CNNBackbone, fn: Callable[[torch.Tensor], np.ndarray],
 def mean_softmax_logits(logits_a: np.ndarray, logits_b: np.ndarray) -> np.ndarray:
     """Logits (N, C) whose softmax is the mean of softmax(logits_a) and softmax(logits_b), computed stably
     in log space (averages an image's and its mirror's predictions)."""
-    log_a = mlp_scratch.log_softmax(np.asarray(logits_a, np.float64))
-    log_b = mlp_scratch.log_softmax(np.asarray(logits_b, np.float64))
+    log_a, log_b = (mlp_scratch.log_softmax(np.asarray(z, np.float64)) for z in (logits_a, logits_b))
     return np.logaddexp(log_a, log_b) - np.log(2.0)
 
 
@@ -366,9 +362,8 @@ def load_classifier(path) -> CNNClassifier:
     Tensors only (torch.load(weights_only=True), np.load(allow_pickle=False)): a pickle is refused. A file
     that is missing, damaged, not of this code or holding NaN / infinite weights raises one ValueError naming it."""
     path = Path(path)
-    for name in CHECKPOINT_FILES:
-        if not (path / name).is_file():
-            raise ValueError(f"{path / name}: missing; {path} is not a checkpoint written by CNNClassifier.save")
+    if missing := [path / name for name in CHECKPOINT_FILES if not (path / name).is_file()]:
+        raise ValueError(f"{missing[0]}: missing; {path} is not a checkpoint written by CNNClassifier.save")
     file = path / "config.json"
     try:
         saved = {k: v for k, v in json.loads(file.read_text())["config"].items() if k in CONFIG_FIELDS}
@@ -385,9 +380,8 @@ def load_classifier(path) -> CNNClassifier:
     head = mlp_scratch.load_model(path / "head.npz")
     if head.in_dim != backbone.feature_dim:
         raise ValueError(f"{path}: the head takes {head.in_dim} features, the backbone gives {backbone.feature_dim}")
-    if config.channels_last:  # as in training, so that the same kernels give bit-identical outputs
-        backbone = backbone.to(memory_format=torch.channels_last)
-    return CNNClassifier(backbone.eval(), head, config)
+    # the weights' memory format as in training, so that the same kernels give bit-identical outputs
+    return CNNClassifier(backbone.to(memory_format=memory_format(config)).eval(), head, config)
 
 
 def evaluate_classifier(clf: CNNClassifier, images, y) -> dict:
@@ -420,8 +414,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.
     """
     (B, _, H, W), dev = x.shape, x.device
     padded = F.pad(x, (pad, pad, pad, pad))                                  # (B, C, H+2p, W+2p), zeros = black
-    oy = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
-    ox = torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev)
+    oy, ox = (torch.randint(0, 2 * pad + 1, (B, 1), generator=gen, device=dev) for _ in range(2))  # row, then column
     rows = (oy + torch.arange(H, device=dev))[:, :, None]                   # (B, H, 1)
     cols = (ox + torch.arange(W, device=dev))[:, None, :]                   # (B, 1, W)
     batch = torch.arange(B, device=dev)[:, None, None]
@@ -433,14 +426,12 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.
     return out.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)  # (B, C, H, W)
 
 
-def erase_batch(x: torch.Tensor, gen: torch.Generator, prob: float, min_side: int = 4,
-                max_side: int = 16) -> torch.Tensor:
+def erase_batch(x: torch.Tensor, gen: torch.Generator, prob: float, min_side: int = 4, max_side: int = 16):
     """Random erasing (Zhong et al., 2017) with zeros: with probability `prob` an image gets one rectangle of
     random height and width in [min_side, max_side] pixels set to black, the background colour.
     One mask for the whole batch: x (B, C, H, W) -> (B, C, H, W)."""
     (B, _, H, W), dev = x.shape, x.device
-    h = torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev)
-    w = torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev)
+    h, w = (torch.randint(min_side, max_side + 1, (B, 1, 1), generator=gen, device=dev) for _ in range(2))  # h first
     top = (torch.rand(B, 1, 1, generator=gen, device=dev) * (H - h + 1)).long()
     left = (torch.rand(B, 1, 1, generator=gen, device=dev) * (W - w + 1)).long()
     rows = torch.arange(H, device=dev)[None, :, None]                        # (1, H, 1)
@@ -465,19 +456,19 @@ def make_torch_optimizer(config: CNNConfig, params: list[tuple[str, nn.Parameter
 def lr_scale_schedule(config: CNNConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rates at each step: mlp_scratch's cosine schedule, after a linear
     warm-up over the first 25% of the steps for "onecycle"."""
-    warmup = round(ONECYCLE_WARMUP * total_steps) if config.schedule == "onecycle" else 0
+    warmup = round(0.25 * total_steps) if config.schedule == "onecycle" else 0
     return mlp_scratch.make_schedule("cosine", 1.0, total_steps, warmup_steps=warmup)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The bridge: where the CNN's features enter the scratch MLP
 # ----------------------------------------------------------------------------------------------------------
-def forward_backward(backbone: CNNBackbone, head, x: torch.Tensor, y: torch.Tensor,
-                     precision: str = "fp32", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """THE BRIDGE. torch computes the features; the head (for ScratchHead: numpy, by hand) computes the loss
-    and dL/dfeatures; features.backward(dL/dfeatures) continues the chain rule into the backbone exactly as if
-    the head were a torch module. Fills the backbone's .grad and the head's grads; returns (loss, logits
-    (B, 10)) as tensors on x's device (y (B,) int64): reading them waits for a GPU, so the caller decides when."""
+def forward_backward(backbone: CNNBackbone, head, x, y, precision: str = "fp32", label_smoothing: float = 0.0):
+    """THE BRIDGE, for images x (B, 1, 28, 28) and labels y (B,) int64 on one device. torch computes the
+    features; the head (for ScratchHead: numpy, by hand) computes the loss and dL/dfeatures;
+    features.backward(dL/dfeatures) continues the chain rule into the backbone exactly as if the head were a
+    torch module. Fills the backbone's .grad and the head's grads; returns (loss, logits (B, 10)) as tensors on
+    x's device: reading them waits for a GPU, so the caller decides when."""
     with _autocast(x.device, precision):
         features = backbone(x).float()                                   # (B, F), autograd graph kept
     loss, logits, dfeatures = head.forward_backward(features.detach(), y, label_smoothing)  # leaves torch
@@ -539,9 +530,9 @@ class LinearHead:
             return self.model(features).cpu().numpy()
 
 
-def train_step(backbone: CNNBackbone, head, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, config: CNNConfig, lr_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step at lr_scale x the peak rates: forward_backward, then both optimizers step. (loss, logits)."""
+def train_step(backbone: CNNBackbone, head, optimizer, x, y, config: CNNConfig, lr_scale: float = 1.0):
+    """One step on the batch x (B, 1, 28, 28), y (B,) at lr_scale x the peak rates: forward_backward, then both
+    optimizers step. (loss, logits)."""
     for g in optimizer.param_groups:
         g["lr"] = config.lr * lr_scale
     loss, logits = forward_backward(backbone, head, x, y, config.precision, config.label_smoothing)
@@ -550,9 +541,8 @@ def train_step(backbone: CNNBackbone, head, optimizer: torch.optim.Optimizer, x:
     return loss, logits
 
 
-def train_epoch(config: CNNConfig, backbone: CNNBackbone, head, optimizer, X: torch.Tensor, y: torch.Tensor,
-                lr_scale_at: Callable[[int], float], step0: int, gen: torch.Generator, shuffle_gen: torch.Generator,
-                bar_title: str | None = None) -> tuple[float, float]:
+def train_epoch(config: CNNConfig, backbone: CNNBackbone, head, optimizer, X, y, lr_scale_at: Callable[[int], float],
+                step0: int, gen: torch.Generator, shuffle_gen: torch.Generator, bar_title: str | None = None):
     """One pass over X (N, 1, 28, 28) and y (N,), both on the device, in a fresh order, augmented (a progress
     bar with `bar_title`, unless None). Returns the running mean loss and accuracy (train mode).
 
@@ -623,8 +613,7 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")  # numpy's idle BLAS threads would steal torch's cores
-def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
-          log: Callable[[str], None] | None = None) -> CNNTrainResult:
+def train(config: CNNConfig, splits: Splits, *, progress: bool = False, log=None) -> CNNTrainResult:
     """Train backbone + scratch MLP head on splits.X_train, choosing the epoch on splits.X_val.
 
     `config.subset` (if set) trains on a stratified subset of that many images (more than there are is a
@@ -635,12 +624,10 @@ def train(config: CNNConfig, splits: Splits, *, progress: bool = False,
     t_start, log = time.perf_counter(), log or (lambda line: None)
     if config.validate().subset is not None and config.subset > len(splits.y_train):
         raise cli.UserError(f"subset {config.subset} is more than the {len(splits.y_train)} training images")
-    if config.subset is not None and config.subset < len(splits.y_train):
-        splits = splits.subset(config.subset, None, seed=config.seed)
+    splits = splits.subset(config.subset, None, seed=config.seed)  # unchanged for None or all the images
     device = resolve_device(config.device)
-    backbone = build_backbone(config, *preprocessing.standardization_stats(splits.X_train)).to(device)
-    if config.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = build_backbone(config, *preprocessing.standardization_stats(splits.X_train))
+    backbone = backbone.to(device, memory_format=memory_format(config))
     # The whole dataset as tensors on the device: indexing a tensor per batch costs far less than a
     # DataLoader's per-sample collation on a CPU.
     y = np.ascontiguousarray(splits.y_train, np.int64)
@@ -757,8 +744,8 @@ def train_from_args(argv: list[str] | None = None) -> int:
     val, test = (None if X is None else evaluate_classifier(result.classifier, preprocessing.to_images(X), y)
                  for X, y in ((splits.X_val, splits.y_val), (splits.X_test, splits.y_test)))
     print(f"done: {result.epochs_run} epochs in {result.seconds:.1f}s on {result.device} ({result.precision}), "
-          f"best epoch {result.best_epoch}; val acc {val['acc']:.4f}" + (f"  test acc {test['acc']:.4f}" if test else "")
-          + f"  ({result.n_params:,} parameters)")
+          f"best epoch {result.best_epoch}; val acc {val['acc']:.4f}"
+          + (f"  test acc {test['acc']:.4f}" if test else "") + f"  ({result.n_params:,} parameters)")
     if args.save:
         print("saved to", result.classifier.save(args.save))
     if args.json:

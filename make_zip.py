@@ -6,14 +6,13 @@ It holds: the code (*.py at the root, report/'s sources, tests/, benchmarks/), R
 Makefile, pytest.ini, .ci/run, report/report.pdf and all of results/ (tables, summary, manifest, run records,
 figures with their json data, the saved models), so that the figures and the report can be rebuilt from the
 unpacked zip without training (`python -m report.build` there; tests/test_report.py checks it), and the kept
-models (results/models/*_best) can be checked without retraining. Never the data, a virtual environment, caches, hidden or temporary files
-(a lock, a half-written `.tmp`) or damaged run records set aside as `*.bad`.
+models (results/models/*_best) can be checked without retraining. Never the data, a virtual environment,
+caches, hidden or temporary files (a lock, a half-written `.tmp`) or damaged run records set aside as `*.bad`.
 
 report/group.toml, the group's name, members and contributions, is read here (load_group) for the zip's name
 and by report/build.py for the title page.
 """
 import io
-import math
 import sys
 import tomllib
 import zipfile
@@ -47,8 +46,7 @@ def load_group(path=GROUP_FILE) -> dict:
             isinstance(m, dict) and all(isinstance(m.get(k, ""), str) for k in ("name", "email")) for m in members)):
         raise bad("group_name must be a string, and each [[member]] a name and email that are strings")
     given = [m.get("contribution") for m in members]
-    if wrong := [c for c in given if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))
-                                                        or not math.isfinite(c) or c < 0)]:
+    if wrong := [c for c in given if c is not None and not cli.NON_NEGATIVE[0](c)]:  # [0]: the rule's test
         raise bad(f"a contribution must be a number, a finite percentage >= 0, got {wrong[0]!r}")
     if any(c is not None for c in given) and (None in given or abs(sum(given) - 100) > 1e-6):
         raise bad("every member needs a contribution once one is given" if None in given else
@@ -100,10 +98,9 @@ def make_zip(repo: Path = REPO_DIR, group_file: Path | None = None, out_dir: Pat
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser(description="Build <group_name>.zip for submission.")
-    p.add_argument("--group-file", type=cli.path_arg, default=str(GROUP_FILE),
-                   help="group details (default: report/group.toml)")
-    p.add_argument("--out-dir", type=cli.path_arg, default=str(REPO_DIR),
-                   help="where to write the zip (default: the repository root)")
+    a, path = p.add_argument, cli.path_arg
+    a("--group-file", type=path, default=str(GROUP_FILE), help="group details (default: report/group.toml)")
+    a("--out-dir", type=path, default=str(REPO_DIR), help="where to write the zip (default: the repository root)")
     args = p.parse_args(argv)
     make_zip(REPO_DIR, Path(args.group_file), Path(args.out_dir))
     return 0

@@ -81,16 +81,8 @@ class Standardize:
         return dout * dout.dtype.type(1.0 / self.std)
 
 
-class ReLU:
-    def forward(self, x, train=False):
-        self.mask = x > 0                            # (N, H)
-        return x * self.mask
-
-    def backward(self, dout):
-        return dout * self.mask
-
-
 class LeakyReLU:
+    """x for x > 0, slope * x otherwise."""
     slope = LEAKY_SLOPE
 
     def forward(self, x, train=False):
@@ -99,6 +91,11 @@ class LeakyReLU:
 
     def backward(self, dout):
         return dout * self.scale
+
+
+class ReLU(LeakyReLU):
+    """max(0, x): a leaky ReLU whose negative side is flat."""
+    slope = 0.0
 
 
 class Tanh:
@@ -123,8 +120,7 @@ class GELU:
     """GELU in its tanh form (Hendrycks & Gimpel; torch's approximate="tanh"):
     x * Phi(x) ~= 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3). numpy has no erf, and the tanh
     form costs one tanh per unit, where an erf written in numpy cost twice the whole epoch of a ReLU net."""
-    C = math.sqrt(2.0 / math.pi)
-    A = 0.044715
+    C, A = math.sqrt(2.0 / math.pi), 0.044715  # u = C (x + A x^3)
 
     def forward(self, x, train=False):
         self.x = x
@@ -142,8 +138,7 @@ class Dropout:
     scaled by 1 / (1 - p_drop), so the expected activation is unchanged and eval needs no rescaling."""
 
     def __init__(self, p_drop: float, rng: np.random.Generator):
-        self.p_drop, self.rng = p_drop, rng
-        self.mask = None  # (N, H): 0 or 1 / (1 - p_drop); None in eval mode
+        self.p_drop, self.rng = p_drop, rng  # forward sets self.mask: (N, H), 0 or 1 / (1 - p_drop); None in eval
 
     def forward(self, x, train=False):
         if not train or self.p_drop == 0.0:
@@ -226,9 +221,7 @@ class MLP:
     @property
     def layers(self) -> list:
         """Every layer in order, Standardize first when the model has input statistics."""
-        if self.input_mean is None:
-            return self.body
-        return [Standardize(self.input_mean, self.input_std), *self.body]
+        return self.body if self.input_mean is None else [Standardize(self.input_mean, self.input_std), *self.body]
 
     @property
     def grads(self) -> dict[str, np.ndarray]:
@@ -386,9 +379,7 @@ class Adam:
                  weight_decay: float = 0.0, decoupled: bool = False):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled
-        self.m: dict[str, np.ndarray] = {}
-        self.v: dict[str, np.ndarray] = {}
-        self.t = 0
+        self.m, self.v, self.t = {}, {}, 0  # the moments of each parameter, by name; the step count
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         self.t += 1
@@ -471,12 +462,8 @@ class MLPConfig:
     seed: int = cli.flag(0, "random seed: weights, dropout masks and batch order", cli.SEED, type=cli.seed_arg)
     subset: int | None = cli.flag(None, "train on N training images (quick runs); None: all", SUBSET, type=int)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def validate(self) -> "MLPConfig":
-        """Returns self, or raises ValueError("<field>: <what is wrong>") on the first invalid field."""
-        return cli.check_fields(self)
+    to_dict = asdict  # config.to_dict(): its fields as a dict
+    validate = cli.check_fields  # config.validate(): config, or ValueError("<field>: <what is wrong>")
 
 
 @dataclass
@@ -596,13 +583,11 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(description="Train the numpy MLP on Fashion-MNIST; defaults are the chosen configuration.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_config_flags(p, MLPConfig)
-    p.add_argument("--data-dir", type=cli.path_arg, default=None,
-                   help="folder with the Fashion-MNIST files (None: searched for as preprocessing.py does)")
-    p.add_argument("--save", type=cli.path_arg, default=None, help="write the trained model to this .npz")
-    p.add_argument("--json", type=cli.path_arg, default=None,
-                   help="write final metrics and the full config to this JSON file")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (there is none anyway unless stderr is a terminal)")
+    a, path = p.add_argument, cli.path_arg  # the run's own flags; a path flag's default is None
+    a("--data-dir", type=path, help="folder with the Fashion-MNIST files (None: searched for as preprocessing.py does)")
+    a("--save", type=path, help="write the trained model to this .npz")
+    a("--json", type=path, help="write final metrics and the full config to this JSON file")
+    a("--no-progress", action="store_true", help="no progress bar (there is none anyway unless stderr is a terminal)")
     return p
 
 
@@ -616,8 +601,7 @@ def train_from_args(argv: list[str] | None = None) -> int:
         if path and (why := cli.cannot_write(path, folder=False)):
             parser.error(f"{flag}: {why}")
     splits = preprocessing.load_splits(args.data_dir)
-    if config.subset is not None:
-        splits = splits.subset(config.subset, None, seed=config.seed)  # stratified; val and test stay whole
+    splits = splits.subset(config.subset, None, seed=config.seed)  # stratified (None: all); val, test whole
     print("config:", json.dumps(config.to_dict()))
     print(f"data: {len(splits.X_train)} train / {len(splits.X_val)} val / {len(splits.X_test)} test images")
     progress = not args.no_progress and sys.stderr.isatty()

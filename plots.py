@@ -9,6 +9,7 @@ is what report.typ places it at), so the 7 pt minimum for text holds on paper; `
 smaller text. Accuracy panels are dot plots or curves, never truncated bars. A figure that cannot be
 drawn (a missing model, no data) prints one warning line and the others are still drawn.
 """
+import functools
 import io
 import json
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 import cli
 import mlp_scratch
 import study_results
-from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES, DataError, load_splits, to_images
+from preprocessing import CLASS_NAMES, IMAGE_SIDE, NUM_CLASSES, DataError, load_splits, to_images
 from study_results import MODELS
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
@@ -82,8 +83,7 @@ def _bare(*axes, frame: bool = False) -> None:
     """Image panels: no ticks, and a frame only where asked."""
     for ax in axes:
         ax.set(xticks=[], yticks=[])
-        for spine in ax.spines.values():
-            spine.set_visible(frame)
+        ax.spines[:].set_visible(frame)
 
 
 def _image(ax, x: np.ndarray) -> None:
@@ -194,15 +194,6 @@ def fig_learning_curves(ctx, width):
     return fig
 
 
-def _init_stats(ctx, model: str):
-    """The rows of `model` in init_stats.csv (written by the study beside the run records)."""
-    import pandas as pd
-    stats = pd.read_csv(ctx["root"] / "init_stats.csv")
-    if not (stats["model"] == model).any():
-        raise ValueError(f"init_stats.csv has no {model.upper()} rows")
-    return stats[stats["model"] == model]
-
-
 # the three panels of an initialisation figure: column of init_stats.csv, title, y axis
 INIT_PANELS = (("act_std", "activation std", {"yscale": "log"}),
                ("grad_norm", "weight-gradient norm", {"yscale": "log"}),
@@ -233,17 +224,20 @@ def _init_panels(axes, stats, groups: list[tuple[str, bool | None]], what: str):
         ax.grid(alpha=0.3)
 
 
-def fig_init_stats_cnn(ctx, width):
-    d = _init_stats(ctx, "cnn")
-    fig, axes = _figure(width, 2.6, ncols=3)
-    _init_panels(axes, d, [(s, bn) for bn in (True, False) for s in dict.fromkeys(d["scheme"])], "convolution")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
-    return fig
-
-
-def fig_init_stats_mlp(ctx, width):
-    d = _init_stats(ctx, "mlp")
+def fig_init_stats(ctx, width, model: str):
+    """The rows of `model` in init_stats.csv (written by the study beside the run records). CNN: one row of
+    panels, each scheme with and without BatchNorm; MLP: a row of initialisations, then one of activations."""
+    import pandas as pd
+    d = pd.read_csv(ctx["root"] / "init_stats.csv")
+    d = d[d["model"] == model]
+    if d.empty:
+        raise ValueError(f"init_stats.csv has no {model.upper()} rows")
     schemes = list(dict.fromkeys(d["scheme"]))
+    if model == "cnn":
+        fig, axes = _figure(width, 2.6, ncols=3)
+        _init_panels(axes, d, [(s, bn) for bn in (True, False) for s in schemes], "convolution")
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
+        return fig
     inits = [s for s in schemes if s in mlp_scratch.INITS]
     rows = [g for g in (inits, [s for s in schemes if s not in inits]) if g]  # initialisations, activations
     fig, axes = _figure(width, 2.2 * len(rows) + 0.4, nrows=len(rows), ncols=3, squeeze=False)
@@ -257,10 +251,9 @@ def fig_confusion(ctx, width):
     fig, axes = _figure(width, 4.1, ncols=2)
     short = [c.replace("T-shirt/top", "T-shirt") for c in CLASS_NAMES]
     for ax, model in zip(axes, MODELS):
-        m = ctx["summary"].get(model) or {}
-        if not m.get("confusion"):
+        if not (ctx["summary"].get(model) or {}).get("confusion"):
             raise ValueError(f"summary.json has no {model} confusion matrix")
-        cm = np.asarray(m["confusion"], dtype=int)
+        cm = np.asarray(ctx["summary"][model]["confusion"], dtype=int)
         off = cm * (1 - np.eye(NUM_CLASSES, dtype=int))  # the errors only
         ax.imshow(np.log1p(off), cmap="Reds")  # colour shows the errors; the diagonal is shown as numbers
         for i, j in np.ndindex(cm.shape):
@@ -268,9 +261,7 @@ def fig_confusion(ctx, width):
                     color="#1b6ca8" if i == j else ("white" if off[i, j] > off.max() / 2 else "black"))
         ax.set_xticks(range(NUM_CLASSES), short, rotation=60, ha="right")
         ax.set_yticks(range(NUM_CLASSES), short if model == "mlp" else [])
-        ax.set(xlabel="predicted class", title=model.upper())
-        if model == "mlp":
-            ax.set_ylabel("true class")
+        ax.set(xlabel="predicted class", ylabel="true class" if model == "mlp" else "", title=model.upper())
     return fig
 
 
@@ -295,12 +286,10 @@ def fig_calibration(ctx, width):
         if not rec.get("test_prob_max") or not rec.get("test_true"):
             raise ValueError(f"the {model.upper()} final record has no test probabilities")
         bins = calibration_bins(rec["test_prob_max"], np.asarray(rec["test_pred"]) == np.asarray(rec["test_true"]))
-        n = np.array([b["n"] for b in bins], dtype=float)
-        ax.plot([b["conf"] for b in bins], [b["acc"] for b in bins], "-", color=COLORS[k], lw=1)
-        ax.scatter([b["conf"] for b in bins], [b["acc"] for b in bins], s=4 + 60 * n / n.max(),
-                   marker=MARKERS[k], color=COLORS[k], label=model.upper(), zorder=3)
-    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy in the bin", xlim=(0, 1.02),
-           ylim=(0, 1.02))
+        n, conf, acc = (np.array([b[f] for b in bins], dtype=float) for f in ("n", "conf", "acc"))
+        ax.plot(conf, acc, "-", color=COLORS[k], lw=1)
+        ax.scatter(conf, acc, s=4 + 60 * n / n.max(), marker=MARKERS[k], color=COLORS[k], label=model.upper(), zorder=3)
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy in the bin", xlim=(0, 1.02), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", frameon=False)
     return fig
@@ -339,10 +328,8 @@ def fig_pca(ctx, width):
     n = len(splits.y_test)
     idx = np.sort(np.random.default_rng(0).choice(n, size=min(N_PCA, n), replace=False))
     X, y = splits.X_test[idx], splits.y_test[idx]
-    views = [("raw pixels", f"raw pixels ({INPUT_DIM})", X)]
-    for model in MODELS:
-        F = features(ctx, model, X)
-        views.append((f"the {model.upper()}'s features", f"{model.upper()} features ({F.shape[1]})", F))
+    views = [("raw pixels", "raw pixels", X)]
+    views += [(f"the {m.upper()}'s features", f"{m.upper()} features", features(ctx, m, X)) for m in MODELS]
     fig, axes = _figure(width, 2.75, ncols=3)
     cmap = _plt().get_cmap("tab10")
     stats = []
@@ -351,7 +338,8 @@ def fig_pca(ctx, width):
         stats.append({"title": title, "variance": share, "centroid_acc": _centroid_acc(P, y)})
         for c in range(NUM_CLASSES):
             ax.scatter(P[y == c, 0], P[y == c, 1], s=2, color=cmap(c), alpha=0.6, lw=0, rasterized=True)
-        ax.set(title=f"{label}: {100 * share:.0f}% of variance", xticks=[], yticks=[], xlabel="PC 1", ylabel="PC 2")
+        ax.set(title=f"{label} ({F.shape[1]}): {100 * share:.0f}% of variance", xticks=[], yticks=[], xlabel="PC 1",
+               ylabel="PC 2")
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker="o", ls="", color=cmap(c), ms=4) for c in range(NUM_CLASSES)]
     fig.legend(handles, CLASS_NAMES, loc="outside lower center", ncol=5, frameon=False)
@@ -383,8 +371,8 @@ def fig_confident_mistakes(ctx, width):
 FIGURES = {
     "class_samples.png": (HALF_WIDTH_IN, fig_class_samples),
     "learning_curves.png": (TEXT_WIDTH_IN, fig_learning_curves),
-    "init_stats_cnn.png": (TEXT_WIDTH_IN, fig_init_stats_cnn),
-    "init_stats_mlp.png": (TEXT_WIDTH_IN, fig_init_stats_mlp),
+    "init_stats_cnn.png": (TEXT_WIDTH_IN, functools.partial(fig_init_stats, model="cnn")),
+    "init_stats_mlp.png": (TEXT_WIDTH_IN, functools.partial(fig_init_stats, model="mlp")),
     "confusion.png": (TEXT_WIDTH_IN, fig_confusion),
     "calibration.png": (HALF_WIDTH_IN, fig_calibration),
     "cnn_filters.png": (HALF_WIDTH_IN, fig_cnn_filters),
@@ -401,8 +389,7 @@ def make_figures(results_dir, records: list[dict], summary: dict | None, splits=
     ctx = {"root": Path(results_dir), "summary": summary, "splits": splits,
            "finals": {m: final_record(records, summary, m) for m in MODELS}}
     written = []
-    for name in [name for name in FIGURES if only is None or name in only]:
-        width, draw = FIGURES[name]
+    for name, (width, draw) in [(n, f) for n, f in FIGURES.items() if only is None or n in only]:
         try:
             written.append(save(draw(ctx, width), ctx["root"] / "figures" / name))
         except Exception as exc:  # noqa: BLE001 - one figure must not stop the others

@@ -240,15 +240,14 @@ def load_splits(data_dir=None, split: str = "official", seed: int = 0, val_size:
 # ----------------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
-    parser.add_argument("--data-dir", type=cli.path_arg, default=None,
-                        help="folder with the four IDX files (default: $FASHION_MNIST_DIR, "
-                             "./data/fashion-mnist, /usr/share/datasets/fashion-mnist, else download)")
-    parser.add_argument("--split", choices=("official", "pooled"), default="official",
-                        help="official: 54k/6k/official 10k test; pooled: 80/10/10 of all 70k (default: official)")
-    parser.add_argument("--seed", type=cli.seed_arg, default=0, help="seed of the validation split (default: 0)")
-    parser.add_argument("--no-download", action="store_true", help="never download; fail if not found")
-    args = parser.parse_args(argv)
+    p = cli.ArgumentParser(description="Get, verify and summarise Fashion-MNIST.")
+    p.add_argument("--data-dir", type=cli.path_arg, help="folder with the four IDX files (default: $FASHION_MNIST_DIR, "
+                   "./data/fashion-mnist, /usr/share/datasets/fashion-mnist, else download)")
+    p.add_argument("--split", choices=("official", "pooled"), default="official",
+                   help="official: 54k/6k/official 10k test; pooled: 80/10/10 of all 70k (default: official)")
+    p.add_argument("--seed", type=cli.seed_arg, default=0, help="seed of the validation split (default: 0)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if not found")
+    args = p.parse_args(argv)
     folder = find_data_dir(args.data_dir, download=not args.no_download)
     splits = load_splits(folder, args.split, args.seed)
     print(f"Fashion-MNIST from {folder} (checksums verified)")

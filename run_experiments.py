@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -62,7 +61,7 @@ from study_results import T80, T975, StudyError, clean, mean
 
 
 # ----------------------------------------------------------------------------------------- plans
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Budget:
     """How much data and training a run gets; part of the run key."""
     subset: int | None       # training images (None = all 54k)
@@ -70,7 +69,7 @@ class Budget:
     epochs: int | None       # None = the config's own epochs
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """The budgets of one study; --quick swaps in a tiny one."""
     name: str                # "full" | "quick"
@@ -90,7 +89,7 @@ class Plan:
     # the cap decides alike on every run and machine, where the grid's seconds vary by 10% between levels that
     # do the same arithmetic (random, Xavier and He initialisation). The seconds stay in every table.
     macs_cap: float | None = 1.1
-    overrides: dict = field(default_factory=dict)   # quick only: {"mlp": {...}, "cnn": {...}} on every run
+    overrides: dict = dataclasses.field(default_factory=dict)   # quick only: {"mlp": {...}, "cnn": {...}} on every run
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)
 
 
@@ -118,24 +117,21 @@ QUICK_PLAN = Plan(
 
 
 # ----------------------------------------------------------------------------------------- the stages
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Level:
     variant: str          # the level's label, e.g. "gelu"
     changes: dict         # config fields it sets
     eligible: bool = True  # False: a contrast shown beside the candidates that cannot win
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Stage:
     id: str                                      # e.g. "mlp_activation"; its track is the prefix
     title: str                                   # e.g. "Activation function"
     factor: str                                  # axis label
     levels: Callable[[dict], list[Level]]        # incumbent config -> levels (the incumbent's included)
     beyond: Callable[[dict, int], Level | None] | None = None  # ordered: (incumbent, -1 | +1) -> next level
-
-    @property
-    def model(self) -> str:
-        return self.id.split("_")[0]
+    model = property(lambda self: self.id.split("_")[0])  # its track: "mlp" | "cnn"
 
 
 def _choices(field_name: str, values: Callable[[], tuple]) -> Callable[[dict], list[Level]]:
@@ -325,8 +321,8 @@ class Study:
         candidates = {"chain": cfg, "start": start}
         if model in self.plan.confirm_single:  # the stage change with the largest grid gain, on its own
             gains = {sid: st["gain"] for sid, st in self.stages.items() if sid.startswith(model) and st["gain"]}
-            if gains and (top := max(gains, key=gains.get)) is not None:
-                candidates["largest single change"] = apply(start, self.stages[top]["changes"])
+            if gains:
+                candidates["largest single change"] = apply(start, self.stages[max(gains, key=gains.get)]["changes"])
         self.confirm(model, candidates)
 
     def run_stage(self, stage: Stage, cfg: dict) -> dict:
@@ -336,8 +332,12 @@ class Study:
         if cfg == start_config(stage.model, self.plan):
             self.reference.setdefault(stage.model, by_variant[own])
         decision, macs, capped = self.decide_stage(stage, levels, by_variant, own)
-        extended = False
-        side = self.winning_edge(stage, levels, decision["winner"], own)
+        extended, winner = False, decision["winner"]
+        # A challenger that won at an end of an ordered factor's levels gets one more level past it (not in
+        # --quick, whose levels are cut short).
+        side = 0
+        if stage.beyond and not self.plan.max_levels and winner not in (own, None):
+            side = -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
         extra = stage.beyond(cfg, side) if side else None
         if extra is not None and extra.variant not in by_variant:
             levels = [extra, *levels] if side < 0 else [*levels, extra]
@@ -370,12 +370,6 @@ class Study:
             levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
         return levels, own
 
-    def winning_edge(self, stage: Stage, levels: list[Level], winner: str, own: str) -> int:
-        """-1 or +1 when a challenger won at that end of an ordered factor's levels (one more level goes past it),
-        else 0. Not in --quick, whose levels are cut short."""
-        if not stage.beyond or self.plan.max_levels or winner in (own, None):
-            return 0
-        return -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
 
     def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
         """Every level x seed at once; each level's records."""
@@ -389,15 +383,13 @@ class Study:
 
     def decide_stage(self, stage: Stage, levels: list[Level], by_variant: dict, own: str):
         """(`decide`'s decision, each level's multiply-adds over the start config's, the levels over the cap)."""
-        macs_of, cap = mlp_macs if stage.model == "mlp" else cnn_macs, self.plan.macs_cap
-        macs = {lv.variant: macs_of(apply(self.start(stage.model), lv.changes)) for lv in levels}
-        ratio = {v: m / macs_of(self.start(stage.model)) for v, m in macs.items()}
-        capped = {v for v, r in ratio.items() if cap and r > cap}
+        macs_of, start = mlp_macs if stage.model == "mlp" else cnn_macs, start_config(stage.model, self.plan)
+        macs = {lv.variant: macs_of(apply(start, lv.changes)) for lv in levels}
+        ratio = {v: m / macs_of(start) for v, m in macs.items()}
+        capped = {v for v, r in ratio.items() if self.plan.macs_cap and r > self.plan.macs_cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
         return decide(by_variant, macs, eligible, own), ratio, capped
 
-    def start(self, model: str) -> dict:
-        return start_config(model, self.plan)
 
     def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
         """Each level's mean wall seconds over the start config's grid runs' (levels without times: left out)."""
@@ -410,9 +402,7 @@ class Study:
         the final seeds, all at once; the best mean validation accuracy is kept (a tie: the first named). These
         are the final runs, the only ones that see the test set. For the CNN, Q3d beside them: the chain with
         the other way of training the head, at the same budget (no test set)."""
-        same = {}
-        for name, cfg in candidates.items():
-            same[name] = next(n for n, c in candidates.items() if c == cfg)
+        same = {name: next(n for n, c in candidates.items() if c == cfg) for name, cfg in candidates.items()}
         specs = {name: self.final_specs(model, name, candidates[name], "final")
                  for name in candidates if same[name] == name}
         heads = {}
@@ -420,8 +410,7 @@ class Study:
             other = next(m for m in _cnn("HEAD_MODES") if m != candidates["chain"]["head_mode"])
             heads = {other: self.final_specs(model, f"{other} head", apply(candidates["chain"], {"head_mode": other}),
                                              "heads")}
-        recs = self.train([s for group in (*specs.values(), *heads.values()) for s in group])
-        by_key = {r["key"]: r for r in recs}
+        by_key = {r["key"]: r for r in self.train([s for group in (*specs.values(), *heads.values()) for s in group])}
         val = {name: float(np.mean([_val(by_key[s.key]) for s in group])) for name, group in specs.items()}
         kept = max(specs, key=lambda name: val[name])
         self.finals[model] = {"candidates": {n: [s.key for s in g] for n, g in specs.items()}, "same": same,
@@ -491,7 +480,7 @@ def scale_filters(cfg: dict, shape: tuple[int, ...], target_macs: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------- runs
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
     model: str
     study: str
@@ -512,8 +501,7 @@ class RunSpec:
 
     def row(self) -> dict:
         """Its row of the manifest."""
-        return {"model": self.model, "study": self.study, "variant": self.variant, "seed": self.seed,
-                "key": self.key, "role": self.role}
+        return {k: getattr(self, k) for k in study_results.RUN_ROW}
 
 
 def start_config(model: str, plan: Plan) -> dict:
@@ -523,12 +511,12 @@ def start_config(model: str, plan: Plan) -> dict:
 
 
 def make_spec(model, study, variant, seed, base: dict, budget: Budget, role: str, plan: Plan) -> RunSpec:
-    cfg = apply(base, {"seed": seed, "subset": budget.subset})
+    epochs = base["epochs"] if budget.epochs is None else budget.epochs  # None: the config's own
+    cfg = apply(base, {"seed": seed, "subset": budget.subset, "epochs": epochs})
     if model == "cnn":
         cfg["device"] = "cpu"  # the run's device is the engine's choice (run_on_worker), not part of the run
-    if budget.epochs is not None:
-        cfg["epochs"] = budget.epochs
     config = config_class(model)(**cfg)
+
     try:
         config.validate()
     except ValueError as e:  # a bad level or budget is a bug in the plan, never a diverged run
@@ -547,35 +535,34 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
         splits.subset(spec.budget.subset, spec.budget.n_eval, seed=spec.seed)
     t0 = time.perf_counter()
     with threadpool_limits(limits=threads):
-        out, save, suffix = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
+        res, out, save, suffix = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
         files = _model_files(spec, save, suffix)
     if files:
         out["model_file"] = os.path.commonpath(list(files)) if len(files) > 1 else next(iter(files))
-    best = next((h for h in out["history"] if h.get("epoch") == out["best_epoch"]), {})
+    best = next((h for h in res.history if h.get("epoch") == res.best_epoch), {})
     record = {
         "key": spec.key, "model": spec.model, "study": spec.study, "variant": spec.variant, "seed": spec.seed,
         "role": spec.role, "final": spec.role == "final", "plan": spec.plan, "config": spec.config,
         "budget": dataclasses.asdict(spec.budget), "n_train": len(data.y_train), "n_val": len(data.y_val),
-        "epochs_run": out["epochs_run"], "best_epoch": out["best_epoch"],
+        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
         "train_loss": best.get("train_loss"), "train_acc": best.get("train_acc"),
-        "seconds": time.perf_counter() - t0, "threads": threads, "device": out["device"],
-        "sec_per_epoch": mean([h.get("seconds") for h in out["history"]]),
+        "seconds": time.perf_counter() - t0, "threads": threads, "device": str(getattr(res, "device", "cpu")),
+        "sec_per_epoch": mean([h.get("seconds") for h in res.history]),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **{k: v for k, v in out.items() if k not in ("best_epoch", "epochs_run", "device")}}
+        "history": res.history, "diverged": bool(res.diverged), **out}
     return clean(record), files
 
 
 def _train_mlp(spec: RunSpec, data: Splits, device: str):
-    """(what the run gives beyond its record's common fields, a function that saves its model, the file suffix)."""
+    """(the training result, what the run records beyond the fields every run has, a function that saves its
+    model, the file suffix)."""
     res = mlp_scratch.train(mlp_scratch.MLPConfig(**spec.config), data.X_train, data.y_train,
                             data.X_val, data.y_val, progress=False, input_range=mlp_scratch.PIXEL_RANGE)
-    out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-           "diverged": bool(res.diverged), "device": "cpu", "n_params": int(res.model.n_params),
-           "macs": mlp_macs(spec.config),
+    out = {"n_params": int(res.model.n_params), "macs": mlp_macs(spec.config),
            "layer_stats": mlp_scratch.layer_statistics(res.model, data.X_val[:1000], data.y_val[:1000]),
            **_evaluate(spec, data, lambda X, y: mlp_scratch.evaluate(res.model, X, y),
                        lambda X: mlp_scratch.softmax(res.model.forward(X)))}
-    return out, res.model.save, ".npz"
+    return res, out, res.model.save, ".npz"
 
 
 def _train_cnn(spec: RunSpec, data: Splits, device: str):
@@ -583,15 +570,14 @@ def _train_cnn(spec: RunSpec, data: Splits, device: str):
     res = cnn_torch.train(cnn_torch.CNNConfig(**{**spec.config, "device": device}), data, progress=False)
     clf = res.classifier
     backbone = [h for h in res.history if h["phase"] == "backbone"]  # frozen mode: trained with a linear head
-    out = {"history": res.history, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-           "diverged": bool(res.diverged), "device": str(res.device), "precision": res.precision,
-           "n_params": int(res.n_params), "feature_dim": clf.backbone.feature_dim,
+    out = {"precision": res.precision, "n_params": int(res.n_params), "feature_dim": clf.backbone.feature_dim,
            "macs": cnn_macs(spec.config), "layer_stats": None,
            "linear_val_acc": max((h["val_acc"] for h in backbone), default=None),  # Q3d: the linear head's best
            "backbone_seconds": sum(h["seconds"] for h in backbone) if backbone else None,
            **_evaluate(spec, data, lambda X, y: cnn_torch.evaluate_classifier(clf, to_images(X), y),
                        lambda X: clf.predict_proba(to_images(X)))}
-    return out, clf.save, ""
+    return res, out, clf.save, ""
+
 
 
 def _evaluate(spec, data, evaluate, predict_proba) -> dict:
@@ -634,8 +620,7 @@ class Engine:
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
         self.lock = threading.Lock()
         self.in_flight: dict[str, object] = {}  # run key -> its future, submitted and not yet written
-        self.submitted = 0
-        self.executed: list[str] = []
+        self.submitted, self.executed = 0, []  # submissions so far (each its own Dask key); run keys trained here
         from tqdm import tqdm
         self.bar = tqdm(total=0, unit="run", desc="study", disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
@@ -825,9 +810,9 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
             # Before a local cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes
             # torch's summation order and so the statistics' last digits. They depend on the code and data only.
             if not (results_dir / "init_stats.csv").exists():
-                import pandas as pd
-                stats = pd.DataFrame(compute_init_stats(splits, plan.init_images), columns=INIT_STATS_COLUMNS)
-                cli.atomic_write(results_dir / "init_stats.csv", stats.to_csv(index=False))
+                study_results.write_csv(results_dir / "init_stats.csv", INIT_STATS_COLUMNS,
+                                        compute_init_stats(splits, plan.init_images))
+
             if client is None:
                 client, cluster = start_client(args.workers)
             engine = Engine(client, splits, registry, device=device, threads=args.threads,
@@ -848,15 +833,11 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
         outputs = study_results.rebuild_outputs(results_dir, log=log, wall_seconds=wall if engine.executed else None,
                                                 workers=args.scheduler or args.workers)
         if plots:
-            draw_figures(results_dir, *outputs, splits)
+            import plots as figures  # here, not at the top: matplotlib's import is only paid where figures are drawn
+            figures.make_figures(results_dir, outputs[0], outputs[2], splits)
     log(f"Study done in {wall / 60:.1f} min: {len(engine.executed)} runs trained; results in {results_dir}")
     return study
 
-
-def draw_figures(results_dir: Path, rows: list[dict], manifest: dict, summary: dict, splits) -> None:
-    """The figures of rebuild_outputs' (rows, manifest, summary); no figure needs the manifest."""
-    import plots  # here, not at the top: matplotlib's import is only paid where figures are drawn
-    plots.make_figures(results_dir, rows, summary, splits)
 
 
 def rebuild_only(args: argparse.Namespace) -> None:
@@ -866,8 +847,11 @@ def rebuild_only(args: argparse.Namespace) -> None:
     if not (rd / "manifest.json").is_file() and not any((rd / "runs").glob("*.json")):
         raise StudyError(f"{rd} holds no study results (no manifest.json, no runs/*.json): run the study first")
     with study_results.results_lock(rd):
+        import plots
         splits = preprocessing.load_splits(args.data_dir)
-        draw_figures(rd, *study_results.rebuild_outputs(rd), splits)
+        rows, _, summary = study_results.rebuild_outputs(rd)
+        plots.make_figures(rd, rows, summary, splits)
+
     print(f"Rebuilt tables, summary.json and figures in {rd}")
 
 

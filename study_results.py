@@ -50,10 +50,8 @@ def clean(x):
         return {str(k): clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [clean(v) for v in x]
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, np.generic)):
         return clean(x.tolist())
-    if isinstance(x, np.generic):
-        return clean(x.item())
     return str(x) if isinstance(x, Path) else x
 
 
@@ -138,19 +136,18 @@ _RELATIVE = lambda v: isinstance(v, str) and not os.path.isabs(v) and ".." not i
 # The run record, field by field: its check (an optional field may be None). The one description of it.
 RECORD_REQUIRED = ("key", "model", "study", "variant", "seed", "role", "config", "val_acc", "diverged")
 RECORD: dict[str, Callable] = {
-    # 12 hex digits hashing what decides the run's numbers (model, config, budget, final or not); its file name
-    "key": lambda v: _NAME(v) and "/" not in v and not v.startswith("."),
-    "model": lambda v: v in MODELS,
-    "study": _NAME,                                  # the stage or final it was trained for: mlp_lr, cnn_final
-    "variant": _is(str),                             # the level's label, e.g. 0.003; a final candidate: chain, start
-    "seed": lambda v: _is(int)(v) and v >= 0,
-    "role": lambda v: v in ROLES,                    # grid | ablation | final | heads (only finals see the test set)
-    "config": _is(dict),                             # the module config it trained (MLPConfig / CNNConfig)
-    "val_acc": _FRACTION,                            # validation accuracy at the best epoch; None if it diverged
-    "diverged": _is(bool),                           # training stopped on a non-finite or exploding loss
-    "final": _opt(_is(bool)),                        # role == final
-    "plan": lambda v: v in (None, "full", "quick"),  # the study plan it belongs to
-    "budget": _opt(_is(dict)),                       # {subset, n_eval, epochs}: training images and epochs
+    # key: 12 hex digits hashing what decides the run's numbers (model, config, budget, final or not); its file name
+    "key": lambda v: _NAME(v) and "/" not in v and not v.startswith("."), "model": lambda v: v in MODELS,
+    # study: the stage or final it was trained for (mlp_lr, cnn_final); variant: the level's label, e.g. 0.003,
+    # or a final candidate's name (chain, start)
+    "study": _NAME, "variant": _is(str), "seed": lambda v: _is(int)(v) and v >= 0,
+    # role: grid | ablation | final | heads (only finals see the test set); config: the module config it
+    # trained (MLPConfig / CNNConfig); val_acc: validation accuracy at the best epoch (None if it diverged)
+    "role": lambda v: v in ROLES, "config": _is(dict), "val_acc": _FRACTION,
+    # diverged: training stopped on a non-finite or exploding loss; final: role == final
+    "diverged": _is(bool), "final": _opt(_is(bool)),
+    # plan: the study plan it belongs to; budget: {subset, n_eval, epochs}, its training images and epochs
+    "plan": lambda v: v in (None, "full", "quick"), "budget": _opt(_is(dict)),
     # training accuracy at the best epoch; finals only: test accuracy and macro-averaged F1
     **dict.fromkeys(("train_acc", "test_acc", "test_macro_f1"), _FRACTION),
     # losses at the best epoch (a diverged run's may be huge)
@@ -163,9 +160,8 @@ RECORD: dict[str, Callable] = {
     "history": _opt(_list_of(_is(dict))),
     # finals only: the predicted class per test image, its model (relative to the results folder), every file
     "test_pred": _opt(_list_of(lambda p: _is(int)(p) and 0 <= p < NUM_CLASSES)),
-    "model_file": _opt(_RELATIVE),
-    "model_files": _opt(_list_of(_RELATIVE)),
-    "error": _opt(_is(str)),                         # why it diverged
+    "model_file": _opt(_RELATIVE), "model_files": _opt(_list_of(_RELATIVE)),
+    "error": _opt(_is(str)),  # why it diverged
 }
 # Also written, not checked: device, finished_at, layer_stats, test_true, test_prob_max, per_class, confusion.
 
@@ -388,7 +384,7 @@ def classification_report(y_true, y_pred, class_names=CLASS_NAMES) -> dict:
 
 # ------------------------------------------------------------------------------------------ manifest
 # The manifest's parts: (part, its JSON type, the check of each item, the fields an item must have).
-RUN_ROW = ("key", "model", "study", "variant", "seed", "role")
+RUN_ROW = ("model", "study", "variant", "seed", "key", "role")  # in this order, RunSpec.row()
 MANIFEST_PARTS = (
     ("runs", list, {k: RECORD[k] for k in RUN_ROW}, RUN_ROW),
     ("stages", dict, {"levels": _opt(_list_of(_is(str)))}, ()),
@@ -464,7 +460,8 @@ def paired_difference(a: list[dict], b: list[dict], field: str = "val_acc") -> d
     if not d:
         return None
     half = T975.get(len(d) - 1, 1.96) * sample_std(d) / math.sqrt(len(d)) if len(d) > 1 else None
-    return {"n": len(d), "diff": float(np.mean(d)), "ci": None if half is None else [np.mean(d) - half, np.mean(d) + half]}
+    return {"n": len(d), "diff": float(np.mean(d)),
+            "ci": None if half is None else [np.mean(d) - half, np.mean(d) + half]}
 
 
 def _seed_row(r: dict) -> dict:
@@ -501,12 +498,9 @@ def _heads_summary(records: dict[str, dict], manifest: dict) -> dict | None:
     heads = manifest["finals"].get("cnn", {}).get("heads")
     if not heads:
         return None
-    out = {}
-    for mode, keys in heads.items():
-        rs = [records[k] for k in keys if k in records]
-        out[mode] = [{**_seed_row(r), "linear_val_acc": r.get("linear_val_acc"),
-                      "backbone_seconds": r.get("backbone_seconds")} for r in rs]
-    return out
+    return {mode: [{**_seed_row(records[k]), "linear_val_acc": records[k].get("linear_val_acc"),
+                    "backbone_seconds": records[k].get("backbone_seconds")} for k in keys if k in records]
+            for mode, keys in heads.items()}
 
 
 # ------------------------------------------------------------------------------------------ summary.json
@@ -580,7 +574,7 @@ def _cell(v):
     return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -596,7 +590,7 @@ def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manife
     for model in MODELS:
         recs = [r for r in rows if r["model"] == model]
         cfg_cols = list(dict.fromkeys(k for r in recs for k in r["config"] if k not in ("seed", "device", *fixed)))
-        _write_csv(results_dir / f"{model}_runs.csv", RUN_COLUMNS_HEAD + cfg_cols + RUN_COLUMNS_TAIL,
+        write_csv(results_dir / f"{model}_runs.csv", RUN_COLUMNS_HEAD + cfg_cols + RUN_COLUMNS_TAIL,
                    [{**{k: r["config"].get(k) for k in cfg_cols}, **{k: r.get(k) for k in fixed},
                      **{f"budget_{k}": v for k, v in (r.get("budget") or {}).items()}} for r in recs])
     names, kept = {}, set()
@@ -606,11 +600,11 @@ def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manife
             kept.update(r["key"] for r in c["seeds"])
     finals = sorted((r for r in records.values() if r["role"] == "final"),
                     key=lambda r: (MODELS.index(r["model"]), r["variant"], r["seed"]))
-    _write_csv(results_dir / "finals.csv", FINALS_COLUMNS,
+    write_csv(results_dir / "finals.csv", FINALS_COLUMNS,
                [{**r, "candidate": names.get(r["key"]), "kept": r["key"] in kept,
                  **dict(zip(("test_acc_wilson_lo", "test_acc_wilson_hi"), _wilson_of(r) or [None, None]))}
                 for r in finals])
-    _write_csv(results_dir / "curves.csv", CURVE_COLUMNS,
+    write_csv(results_dir / "curves.csv", CURVE_COLUMNS,
                [{**h, "key": r["key"], "study": r["study"], "variant": r["variant"], "seed": r["seed"],
                  "role": r["role"]} for r in rows for h in r.get("history") or []])
 
@@ -652,13 +646,12 @@ def compare_studies(new_dir, old_dir) -> tuple[list[dict], str]:
     rows = []
     for key, rec in sorted(old.items(), key=lambda kv: (kv[1]["study"], kv[1]["variant"], kv[1]["seed"])):
         other = new.get(key)
-        row = {"study": rec["study"], "variant": rec["variant"], "seed": rec["seed"], "key": key,
-               "status": "missing" if other is None else
-               "identical" if _without_timing(other) == _without_timing(rec) else "differs"}
-        for f in ("val_acc", "test_acc"):
-            if other is not None and rec.get(f) is not None and other.get(f) is not None:
-                row[f"d_{f}"] = other[f] - rec[f]
-        rows.append(row)
+        rows.append({"study": rec["study"], "variant": rec["variant"], "seed": rec["seed"], "key": key,
+                     "status": "missing" if other is None else
+                     "identical" if _without_timing(other) == _without_timing(rec) else "differs",
+                     **{f"d_{f}": other[f] - rec[f] for f in ("val_acc", "test_acc")
+                        if rec.get(f) is not None and (other or {}).get(f) is not None}})
+
     counts = {s: sum(r["status"] == s for r in rows) for s in ("identical", "differs", "missing")}
     worst = max((abs(r.get(f"d_{f}", 0.0)) for r in rows for f in ("val_acc", "test_acc")), default=0.0)
     line = (f"{counts['identical']} of {len(rows)} run records identical except timings"

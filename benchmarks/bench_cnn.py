@@ -13,16 +13,14 @@ configuration it then times, interleaved in the same process, the bare model wor
 (cnn_torch.train_step: forward, loss, backward and both optimizers' steps; no shuffling, indexing,
 augmentation, schedule or metrics) and prints the loop's overhead over it; the loop's arithmetic rate
 (3 x 2 x multiply-adds per image: forward and backward) over the best bf16 matrix product measured in the same
-process; and the default recipe's backbone seconds (epochs x s/epoch at its batch size) over OLD_RECIPE's. The best of `--repeats` runs is
-kept, since other processes on the machine can only make a run slower. numpy's BLAS is held at one thread
-throughout, as cnn_torch.train holds it.
+process; and the default recipe's backbone seconds (epochs x s/epoch at its batch size) over OLD_RECIPE's.
+The best of `--repeats` runs is kept, since other processes on the machine can only make a run slower.
+numpy's BLAS is held at one thread throughout, as cnn_torch.train holds it.
 """
-from __future__ import annotations
-
 import argparse
-import math
 import sys
 import time
+import timeit
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,12 +49,7 @@ OLD_RECIPE = {"epochs": 26, "batch_size": 128, "lr": 3e-3, "head_epochs": 20}
 def matmul_peak(dtype=torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` n x n matrix products in `dtype`: the machine's practical peak."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / min(timeit.repeat(lambda: a @ b, number=1, repeat=repeats))
 
 
 def make_data(n: int, seed: int = 0) -> dict:
@@ -68,9 +61,7 @@ def make_data(n: int, seed: int = 0) -> dict:
 
 
 def model_of(config: cnn_torch.CNNConfig) -> tuple[cnn_torch.CNNBackbone, cnn_torch.ScratchHead]:
-    backbone = cnn_torch.build_backbone(config)
-    if config.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = cnn_torch.build_backbone(config).to(memory_format=cnn_torch.memory_format(config))
     return backbone, cnn_torch.ScratchHead(cnn_torch.build_head(config, backbone.feature_dim), config)
 
 
@@ -119,10 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {cfg.pool} | {','.join(map(str, b.channels))} | {cfg.precision} | {cfg.channels_last} | "
                       f"{b.feature_dim} | {b.n_params + cnn_torch.build_head(cfg, b.feature_dim).n_params:,} | "
                       f"{sec:.1f} |", flush=True)
-        loop, bare = [], []
-        for _ in range(max(3, args.repeats)):  # interleaved, so that a busy spell slows both alike
-            bare.append(bare_seconds(base, data))
-            loop.append(loop_seconds(base, data))
+        # interleaved, so that a busy spell slows both alike
+        bare, loop = zip(*[(bare_seconds(base, data), loop_seconds(base, data)) for _ in range(max(3, args.repeats))])
         old = replace(base, **OLD_RECIPE)
         old_epoch = min(loop_seconds(old, data) for _ in range(args.repeats)) * scale
         peak = matmul_peak()

@@ -39,11 +39,10 @@ def timed(splits, specs, workers: int, threads: int) -> tuple[float, dict]:
             engine = rx.Engine(client, splits, study_results.Registry(out), device="cpu", log=lambda *a: None)
             t0 = time.perf_counter()
             records = engine.run(specs, threads)
-            seconds = time.perf_counter() - t0
-    return seconds, {r["key"]: (r["val_acc"], r["train_loss"]) for r in records}
+            return time.perf_counter() - t0, {r["key"]: (r["val_acc"], r["train_loss"]) for r in records}
 
 
-def main() -> int:
+def main() -> None:
     splits, specs, cores = preprocessing.load_splits(), bench_specs(), os.cpu_count() or 1
     one, one_records = timed(splits, specs, 1, 1)
     serial, _ = timed(splits, specs, 1, cores)
@@ -56,7 +55,6 @@ def main() -> int:
         print(f"{label + ':':<48} {seconds:7.1f} s")
     print(f"2 workers / 1 worker at {cores} threads: ratio {two / serial:.2f}")
     print(f"2 workers / 1 worker: ratio {two / one:.2f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ None reaches the 26-epoch default's 95.00 (seed 0). E10 became the default (CNNC
 within the 6-minute budget; validation 94.52, 94.58, 94.55), where E12 needs about 6.5 min for +0.05 points.
 The E10 rows and the seed-0 rows of the others ran beside other work: their seconds are upper bounds.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -48,7 +46,12 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
+import cnn_torch  # noqa: E402
+import preprocessing  # noqa: E402
 
 BASE = {"filters": "11,22,44,88,176", "base_filters": 32, "kernel_size": 5, "pool": "max", "init": "xavier",
         "batchnorm": True, "head_mode": "frozen", "head_hidden": [256], "head_activation": "gelu",
@@ -60,12 +63,10 @@ A = {}
 R = {"filters": "48,48,96,96,192", "kernel_size": 3, "init": "he", "head_mode": "joint", "head_activation": "relu"}
 S = {"filters": "32,32,64,64,128", "kernel_size": 3, "epochs": 30}
 REG = {"label_smoothing": 0.1, "erase": 0.5, "weight_decay": 5e-2}
-CONFIGS = {
-    "A": A, "A+wd": {**A, "weight_decay": 5e-2}, "A+ls": {**A, "label_smoothing": 0.1},
-    "A+erase": {**A, "erase": 0.5}, "A+joint": {**A, "head_mode": "joint"}, "A+reg": {**A, **REG},
-    "R": R, "R+reg": {**R, **REG}, "S30": S, "S30+reg": {**S, **REG},
-    "A+reg+joint": {**A, **REG, "head_mode": "joint"},
-}
+CONFIGS = {"A": A, "A+wd": {**A, "weight_decay": 5e-2}, "A+ls": {**A, "label_smoothing": 0.1},
+           "A+erase": {**A, "erase": 0.5}, "A+joint": {**A, "head_mode": "joint"}, "A+reg": {**A, **REG},
+           "R": R, "R+reg": {**R, **REG}, "S30": S, "S30+reg": {**S, **REG},
+           "A+reg+joint": {**A, **REG, "head_mode": "joint"}}
 DEFAULT26 = {**S, **REG, "epochs": 26}
 SHORT = {**DEFAULT26, "batch_size": 256, "lr": 4e-3, "head_epochs": 10, "epochs": 10}
 LIGHT = {"erase": 0.25, "weight_decay": 5e-3}
@@ -77,11 +78,7 @@ CONFIGS.update({"E10": SHORT, "E12": {**SHORT, "epochs": 12},
 def run_one(job: tuple) -> dict:
     """Train one (name, seed) and append its row to the output file."""
     name, seed, device, data_dir, out, threads = job
-    sys.path.insert(0, str(REPO))
-    import torch
     torch.set_num_threads(threads)  # the machine's cores, shared by the workers
-    import cnn_torch
-    import preprocessing
     try:
         s = preprocessing.load_splits(data_dir)
         # The test split is dropped here: nothing in the sweep can look at it.
@@ -91,15 +88,12 @@ def run_one(job: tuple) -> dict:
         result = cnn_torch.train(config, splits)
         row = {"name": name, "seed": seed, "seconds": time.perf_counter() - t0, "best_epoch": result.best_epoch,
                "device": result.device, "threads": threads, "config": {**BASE, **CONFIGS[name]}}
-        clf = result.classifier
+        clf, images = result.classifier, preprocessing.to_images(splits.X_val)
         for tta in (False, True):
             clf.config.tta = tta
-            tag = "tta" if tta else "plain"
-            row[f"val_{tag}"] = cnn_torch.evaluate_classifier(clf, preprocessing.to_images(splits.X_val),
-                                                              splits.y_val)["acc"]
-        backbone_epochs = [h for h in result.history if h["phase"] != "head"]
-        row["backbone_val_last"] = backbone_epochs[-1]["val_acc"]
-        row["train_acc_last"] = backbone_epochs[-1]["train_acc"]
+            row["val_tta" if tta else "val_plain"] = cnn_torch.evaluate_classifier(clf, images, splits.y_val)["acc"]
+        last = [h for h in result.history if h["phase"] != "head"][-1]  # the backbone's last epoch
+        row.update(backbone_val_last=last["val_acc"], train_acc_last=last["train_acc"])
     except Exception:  # one failed configuration must not end the sweep: record it
         row = {"name": name, "seed": seed, "error": traceback.format_exc()[-800:]}
     with open(out, "a") as f:
@@ -111,9 +105,8 @@ def run_one(job: tuple) -> dict:
 def summarize(rows: list[dict]) -> str:
     """Mean accuracy per configuration, best validation first."""
     groups = defaultdict(list)
-    for r in rows:
-        if "error" not in r:
-            groups[r["name"]].append(r)
+    for r in [r for r in rows if "error" not in r]:  # a failed run has no accuracy
+        groups[r["name"]].append(r)
     lines = [f"{'config':12s} seeds  val    val+tta  (%, mean over seeds)"]
     for name, rs in sorted(groups.items(), key=lambda kv: -sum(r["val_plain"] for r in kv[1]) / len(kv[1])):
         m = {k: 100 * sum(r[k] for r in rs) / len(rs) for k in ("val_plain", "val_tta")}
@@ -124,7 +117,7 @@ def summarize(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help="comma-separated configuration names (default: all)")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
+    p.add_argument("--seeds", default="0,1", type=cli.seed_list_arg, help="comma-separated seeds (default: 0,1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:i] or mps")
     p.add_argument("--workers", type=int, default=1, help="configurations trained at once")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: preprocessing's search)")
@@ -135,15 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize([json.loads(line) for line in Path(args.summarize).read_text().splitlines() if line]))
         return 0
     names = args.only.split(",") if args.only else list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
+    if unknown := [n for n in names if n not in CONFIGS]:
         p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
-    jobs = [(n, s, args.device, args.data_dir, args.out, threads) for n in names for s in seeds]
+    jobs = [(n, s, args.device, args.data_dir, args.out, threads) for n in names for s in args.seeds]
     with mp.get_context("spawn").Pool(max(1, args.workers), maxtasksperchild=1) as pool:
         rows = list(pool.imap_unordered(run_one, jobs))
     print(summarize(rows))

@@ -13,8 +13,8 @@ A stage passes when its grid winner is the full budget's winner, or lies within 
 the 95% t-interval of their paired difference at full budget contains zero.
 """
 import dataclasses
+import functools
 import json
-import math
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,16 +31,12 @@ import study_results  # noqa: E402
 FACTORS = {"mlp": ("mlp_activation", "mlp_width", "mlp_dropout"),
            "cnn": ("cnn_pool", "cnn_head_mode", "cnn_ablation")}  # pooling, joint vs frozen, a regulariser
 SEEDS = (0, 1)
-_splits = None
-
-
-def _load():
-    global _splits
-    _splits = preprocessing.load_splits()
+FIELDS = ("key", "val_acc", "train_acc", "seconds")  # what a row keeps of its run
+_splits = functools.cache(preprocessing.load_splits)  # the data, read once per worker process
 
 
 def _train(spec: rx.RunSpec) -> dict:
-    return rx.run_on_worker(spec, _splits, 1, "cpu")[0]
+    return rx.run_on_worker(spec, _splits(), 1, "cpu")[0]
 
 
 def _same_run(config: dict, budget: rx.Budget) -> str:
@@ -55,19 +51,17 @@ def jobs(model: str, manifest: dict, records: dict) -> list[dict]:
     out = []
     for sid in FACTORS[model]:
         st = manifest["stages"][sid]
-        other = st["winner"] if st["winner"] != st["incumbent"] else max(
-            (v for v, r in st["rows"].items() if v != st["winner"] and r["eligible"]), key=lambda v: st["rows"][v]["mean"],
-            default=None)
+        other = st["winner"] if st["winner"] != st["incumbent"] else max(  # else the runner-up
+            (v for v, r in st["rows"].items() if v != st["winner"] and r["eligible"]),
+            key=lambda v: st["rows"][v]["mean"], default=None)
         for level in (st["incumbent"], other) if other else ():
             grid = [records[r["key"]] for r in manifest["runs"]
                     if r["study"] == sid and r["variant"] == level and r["seed"] in SEEDS]
             for rec in sorted(grid, key=lambda r: r["seed"]):
                 cfg = {**rec["config"], "epochs": rx.START[model]["epochs"]}  # the grid's budget undone
-                out += [{"model": model, "factor": sid, "level": level, "budget": "grid", "seed": rec["seed"],
-                         "spec": rx.make_spec(model, sid, level, rec["seed"], rec["config"], rx.Budget(**rec["budget"]),
-                                              "grid", plan)},
-                        {"model": model, "factor": sid, "level": level, "budget": "full", "seed": rec["seed"],
-                         "spec": rx.make_spec(model, sid, level, rec["seed"], cfg, full, "grid", plan)}]
+                for name, config, budget in (("grid", rec["config"], rx.Budget(**rec["budget"])), ("full", cfg, full)):
+                    out.append({"model": model, "factor": sid, "level": level, "budget": name, "seed": rec["seed"],
+                                "spec": rx.make_spec(model, sid, level, rec["seed"], config, budget, "grid", plan)})
     return out
 
 
@@ -81,39 +75,34 @@ def verdicts(rows: list[dict]) -> list[dict]:
         levels = list(dict.fromkeys(lv for lv, _, _ in acc))
         mean = {(lv, b): float(np.mean([acc[lv, b, s] for s in SEEDS])) for lv in levels for b in ("grid", "full")}
         grid, full = (max(levels, key=lambda lv: mean[lv, b]) for b in ("grid", "full"))
-        d = [acc[grid, "full", s] - acc[full, "full", s] for s in SEEDS]
-        half = study_results.T975[len(d) - 1] * float(np.std(d, ddof=1)) / math.sqrt(len(d))
-        ci = [float(np.mean(d)) - half, float(np.mean(d)) + half]
+        runs = {lv: [{"seed": s, "val_acc": acc[lv, "full", s]} for s in SEEDS] for lv in (grid, full)}
+        d = study_results.paired_difference(runs[grid], runs[full])  # its 95% t-interval
         out.append({"model": model, "factor": factor, "means": {f"{lv} {b}": m for (lv, b), m in mean.items()},
-                    "grid_winner": grid, "full_winner": full, "diff": float(np.mean(d)), "ci": ci,
-                    "passes": grid == full or ci[0] <= 0 <= ci[1]})
+                    "grid_winner": grid, "full_winner": full, "diff": d["diff"], "ci": d["ci"],
+                    "passes": grid == full or bool(d["ci"][0] <= 0 <= d["ci"][1])})
     return out
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("mlp", "cnn"), help="one model's factors (default: both)")
     p.add_argument("--results-dir", type=cli.path_arg, default="results", help="the study's results (default: results)")
     args = p.parse_args(argv)
     records = study_results.Registry(args.results_dir, log=lambda *a: None, read_only=True).records
     manifest = study_results.load_manifest(args.results_dir, log=lambda *a: None)
-    if missing := [sid for m in FACTORS for sid in FACTORS[m] if args.only in (None, m) and sid not in manifest["stages"]]:
+    models = [m for m in FACTORS if args.only in (None, m)]
+    if missing := [sid for m in models for sid in FACTORS[m] if sid not in manifest["stages"]]:
         p.error(f"{args.results_dir} holds no finished study with stages {', '.join(missing)}: run the study first")
     done = {_same_run(r["config"], rx.Budget(**r["budget"])): r for r in records.values()}
-    rows = [row for m in ("cnn", "mlp") if args.only in (None, m) for row in jobs(m, manifest, records)]
-    todo = {}
-    for row in rows:
-        found = done.get(_same_run(row["spec"].config, row["spec"].budget))
-        row["reused"] = found is not None
-        if found is None:
-            todo.setdefault(row["spec"].key, row["spec"])
-        row.update({k: found[k] for k in ("key", "val_acc", "train_acc", "seconds")} if found else {})
-    with ProcessPoolExecutor(2, initializer=_load) as pool:
+    rows = [row for m in ("cnn", "mlp") if m in models for row in jobs(m, manifest, records)]
+    specs = [row.pop("spec") for row in rows]
+    found = [done.get(_same_run(spec.config, spec.budget)) for spec in specs]
+    # same key, same numbers (RunSpec.key): a configuration two rows share is trained once
+    todo = {spec.key: spec for spec, run in zip(specs, found) if run is None}
+    with ProcessPoolExecutor(2) as pool:
         trained = dict(zip(todo, pool.map(_train, todo.values())))
-    for row in rows:
-        if not row["reused"]:
-            row.update({k: trained[row["spec"].key][k] for k in ("key", "val_acc", "train_acc", "seconds")})
-    rows = [{k: v for k, v in r.items() if k != "spec"} for r in rows]
+    for row, spec, run in zip(rows, specs, found):
+        row.update({"reused": run is not None, **{k: (run or trained[spec.key])[k] for k in FIELDS}})
     out = Path(args.results_dir) / "grid_budget.json"
     if args.only and out.exists():  # the other model's rows stay
         rows += [r for r in json.loads(out.read_text())["rows"] if r["model"] != args.only]
@@ -124,7 +113,6 @@ def main(argv=None) -> int:
               + f"  grid winner {v['grid_winner']}, full {v['full_winner']}: {'passes' if v['passes'] else 'FAILS'}"
               f" (full-budget difference {100 * v['diff']:+.2f}, 95% [{100 * v['ci'][0]:+.2f}, {100 * v['ci'][1]:+.2f}])")
     print(f"{len(todo)} runs trained, {sum(r['reused'] for r in rows)} rows read from the study's runs")
-    return 0
 
 
 if __name__ == "__main__":
