@@ -74,8 +74,10 @@ PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 where the device computes it
 MAX_FILTERS = 2048  # caps on sizes turn absurd values into one-line errors, not an out-of-memory crash later
 VAL_BATCH, PREDICT_BATCH = 1024, 512  # images per forward pass when validating / predicting (results depend on it)
 CHECKPOINT_FILES = ("backbone.pt", "head.npz", "config.json")
-IMAGES_MESSAGE = ("expected floating-point images of shape (N, 1, 28, 28), (N, 28, 28) or (N, 784) with finite pixels "
-                  "in [0, 1]; got {}. Scale pixels to [0, 1]: divide uint8 images by 255")
+IMAGES_MESSAGE = (f"expected floating-point images of shape (N, 1, {IMAGE_SIDE}, {IMAGE_SIDE}), (N, {IMAGE_SIDE}, "
+                  f"{IMAGE_SIDE}) or (N, {INPUT_DIM}) with finite pixels in [0, 1]; got {{}}. Scale pixels to "
+                  f"[0, 1]: divide uint8 images by 255")
+ONECYCLE_WARMUP = 0.25  # "onecycle" = "cosine" after a linear warm-up over this fraction of the steps
 OOM_HINT = "; use fewer or narrower --filters or --head-hidden layers, or a smaller --batch-size"
 
 
@@ -456,7 +458,7 @@ def make_torch_optimizer(config: CNNConfig, params: list[tuple[str, nn.Parameter
 def lr_scale_schedule(config: CNNConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak learning rates at each step: mlp_scratch's cosine schedule, after a linear
     warm-up over the first 25% of the steps for "onecycle"."""
-    warmup = round(0.25 * total_steps) if config.schedule == "onecycle" else 0
+    warmup = round(ONECYCLE_WARMUP * total_steps) if config.schedule == "onecycle" else 0
     return mlp_scratch.make_schedule("cosine", 1.0, total_steps, warmup_steps=warmup)
 
 
