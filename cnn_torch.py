@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import cli
@@ -119,7 +120,9 @@ class CNNConfig:
     erase: float = cli.flag(0.5, "probability of a random rectangle zeroed",
                             cli.number(lambda v: 0 <= v <= 1, "in [0, 1]"))
     label_smoothing: float = cli.flag(0.1, "target (1 - e) * onehot + e / 10 (backbone, joint head)", cli.BELOW_ONE)
-    tta: bool = cli.flag(False, "predict with the mean softmax of each image and its mirror image", cli.BOOL)
+    tta: bool = cli.flag(True, "predict with the mean softmax of each image and its mirror image", cli.BOOL)
+    ema: float = cli.flag(0.25, "frozen mode: average the backbone's weights over about this fraction of the "
+                          "steps, exponentially (0: off)", cli.BELOW_ONE)
     patience: int = cli.flag(0, "stop after this many epochs without a better val acc (0: off)", mlp_scratch.PATIENCE)
     precision: str = cli.flag("auto", "backbone precision (bf16 autocast); auto: bf16 where native", choices=PRECISIONS)
     channels_last: bool = cli.flag(True, "NHWC memory format", cli.BOOL)
@@ -544,9 +547,11 @@ def train_step(backbone: CNNBackbone, head, optimizer, x, y, config: CNNConfig, 
 
 
 def train_epoch(config: CNNConfig, backbone: CNNBackbone, head, optimizer, X, y, lr_scale_at: Callable[[int], float],
-                step0: int, gen: torch.Generator, shuffle_gen: torch.Generator, bar_title: str | None = None):
+                step0: int, gen: torch.Generator, shuffle_gen: torch.Generator, averaged: AveragedModel | None = None,
+                bar_title: str | None = None):
     """One pass over X (N, 1, 28, 28) and y (N,), both on the device, in a fresh order, augmented (a progress
-    bar with `bar_title`, unless None). Returns the running mean loss and accuracy (train mode).
+    bar with `bar_title`, unless None), updating the weight average `averaged` (unless None) after each step.
+    Returns the running mean loss and accuracy (train mode).
 
     The running sums stay on the device, read once at the end: a GPU never waits for the host mid-epoch. A
     non-finite loss is therefore caught at the end of its epoch (NaN weights stay NaN, so nothing is missed)."""
@@ -565,6 +570,8 @@ def train_epoch(config: CNNConfig, backbone: CNNBackbone, head, optimizer, X, y,
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(backbone, head, optimizer, x, yb, config, lr_scale_at(step0 + step))
+        if averaged is not None:
+            averaged.update_parameters(backbone)
         loss_sum += loss.double() * len(idx)
         correct += (logits.argmax(dim=1) == yb).sum()
     return loss_sum.item() / len(X), correct.item() / len(X)
@@ -581,16 +588,24 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
     lr_scale_at = lr_scale_schedule(config, steps_per_epoch * config.epochs)
     gen = torch.Generator(device=device).manual_seed(config.seed)   # augmentation
     shuffle_gen = torch.Generator().manual_seed(config.seed + 1)    # batch order
-    best = {"val_acc": -1.0, "epoch": 0, "weights": copy.deepcopy((backbone.state_dict(), head.model))}
+    # airbench's exponential moving average of the weights (BatchNorm's statistics too): it is what gets
+    # validated and kept, smoothing the last steps' noise at no extra step. Its horizon is a fraction of the run,
+    # so that a short grid run averages as a full one does (0.25 of the full run: a decay of 0.998 a step).
+    # Frozen mode only: the joint head learns from the backbone's current features, which the average would not.
+    decay = 1 - 1 / max(config.ema * steps_per_epoch * config.epochs, 1)
+    averaged = AveragedModel(backbone, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) \
+        if config.ema and config.head_mode == "frozen" else None
+    validated = averaged.module if averaged else backbone
+    best = {"val_acc": -1.0, "epoch": 0, "weights": copy.deepcopy((validated.state_dict(), head.model))}
     history, diverged = [], False
     for epoch in range(1, config.epochs + 1):
         t0, step = time.perf_counter(), (epoch - 1) * steps_per_epoch
         train_loss, train_acc = train_epoch(config, backbone, head, optimizer, data["X"], data["y_device"],
-                                            lr_scale_at, step, gen, shuffle_gen,
+                                            lr_scale_at, step, gen, shuffle_gen, averaged,
                                             f"{phase} epoch {epoch}/{config.epochs}" if progress else None)
         train_seconds = time.perf_counter() - t0
         val = {"loss": math.nan, "acc": math.nan} if not math.isfinite(train_loss) else scores(
-            map_batches(backbone, head.logits, data["X_val"], config, VAL_BATCH, config.tta), data["y_val"])
+            map_batches(validated, head.logits, data["X_val"], config, VAL_BATCH, config.tta), data["y_val"])
         if mlp_scratch.loss_blew_up(val["loss"], NUM_CLASSES):  # NaN when training itself hit a non-finite loss
             diverged = True
             log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(val['loss'], NUM_CLASSES)} -- diverged; "
@@ -604,7 +619,7 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
             f"acc {train_acc:.4f}  val loss {val['loss']:.4f} acc {val['acc']:.4f}  {row['seconds']:.1f}s")
         if val["acc"] > best["val_acc"]:
             best = {"val_acc": val["acc"], "epoch": epoch,
-                    "weights": copy.deepcopy((backbone.state_dict(), head.model))}
+                    "weights": copy.deepcopy((validated.state_dict(), head.model))}
         elif config.patience and epoch - best["epoch"] >= config.patience:
             log(f"early stop: no val improvement for {config.patience} epochs (best {best['val_acc']:.4f} "
                 f"at epoch {best['epoch']})")
@@ -612,6 +627,16 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
     backbone.load_state_dict(best["weights"][0])
     head.model = best["weights"][1]
     return {"history": history, "best_epoch": best["epoch"], "epochs_run": len(history), "diverged": diverged}
+
+
+def head_training_set(classifier: CNNClassifier, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen mode's training set for the MLP head: the features of each training image and, with test-time
+    mirroring on, of its mirror image too (the head is then asked about both)."""
+    features, labels = classifier.features(data["X"], VAL_BATCH), data["y"]
+    if classifier.config.tta:
+        features = np.concatenate([features, classifier.features(data["X"].flip(3), VAL_BATCH)])
+        labels = np.concatenate([labels, labels])
+    return features, labels
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")  # numpy's idle BLAS threads would steal torch's cores
@@ -646,7 +671,7 @@ def train(config: CNNConfig, splits: Splits, *, progress: bool = False, log=None
             init="he", optimizer=config.optimizer, lr=config.head_lr, momentum=config.momentum,
             weight_decay=config.weight_decay, schedule="cosine", warmup_epochs=0.0, epochs=config.head_epochs,
             batch_size=config.batch_size, patience=config.patience, standardize=True, seed=config.seed, subset=None),
-            classifier.features(data["X"], VAL_BATCH), data["y"], classifier.features(data["X_val"], VAL_BATCH),
+            *head_training_set(classifier, data), classifier.features(data["X_val"], VAL_BATCH),
             data["y_val"], progress=progress, log=log)
         offset, classifier.head = len(run["history"]), result.model
         run["history"] += [{**row, "epoch": offset + row["epoch"], "phase": "head"} for row in result.history]

@@ -556,9 +556,10 @@ def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manif
 
 # ------------------------------------------------------------------------------------------ tables
 RUN_COLUMNS_HEAD = ["study", "variant", "seed", "role", "plan"]
+# never a test column: grid runs see no test set
 RUN_COLUMNS_TAIL = ["budget_subset", "budget_epochs", "n_train", "n_val", "epochs_run", "best_epoch", "train_loss",
-                    "train_acc", "val_loss", "val_acc", "seconds", "sec_per_epoch", "threads", "device",
-                    "n_params", "macs", "diverged", "key", "error"]  # never a test column: grid runs see no test set
+                    "train_acc", "val_loss", "val_acc", "val_acc_unmirrored", "seconds", "sec_per_epoch", "threads",
+                    "device", "n_params", "macs", "diverged", "key", "error"]
 FINALS_COLUMNS = ["model", "study", "variant", "seed", "candidate", "kept", "key", "plan", "val_acc",
                   "train_acc", "test_loss", "test_acc", "test_macro_f1", "test_acc_wilson_lo",
                   "test_acc_wilson_hi", "n_test", "seconds", "epochs_run", "n_params", "macs", "diverged"]

@@ -57,8 +57,8 @@ BASE = {"filters": "11,22,44,88,176", "base_filters": 32, "kernel_size": 5, "poo
         "batchnorm": True, "head_mode": "frozen", "head_hidden": [256], "head_activation": "gelu",
         "head_dropout": 0.3, "head_epochs": 20, "optimizer": "adamw", "lr": 3e-3, "head_lr": 1e-3,
         "momentum": 0.9, "weight_decay": 5e-4, "schedule": "onecycle", "epochs": 15, "batch_size": 128,
-        "augment": True, "erase": 0.0, "label_smoothing": 0.0, "tta": False, "patience": 0,
-        "precision": "bf16", "channels_last": True}
+        "augment": True, "erase": 0.0, "label_smoothing": 0.0, "tta": False, "ema": 0.0,
+        "patience": 0, "precision": "bf16", "channels_last": True}
 A = {}
 R = {"filters": "48,48,96,96,192", "kernel_size": 3, "init": "he", "head_mode": "joint", "head_activation": "relu"}
 S = {"filters": "32,32,64,64,128", "kernel_size": 3, "epochs": 30}
@@ -72,7 +72,8 @@ SHORT = {**DEFAULT26, "batch_size": 256, "lr": 4e-3, "head_epochs": 10, "epochs"
 LIGHT = {"erase": 0.25, "weight_decay": 5e-3}
 CONFIGS.update({"E10": SHORT, "E12": {**SHORT, "epochs": 12},
                 "E10light": {**SHORT, **LIGHT}, "E10noerase": {**SHORT, "erase": 0.0},
-                "E12w24light": {**SHORT, **LIGHT, "epochs": 12, "filters": "24,24,48,48,96"}})
+                "E12w24light": {**SHORT, **LIGHT, "epochs": 12, "filters": "24,24,48,48,96"},
+                "E10ema": {**SHORT, "ema": 0.25, "tta": True}})
 
 
 def run_one(job: tuple) -> dict:
