@@ -93,12 +93,12 @@ TEXT = (lambda v: isinstance(v, str), "a string")  # filters and device: validat
 class CNNConfig:
     """One run's hyperparameters, each a flag of `python cnn_torch.py` (its default, help and rule stated once,
     by cli.flag); the head's rules are MLPConfig's. The defaults are the chosen configuration."""
-    filters: str = cli.flag("12,25,50,100,200", "'constant', 'double' or five comma-separated counts", TEXT)
+    filters: str = cli.flag("32,32,64,64,128", "'constant', 'double' or five comma-separated counts", TEXT)
     base_filters: int = cli.flag(32, "count of constant / double (double: base * 2**i)", cli.integer(1, MAX_FILTERS))
     kernel_size: int = cli.flag(3, "convolution kernel size, 'same' padding",
                                 (lambda v: cli.is_int(v) and v in KERNELS, f"one of {KERNELS}"), choices=KERNELS)
     pool: str = cli.flag("max", "pooling variant (see the module docstring)", choices=POOLS)
-    init: str = cli.flag("random", "conv weight initialisation (mlp_scratch.init_std)", choices=INITS)
+    init: str = cli.flag("xavier", "conv weight initialisation (mlp_scratch.init_std)", choices=INITS)
     batchnorm: bool = cli.flag(True, "BatchNorm between each conv and its ReLU", cli.BOOL)
     head_mode: str = cli.flag("frozen", "joint: through the MLP head; frozen: MLP on fixed features",
                               choices=HEAD_MODES)

@@ -84,7 +84,7 @@ class Plan:
     confirm_single: tuple[str, ...] = ("mlp",)      # tracks whose largest single grid change is confirmed too
     init_images: int = 256                          # images behind the statistics at initialisation
     # A level with more than macs_cap times the start config's multiply-adds per image is trained and shown
-    # but cannot win: the start configs' finals take about 2.6 min (MLP, one core) and 5.3 min (CNN, both
+    # but cannot win: the start configs' finals take about 2.6 min (MLP, one core) and 6.2 min (CNN, both
     # cores) here, against budgets of 3 and 6 minutes. Multiply-adds, not measured seconds: they are exact, so
     # the cap decides alike on every run and machine, where the grid's seconds vary by 10% between levels that
     # do the same arithmetic (random, Xavier and He initialisation). The seconds stay in every table.

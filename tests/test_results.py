@@ -467,9 +467,11 @@ def test_the_readme_states_the_committed_results():
                        f"{100 * m['test_macro_f1']:.2f}%", f"{100 * m['val_acc_mean']:.2f}%",
                        f"{m['train_seconds'] / 60:.1f} min"):
             assert stated in row, f"README.md's {label} row does not state {stated!r}: {row}"
-    for model in ("mlp", "cnn"):  # the confirmation: the kept combination against the start, and the grid's gains
-        start = next(c for c in summary[model]["candidates"] if c["name"] == "start")["val_diff_to_kept"]
-        lead, (lo, hi) = -start["diff"], (-start["ci"][1], -start["ci"][0])
+    for model in ("mlp", "cnn"):  # the confirmation: the chain of winners against the start, and the grid's gains
+        diff = {c["name"]: c["val_diff_to_kept"] for c in summary[model]["candidates"]}
+        sign = -1 if summary[model]["kept"] == "chain" else 1  # to kept: start - chain, or chain - start
+        d = diff["start" if sign < 0 else "chain"]
+        lead, (lo, hi) = sign * d["diff"], sorted(sign * x for x in d["ci"])
         gain = sum(st["gain"] for k, st in summary["stages"].items() if st["model"] == model and k != "cnn_ablation")
         for stated in (f"{100 * lead:.2f}", f"{100 * lo:.2f} to {100 * hi:+.2f}", f"{100 * gain:.2f}"):
             assert stated in readme, f"README.md does not state the {model} confirmation's {stated}"
