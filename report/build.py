@@ -151,7 +151,10 @@ def stage_facts(f: Facts, p: str, st: dict, rd: Path, manifest: dict) -> list[li
     rows_m, table = st.get("rows") or {}, {str(r["variant"]): r for r in st.get("table") or []}
     levels = [str(v) for v in st.get("levels") or rows_m]
     contrast, capped = {str(c) for c in st.get("contrast") or []}, {str(c) for c in st.get("macs_capped") or []}
-    keys = {str(r["variant"]): r["key"] for r in manifest.get("runs", []) if r.get("study") == p}  # a run per level
+    keys: dict[str, list[str]] = {}  # each level's runs
+    for r in manifest.get("runs", []):
+        if r.get("study") == p:
+            keys.setdefault(str(r["variant"]), []).append(r["key"])
     win, start = str(st.get("winner")), str(st.get("incumbent"))
     f.put(p, title=rx.STAGE[p].title if p in rx.STAGE else p, winner=name(p, win), winner_id=win,
           incumbent=name(p, start), incumbent_id=start, changed=win != start, edge=st.get("edge"), mdd=st.get("mdd"),
@@ -167,7 +170,15 @@ def stage_facts(f: Facts, p: str, st: dict, rd: Path, manifest: dict) -> list[li
               behind=None if r.get("diff") is None else -r["diff"],
               vs_start=None if None in (mean, base) else mean - base, macs_ratio=(st.get("macs_ratio") or {}).get(v),
               time_ratio=(st.get("time_ratio") or {}).get(v), n=r.get("n"), n_params=t.get("n_params"),
-              macs=t.get("macs"), feature_dim=_record(rd, keys.get(v)).get("feature_dim"), seconds=t.get("seconds"))
+              macs=t.get("macs"), feature_dim=_record(rd, keys.get(v, [None])[-1]).get("feature_dim"),
+              seconds=t.get("seconds"))
+        # frozen CNN runs, at the backbone phase's last epoch: the live network's fit (its lowest over seeds) and
+        # its weight average's validation accuracy (the highest), which is what gets validated and kept
+        ends = [b[-1] for k in keys.get(v, []) if (b := [h for h in _record(rd, k).get("history") or []
+                                                         if h.get("phase") == "backbone"])]
+        if ends:
+            f.put(f"{q}.backbone_end", train_acc=min(h["train_acc"] for h in ends),
+                  val_acc=max(h["val_acc"] for h in ends))
         marks = ("✓" if v == win else "") + ("†" if v in contrast - capped else "") + \
             ("‡" if v in capped else "") + ("\u00a0(start)" if v == start else "")
         out.append([f"{name(p, v)} {marks}".strip(), f.v[f"{q}.mean"], f.v[f"{q}.diff"],
@@ -293,8 +304,8 @@ def design_facts(f: Facts, s: dict, manifest: dict, rd: Path) -> None:
         df = pd.DataFrame([json.loads(x) for x in sweep.read_text().splitlines() if x.strip()])
         df["val"] = [r["val_tta" if r["config"]["tta"] else "val_plain"] for r in df.to_dict("records")]  # as run
         means = df.groupby("name")["val"].mean()
-        f.put("sweep", n_recipes=len(means), n_runs=len(df), best=str(means.idxmax()), best_val=float(means.max()),
-              e10_val=float(means.get("E10", np.nan)))  # the same ten epochs without averaging or the mirrors
+        f.put("sweep", n_recipes=len(means), n_runs=len(df), best=str(means.idxmax()), best_val=float(means.max()))
+        f.put("sweep.e10", val_mean=float(means.get("E10", np.nan)))  # the same ten epochs, no averaging or mirrors
     if (timing := rd / "cnn_default_timing.jsonl").is_file():  # `time python cnn_torch.py` with the start's recipe
         f.put("sweep.default", minutes=float(np.median([json.loads(x)["wall_seconds"]
                                                         for x in timing.read_text().splitlines()])))
