@@ -301,7 +301,8 @@ def mean_softmax_logits(logits_a: np.ndarray, logits_b: np.ndarray) -> np.ndarra
     """Logits (N, C) whose softmax is the mean of softmax(logits_a) and softmax(logits_b), computed stably
     in log space (averages an image's and its mirror's predictions)."""
     log_a, log_b = (mlp_scratch.log_softmax(np.asarray(z, np.float64)) for z in (logits_a, logits_b))
-    return np.logaddexp(log_a, log_b) - np.log(2.0)
+    with np.errstate(invalid="ignore"):  # a diverged network's NaN logits stay NaN: its run is flagged, not warned
+        return np.logaddexp(log_a, log_b) - np.log(2.0)
 
 
 def scores(logits: np.ndarray, y) -> dict:

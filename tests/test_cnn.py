@@ -598,6 +598,7 @@ def test_cli_writes_outputs_and_one_line_per_epoch_without_a_terminal(tmp_path, 
     assert cnn_torch.load_classifier(tmp_path / "ck").predict(preprocessing.to_images(fake_data.X_val)).shape == (20,)
 
 
+@pytest.mark.filterwarnings("error")  # a warning would be more lines on a user's terminal
 def test_diverged_run_prints_one_line_and_exits_3(tmp_path, capsys, fake_data):
     argv = TINY_ARGS + ["--lr", "1e6", "--head-lr", "1e6", "--optimizer", "sgd", "--json", str(tmp_path / "m.json")]
     assert cnn_torch.main(argv) == 3
