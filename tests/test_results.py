@@ -481,3 +481,4 @@ def test_the_readme_states_the_committed_results():
         assert all(s in row for s in stated), f"README.md's grid-budget row does not state {stated}: {row}"
     timed = sorted(json.loads(line)["wall_seconds"] for line in (results / "cnn_default_timing.jsonl").read_text().splitlines())
     assert f"median {timed[1] / 60:.1f} min" in readme
+    assert f"the study {summary['study']['wall_seconds'] / 60:.0f})" in readme  # the main command's time
