@@ -163,6 +163,7 @@ def stage_facts(f: Facts, p: str, st: dict, rd: Path, manifest: dict) -> list[li
     out, base = [], rows_m.get(start, {}).get("mean")
     for v in levels:
         r, t, q = rows_m.get(v, {}), table.get(v, {}), f"{p}.{slug(v)}"
+        runs = [_record(rd, k) for k in keys.get(v, [])] or [{}]
         mean, train, (lo, hi) = r.get("mean"), t.get("train_acc"), r.get("ci") or (None, None)
         f.put(q, name=name(p, v), id=v, clear=lo is not None and (lo > 0 or hi < 0), eligible=bool(r.get("eligible")),
               contrast=v in contrast, capped=v in capped, mean=mean, train_acc=train, diff=r.get("diff"), ci_lo=lo,
@@ -170,12 +171,10 @@ def stage_facts(f: Facts, p: str, st: dict, rd: Path, manifest: dict) -> list[li
               behind=None if r.get("diff") is None else -r["diff"],
               vs_start=None if None in (mean, base) else mean - base, macs_ratio=(st.get("macs_ratio") or {}).get(v),
               time_ratio=(st.get("time_ratio") or {}).get(v), n=r.get("n"), n_params=t.get("n_params"),
-              macs=t.get("macs"), feature_dim=_record(rd, keys.get(v, [None])[-1]).get("feature_dim"),
-              seconds=t.get("seconds"))
+              macs=t.get("macs"), feature_dim=runs[-1].get("feature_dim"), seconds=t.get("seconds"))
         # frozen CNN runs, at the backbone phase's last epoch: the live network's fit (its lowest over seeds) and
         # its weight average's validation accuracy (the highest), which is what gets validated and kept
-        ends = [b[-1] for k in keys.get(v, []) if (b := [h for h in _record(rd, k).get("history") or []
-                                                         if h.get("phase") == "backbone"])]
+        ends = [b[-1] for run in runs if (b := [h for h in run.get("history") or [] if h.get("phase") == "backbone"])]
         if ends:
             f.put(f"{q}.backbone_end", train_acc=min(h["train_acc"] for h in ends),
                   val_acc=max(h["val_acc"] for h in ends))
