@@ -585,7 +585,7 @@ def _train_cnn(spec: RunSpec, data: Splits, device: str):
     backbone = [h for h in res.history if h["phase"] == "backbone"]  # frozen mode: trained with a linear head
     out = {"precision": res.precision, "n_params": int(res.n_params), "feature_dim": clf.backbone.feature_dim,
            "macs": cnn_macs(spec.config), "layer_stats": None,
-           "linear_val_acc": max((h["val_acc"] for h in backbone), default=None),  # Q3d: the linear head's best
+           "linear_val_acc": max((v for h in backbone if math.isfinite(v := h["val_acc"])), default=None),  # Q3d
            "backbone_seconds": sum(h["seconds"] for h in backbone) if backbone else None,
            "val_acc_unmirrored": cnn_torch.evaluate_classifier(  # what mirroring at test time adds
                cnn_torch.CNNClassifier(clf.backbone, clf.head, dataclasses.replace(clf.config, tta=False)),
