@@ -628,7 +628,7 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
         if val["acc"] > best["val_acc"]:
             best = {"val_acc": val["acc"], "epoch": epoch,
                     "weights": copy.deepcopy((validated.state_dict(), head.model))}
-        elif config.patience and epoch - max(best["epoch"], first_validated - 1) >= config.patience:
+        elif config.patience and epoch - best["epoch"] >= config.patience:
             log(f"early stop: no val improvement for {config.patience} epochs (best {best['val_acc']:.4f} "
                 f"at epoch {best['epoch']})")
             break

@@ -391,6 +391,14 @@ def test_frozen_head_mode():
     assert feats.shape == (40, result.classifier.backbone.feature_dim) and feats.dtype == np.float32
 
 
+def test_with_a_weight_average_only_the_epochs_in_its_horizon_are_validated():
+    s = small_splits(128, 40)
+    for ema, validated in ((0.25, [False, False, True, True]), (0.0, [True] * 4)):  # ema 0.25 of 4 epochs: 3, 4
+        result = cnn_torch.train(tiny_config(head_mode="frozen", head_epochs=1, epochs=4, ema=ema), s)
+        backbone = [r for r in result.history if r["phase"] == "backbone"]
+        assert [bool(np.isfinite(r["val_acc"])) for r in backbone] == validated and not result.diverged
+
+
 # --- checkpoints and the command line ------------------------------------------------------------------
 def test_checkpoint_round_trip(tmp_path):
     s = small_splits(96, 40)
