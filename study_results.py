@@ -437,15 +437,6 @@ def _candidates(records: dict[str, dict], manifest: dict, model: str) -> dict | 
     return {"kept": spec["kept"], "runs": runs, "seeds": seeds, "same": spec.get("same", {})} if seeds else None
 
 
-def _mcnemar_row(a: str, b: str, ra: dict, rb: dict, log: Callable) -> dict | None:
-    ya, yb = ra.get("test_true"), rb.get("test_true")
-    if ya is None or ya != yb:
-        log(f"warning: no McNemar test {a} vs {b}: their runs do not record the same test labels")
-        return None
-    return {"a": a, "b": b, "a_key": ra["key"], "b_key": rb["key"],
-            **mcnemar(ra["test_pred"], rb["test_pred"], ya), "acc_a": ra["test_acc"], "acc_b": rb["test_acc"]}
-
-
 def _wilson_of(rec: dict) -> list[float] | None:
     n = rec.get("n_test") or len(rec.get("test_pred") or [])
     if not n or rec.get("test_acc") is None:
@@ -473,34 +464,19 @@ def _seed_row(r: dict) -> dict:
 def _model_summary(c: dict) -> dict:
     rec = c["seeds"][0]  # the seed whose model is saved as models/<model>_best
     seed_accs = [r["test_acc"] for r in c["seeds"] if r.get("test_acc") is not None]
-    kept = c["runs"][c["kept"]]
     return {
-        "test_acc": rec["test_acc"], "val_acc": rec["val_acc"], "test_macro_f1": rec.get("test_macro_f1"),
-        "per_class": rec.get("per_class"), "confusion": rec.get("confusion"), "config": rec["config"],
-        "key": rec["key"], "kept": c["kept"], "same": c["same"],
-        "train_seconds": rec.get("seconds"), "epochs_run": rec.get("epochs_run"), "precision": rec.get("precision"),
-        "n_params": rec.get("n_params"), "macs": rec.get("macs"), "n_test": rec.get("n_test"),
-        "test_acc_wilson95": _wilson_of(rec),
-        "seeds": [_seed_row(r) for r in c["seeds"]],
+        **{k: rec.get(k) for k in ("test_acc", "val_acc", "test_macro_f1", "per_class", "confusion", "config", "key")},
+        "kept": c["kept"], "same": c["same"], "train_seconds": rec.get("seconds"),
+        **{k: rec.get(k) for k in ("epochs_run", "precision", "n_params", "macs", "n_test")},
+        "test_acc_wilson95": _wilson_of(rec), "seeds": [_seed_row(r) for r in c["seeds"]],
         "val_acc_mean": mean([r["val_acc"] for r in c["seeds"]]),
         "test_acc_mean": mean(seed_accs), "test_acc_std": sample_std(seed_accs),
         "candidates": [{"name": name, "config": rs[0]["config"], "seeds": [_seed_row(r) for r in rs],
                         "val_acc_mean": mean([r["val_acc"] for r in rs]),
                         "test_acc_mean": mean([r.get("test_acc") for r in rs]),
-                        "val_diff_to_kept": paired_difference(rs, kept)}
+                        "val_diff_to_kept": paired_difference(rs, c["runs"][c["kept"]])}
                        for name, rs in c["runs"].items() if rs],
     }
-
-
-def _heads_summary(records: dict[str, dict], manifest: dict) -> dict | None:
-    """Q3d at full budget: per head training mode, its runs' validation accuracy (and for frozen runs the
-    linear head's that trained the backbone), seconds, and the backbone phase's seconds."""
-    heads = manifest["finals"].get("cnn", {}).get("heads")
-    if not heads:
-        return None
-    return {mode: [{**_seed_row(records[k]), "linear_val_acc": records[k].get("linear_val_acc"),
-                    "backbone_seconds": records[k].get("backbone_seconds")} for k in keys if k in records]
-            for mode, keys in heads.items()}
 
 
 # ------------------------------------------------------------------------------------------ summary.json
@@ -531,19 +507,29 @@ def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, worke
         "finished_at": max(finished) if finished else None, "versions": _versions()}
 
 
-def write_summary(results_dir, rows: list[dict], records: dict[str, dict], manifest: dict, *,
-                  wall_seconds=None, workers=None, log: Callable = print) -> dict:
-    """summary.json from the records and the manifest (each stage: its manifest entry, decision included,
-    with its table of levels); returns it."""
-    results_dir = Path(results_dir)
-    cands = {m: _candidates(records, manifest, m) for m in MODELS}
-    summary: dict = {m: _model_summary(c) for m, c in cands.items() if c is not None}
-    kept = {m: c["seeds"][0] for m, c in cands.items() if c}
+def write_summary(results_dir: Path, rows: list[dict], records: dict[str, dict], manifest: dict, cands: dict,
+                  wall_seconds, workers, log: Callable) -> dict:
+    """summary.json from the records, the manifest and the finals' candidates (each stage: its manifest entry,
+    decision included, with its table of levels); returns it."""
+    summary: dict = {m: _model_summary(c) for m, c in cands.items()}
+    kept = {m: c["seeds"][0] for m, c in cands.items()}
     tests = [("MLP", "CNN", kept["mlp"], kept["cnn"])] if len(kept) == 2 else []
     tests += [(f"{m.upper()} chain", f"{m.upper()} start", c["runs"]["chain"][0], c["runs"]["start"][0])
-              for m, c in cands.items() if c and c["runs"].get("chain") and c["runs"].get("start")]
-    summary["mcnemar"] = [row for a, b, ra, rb in tests if (row := _mcnemar_row(a, b, ra, rb, log))]
-    summary["heads"] = _heads_summary(records, manifest)
+              for m, c in cands.items() if c["runs"].get("chain") and c["runs"].get("start")]
+    summary["mcnemar"] = []
+    for a, b, ra, rb in tests:
+        if ra.get("test_true") is None or ra["test_true"] != rb.get("test_true"):
+            log(f"warning: no McNemar test {a} vs {b}: their runs do not record the same test labels")
+        else:
+            summary["mcnemar"].append({"a": a, "b": b, "a_key": ra["key"], "b_key": rb["key"],
+                                       **mcnemar(ra["test_pred"], rb["test_pred"], ra["test_true"]),
+                                       "acc_a": ra["test_acc"], "acc_b": rb["test_acc"]})
+    # Q3d at full budget: per head training mode, its runs' validation accuracy (and for frozen runs the linear
+    # head's that trained the backbone), seconds, and the backbone phase's seconds
+    heads = manifest["finals"].get("cnn", {}).get("heads")
+    summary["heads"] = {mode: [{**_seed_row(records[k]), "linear_val_acc": records[k].get("linear_val_acc"),
+                                "backbone_seconds": records[k].get("backbone_seconds")} for k in keys if k in records]
+                        for mode, keys in heads.items()} if heads else None
     stages = manifest["stages"]
     summary["stages"] = {study: {**st, "table": study_table(rows, study, st.get("levels"))}
                          for study, st in stages.items()}
@@ -567,9 +553,7 @@ CURVE_COLUMNS = ["key", "study", "variant", "seed", "role", "epoch", "phase", "l
                  "val_loss", "val_acc", "seconds"]
 
 
-def _cell(v):
-    if v is None:
-        return ""
+def _cell(v):  # None: csv writes an empty cell
     if isinstance(v, (list, tuple)):
         return " ".join(map(str, v)) if v else "none"
     return json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
@@ -577,48 +561,39 @@ def _cell(v):
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    w.writerows([_cell(row.get(c)) for c in columns] for row in rows)
+    csv.writer(buf, lineterminator="\n").writerows([columns, *([_cell(row.get(c)) for c in columns] for row in rows)])
     cli.atomic_write(path, buf.getvalue())
 
 
-def write_tables(results_dir, rows: list[dict], records: dict[str, dict], manifest: dict) -> None:
+def write_tables(results_dir: Path, rows: list[dict], records: dict[str, dict], cands: dict) -> None:
     """mlp_runs.csv, cnn_runs.csv (every run, no test columns), finals.csv (final runs with their test
     accuracy and its Wilson interval), curves.csv (per-epoch history)."""
-    results_dir = Path(results_dir)
     fixed = RUN_COLUMNS_HEAD + RUN_COLUMNS_TAIL
     for model in MODELS:
         recs = [r for r in rows if r["model"] == model]
         cfg_cols = list(dict.fromkeys(k for r in recs for k in r["config"] if k not in ("seed", "device", *fixed)))
         write_csv(results_dir / f"{model}_runs.csv", RUN_COLUMNS_HEAD + cfg_cols + RUN_COLUMNS_TAIL,
-                   [{**{k: r["config"].get(k) for k in cfg_cols}, **{k: r.get(k) for k in fixed},
-                     **{f"budget_{k}": v for k, v in (r.get("budget") or {}).items()}} for r in recs])
-    names, kept = {}, set()
-    for m in MODELS:
-        if c := _candidates(records, manifest, m):
-            names.update({r["key"]: n for n, rs in c["runs"].items() for r in rs})
-            kept.update(r["key"] for r in c["seeds"])
+                  [{**{k: r["config"].get(k) for k in cfg_cols}, **{k: r.get(k) for k in fixed},
+                    **{f"budget_{k}": v for k, v in (r.get("budget") or {}).items()}} for r in recs])
+    names = {r["key"]: name for c in cands.values() for name, rs in c["runs"].items() for r in rs}
+    kept = {r["key"] for c in cands.values() for r in c["seeds"]}
     finals = sorted((r for r in records.values() if r["role"] == "final"),
                     key=lambda r: (MODELS.index(r["model"]), r["variant"], r["seed"]))
     write_csv(results_dir / "finals.csv", FINALS_COLUMNS,
-               [{**r, "candidate": names.get(r["key"]), "kept": r["key"] in kept,
-                 **dict(zip(("test_acc_wilson_lo", "test_acc_wilson_hi"), _wilson_of(r) or [None, None]))}
-                for r in finals])
+              [{**r, "candidate": names.get(r["key"]), "kept": r["key"] in kept,
+                **dict(zip(("test_acc_wilson_lo", "test_acc_wilson_hi"), _wilson_of(r) or [None, None]))}
+               for r in finals])
     write_csv(results_dir / "curves.csv", CURVE_COLUMNS,
-               [{**h, "key": r["key"], "study": r["study"], "variant": r["variant"], "seed": r["seed"],
-                 "role": r["role"]} for r in rows for h in r.get("history") or []])
+              [{**h, "key": r["key"], "study": r["study"], "variant": r["variant"], "seed": r["seed"],
+                "role": r["role"]} for r in rows for h in r.get("history") or []])
 
 
-def copy_best_models(results_dir, records: dict[str, dict], manifest: dict) -> None:
+def copy_best_models(results_dir: Path, cands: dict) -> None:
     """models/mlp_best.npz and models/cnn_best/: copies of the kept final models (seed 0), atomically. Their
     files are there: the registry counts a final run without them as not done."""
-    results_dir = Path(results_dir)
-    for model, dest in (("mlp", results_dir / "models" / "mlp_best.npz"),
-                        ("cnn", results_dir / "models" / "cnn_best")):
-        if (c := _candidates(records, manifest, model)) is None:
-            continue
+    for model, c in cands.items():
         src = results_dir / c["seeds"][0]["model_file"]
+        dest = results_dir / "models" / {"mlp": "mlp_best.npz", "cnn": "cnn_best"}[model]
         if src.is_dir():
             cli.atomic_folder(dest, {str(f.relative_to(src)): f.read_bytes()
                                      for f in sorted(src.rglob("*")) if f.is_file()})
@@ -672,19 +647,17 @@ def rebuild_outputs(results_dir, *, log: Callable = print, wall_seconds: float |
     study's. Returns (rows, manifest, summary): what plots.make_figures draws from."""
     results_dir = Path(results_dir)
     registry = Registry(results_dir, log=log)
-    manifest = load_manifest(results_dir, log)
-    missing = sorted({r["key"] for r in manifest["runs"]} - set(registry.records))
-    if missing:
-        raise StudyError(f"{len(missing)} of the {len({r['key'] for r in manifest['runs']})} runs that "
-                         f"manifest.json lists are missing or damaged in {registry.dir} (e.g. {missing[0]}): run "
-                         f"the study (python run_experiments.py) to retrain them; the tables, summary and "
-                         f"figures are left as they are")
-    if registry.set_aside or registry.missing_models:
-        log(f"skipped: {len(registry.set_aside) + len(registry.missing_models)} unusable runs the manifest does "
-            f"not list ({', '.join([*registry.set_aside, *sorted(registry.missing_models)][:5])})")
-    rows = study_records(registry.records, manifest)
-    write_tables(results_dir, rows, registry.records, manifest)
-    copy_best_models(results_dir, registry.records, manifest)
-    summary = write_summary(results_dir, rows, registry.records, manifest, wall_seconds=wall_seconds,
-                            workers=workers, log=log)
+    records, manifest = registry.records, load_manifest(results_dir, log)
+    listed = {r["key"] for r in manifest["runs"]}
+    if missing := sorted(listed - set(records)):
+        raise StudyError(f"{len(missing)} of the {len(listed)} runs that manifest.json lists are missing or "
+                         f"damaged in {registry.dir} (e.g. {missing[0]}): run the study (python run_experiments.py) "
+                         f"to retrain them; the tables, summary and figures are left as they are")
+    if skipped := [*registry.set_aside, *sorted(registry.missing_models)]:
+        log(f"skipped: {len(skipped)} unusable runs the manifest does not list ({', '.join(skipped[:5])})")
+    rows = study_records(records, manifest)
+    cands = {m: c for m in MODELS if (c := _candidates(records, manifest, m))}  # the finals, each once
+    write_tables(results_dir, rows, records, cands)
+    copy_best_models(results_dir, cands)
+    summary = write_summary(results_dir, rows, records, manifest, cands, wall_seconds, workers, log)
     return rows, manifest, summary
