@@ -11,8 +11,6 @@ half a file behind. A damaged record (not JSON, not an object, a missing key, a 
 `<name>.bad` with one warning naming it, and its run counts as not done, so the study trains it again; so
 does a final run whose model file is gone. `load_runs` is the one reader of run records for everyone else.
 """
-from __future__ import annotations
-
 import contextlib
 import csv
 import io
@@ -323,9 +321,7 @@ def mcnemar(pred_a, pred_b, y) -> dict:
     right_a, right_b = pred_a == y, pred_b == y
     n01, n10 = int(np.sum(~right_a & right_b)), int(np.sum(right_a & ~right_b))
     n = n01 + n10
-    if n == 0:
-        p = 1.0
-    elif n < 25:
+    if n < 25:  # n = 0 included: p = 1
         tail = sum(math.comb(n, i) for i in range(min(n01, n10) + 1))  # exact, integers
         p = min(1.0, 2 * tail / 2 ** n)
     else:
@@ -358,9 +354,8 @@ def study_table(records: list[dict], study: str, levels: list[str] | None = None
             vals = [r[m] for r in recs if not r["diverged"] and r.get(m) is not None]
             row[m], row[m + "_std"] = mean(vals), sample_std(vals)
         for m in ("n_params", "macs", "seconds", "sec_per_epoch"):
-            row[m] = mean([r.get(m) for r in recs])
-        for m in ("n_params", "macs"):
-            row[m] = None if row[m] is None else int(round(row[m]))
+            v = mean([r.get(m) for r in recs])
+            row[m] = int(round(v)) if v is not None and m in ("n_params", "macs") else v
         row["diverged"] = sum(bool(r["diverged"]) for r in recs)
         out.append(row)
     return out
@@ -372,10 +367,9 @@ def classification_report(y_true, y_pred, class_names=CLASS_NAMES) -> dict:
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
     tp = np.diag(cm).astype(float)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
-                   where=(precision + recall) > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 (a class never predicted, never true): 0
+        precision, recall = np.nan_to_num(tp / cm.sum(0)), np.nan_to_num(tp / cm.sum(1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     return {"test_macro_f1": float(f1.mean()),
             "per_class": [{"class": class_names[c], "precision": float(precision[c]),
                            "recall": float(recall[c]), "f1": float(f1[c])} for c in range(k)],
