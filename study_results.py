@@ -68,11 +68,10 @@ def write_json(path, obj) -> None:
 
 def read_json(path, log: Callable = print, what: str = "ignored"):
     """Strict JSON of a file, or None (with one warning if it is there but unreadable)."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         return None
     try:
-        return loads(path.read_text(encoding="utf-8"))
+        return loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         log(f"warning: {path} is not readable JSON ({str(e).splitlines()[0]}): {what}")
         return None
@@ -243,7 +242,8 @@ class Registry:
             return
         if problem is not None:
             self.set_aside.append(p.name)
-            self.log(f"warning: damaged run record {p} ({problem}): {self._set_aside(p)}")
+            self.log(f"warning: damaged run record {p} ({problem}): "
+                     f"{'skipped' if self.read_only else self._set_aside(p)}")
         elif not self.model_present(rec):
             self.log(f"warning: the model of final run {rec['key']} ({rec.get('model_file')}) is missing; "
                      f"the run will be redone")
@@ -253,8 +253,6 @@ class Registry:
 
     def _set_aside(self, path: Path) -> str:
         """Rename a damaged record to `<name>.bad` (`<name>.1.bad`, ... if taken); what became of it."""
-        if self.read_only:
-            return "skipped"
         dest, i = path.with_name(path.name + ".bad"), 1
         while dest.exists():
             dest, i = path.with_name(f"{path.name}.{i}.bad"), i + 1
@@ -267,10 +265,10 @@ class Registry:
     def __contains__(self, key) -> bool:
         return key in self.records
 
-    def add(self, record: dict, model_files: dict[str, bytes] | None = None) -> dict:
+    def add(self, record: dict, model_files: dict[str, bytes] | None = None) -> None:
         """Save one finished run: each model file first (paths relative to the results folder, e.g.
         "models/runs/<key>.npz"), then the record, all atomically, so a crash never leaves a record
-        without its model. NaN becomes null. Returns the record as saved. A record that breaks the
+        without its model. NaN becomes null. A record that breaks the
         schema is a bug of the caller: ValueError, nothing written."""
         rec = clean({**record, "final": record.get("role") == "final"})
         if model_files:
@@ -281,7 +279,6 @@ class Registry:
             cli.atomic_write(self.results_dir / rel, data)
         write_json(self.dir / f"{rec['key']}.json", rec)
         self.records[rec["key"]] = rec
-        return rec
 
 
 def load_runs(results_dir, log: Callable = print) -> tuple[list[dict], dict]:
@@ -432,10 +429,8 @@ def _candidates(records: dict[str, dict], manifest: dict, model: str) -> dict | 
 
 
 def _wilson_of(rec: dict) -> list[float] | None:
-    n = rec.get("n_test") or len(rec.get("test_pred") or [])
-    if not n or rec.get("test_acc") is None:
-        return None
-    return list(wilson_interval(int(round(rec["test_acc"] * n)), int(n)))
+    n = int(rec.get("n_test") or len(rec.get("test_pred") or []))
+    return list(wilson_interval(round(rec["test_acc"] * n), n)) if n and rec.get("test_acc") is not None else None
 
 
 def paired_difference(a: list[dict], b: list[dict], field: str = "val_acc") -> dict | None:
@@ -474,16 +469,12 @@ def _model_summary(c: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ summary.json
-def _versions() -> dict:
+def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, workers) -> dict:
     from importlib import metadata
-    v = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
     for name in ("torch", "pandas", "matplotlib"):
         with contextlib.suppress(metadata.PackageNotFoundError):
-            v[name] = metadata.version(name)
-    return v
-
-
-def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, workers) -> dict:
+            versions[name] = metadata.version(name)
     budgets: dict[str, list] = {}  # the training budget of each kind of run; a list where runs differ
     for r in recs:
         if isinstance(r.get("budget"), dict) and r["budget"] not in budgets.setdefault(f"{r['model']}_{r['role']}", []):
@@ -498,7 +489,7 @@ def _study_facts(recs: list[dict], manifest: dict, previous, wall_seconds, worke
         "seconds": float(sum(r.get("seconds") or 0.0 for r in recs)),
         "wall_seconds": wall_seconds if wall_seconds is not None else prev.get("wall_seconds"),
         "workers": workers if workers is not None else prev.get("workers"),
-        "finished_at": max(finished) if finished else None, "versions": _versions()}
+        "finished_at": max(finished) if finished else None, "versions": versions}
 
 
 def write_summary(results_dir: Path, rows: list[dict], records: dict[str, dict], manifest: dict, cands: dict,
