@@ -409,12 +409,10 @@ def study_records(records: dict[str, dict], manifest: dict) -> list[dict]:
     """The runs as members of their comparisons: one row per manifest row whose run is done (a run shared
     by two stages, the incumbent level, appears in both, relabelled); runs the manifest does not list
     (or every run, without a manifest) under their own labels."""
-    out, listed = [], set()
-    for row in manifest.get("runs", []):
-        if (rec := records.get(row["key"])) is not None:
-            listed.add(row["key"])
-            out.append({**rec, "study": row["study"], "variant": row["variant"], "role": row["role"]})
-    return out + [rec for key, rec in records.items() if key not in listed]
+    listed = [row for row in manifest.get("runs", []) if row["key"] in records]
+    keys = {row["key"] for row in listed}
+    return ([{**records[row["key"]], "study": row["study"], "variant": row["variant"], "role": row["role"]}
+             for row in listed] + [rec for key, rec in records.items() if key not in keys])
 
 
 # ------------------------------------------------------------------------------------------ finals
