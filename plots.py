@@ -19,9 +19,8 @@ import numpy as np
 
 import cli
 import mlp_scratch
-import study_results
 from preprocessing import CLASS_NAMES, IMAGE_SIDE, NUM_CLASSES, DataError, load_splits, to_images
-from study_results import MODELS
+from study_results import MODELS, load_runs, read_json
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
 HALF_WIDTH_IN = 3.35
@@ -95,9 +94,8 @@ def save(fig, path: Path) -> Path:
     figure is drawn at its printed size, so this is the size on paper)."""
     from matplotlib.text import Text
     try:
-        small = [t.get_text() for t in fig.findobj(Text)
-                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT_PT - 1e-9]
-        if small:
+        if small := [t.get_text() for t in fig.findobj(Text)
+                     if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT_PT - 1e-9]:
             raise ValueError(f"text under {MIN_FONT_PT:g} pt: {small[:3]}")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=DPI)
@@ -408,8 +406,8 @@ def main(argv=None) -> int:
     if not rd.is_dir():
         raise cli.UserError(f"{rd} is {'not a folder' if rd.exists() else 'not there'}: "
                             "point --results-dir at the study's output folder")
-    records, _ = study_results.load_runs(rd, log=warn)
-    summary = study_results.read_json(rd / "summary.json", log=warn, what="skipped")
+    records, _ = load_runs(rd, log=warn)
+    summary = read_json(rd / "summary.json", log=warn, what="skipped")
     if not records and not summary:
         raise cli.UserError(f"{rd} holds no study results (no runs/*.json, no summary.json): "
                             "run the study first (`python run_experiments.py`)")

@@ -300,8 +300,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     normal approximation it stays inside [0, 1] and is sensible near 0 and 1."""
     if n <= 0:
         return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
+    p, denom = k / n, 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
@@ -495,8 +494,7 @@ def write_summary(results_dir: Path, rows: list[dict], records: dict[str, dict],
     """summary.json from the records, the manifest and the finals' candidates (each stage: its manifest entry,
     decision included, with its table of levels); returns it."""
     summary: dict = {m: _model_summary(c) for m, c in cands.items()}
-    kept = {m: c["seeds"][0] for m, c in cands.items()}
-    tests = [("MLP", "CNN", kept["mlp"], kept["cnn"])] if len(kept) == 2 else []
+    tests = [("MLP", "CNN", cands["mlp"]["seeds"][0], cands["cnn"]["seeds"][0])] if len(cands) == 2 else []
     tests += [(f"{m.upper()} chain", f"{m.upper()} start", c["runs"]["chain"][0], c["runs"]["start"][0])
               for m, c in cands.items() if c["runs"].get("chain") and c["runs"].get("start")]
     summary["mcnemar"] = []
@@ -513,10 +511,9 @@ def write_summary(results_dir: Path, rows: list[dict], records: dict[str, dict],
     summary["heads"] = {mode: [{**_seed_row(records[k]), "linear_val_acc": records[k].get("linear_val_acc"),
                                 "backbone_seconds": records[k].get("backbone_seconds")} for k in keys if k in records]
                         for mode, keys in heads.items()} if heads else None
-    stages = manifest["stages"]
     summary["stages"] = {study: {**st, "table": study_table(rows, study, st.get("levels"))}
-                         for study, st in stages.items()}
-    summary["ablation"] = study_table(rows, "cnn_ablation", stages.get("cnn_ablation", {}).get("levels"))
+                         for study, st in manifest["stages"].items()}
+    summary["ablation"] = study_table(rows, "cnn_ablation", manifest["stages"].get("cnn_ablation", {}).get("levels"))
     previous = read_json(results_dir / "summary.json", log, "its wall_seconds and workers are not kept")
     summary["study"] = _study_facts(list(records.values()), manifest, previous, wall_seconds, workers)
     write_json(results_dir / "summary.json", summary)
