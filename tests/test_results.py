@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,11 @@ def test_classification_report():
     assert rep["confusion"] == [[1, 1], [0, 2]]
     assert rep["per_class"][1]["precision"] == pytest.approx(2 / 3)
     assert rep["test_macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    with warnings.catch_warnings():  # a class never true nor predicted scores 0, without a 0/0 warning
+        warnings.simplefilter("error")
+        rep = sr.classification_report([0, 0], [0, 0], class_names=("a", "b"))
+    assert rep["per_class"][1] == {"class": "b", "precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert rep["test_macro_f1"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------ outputs
