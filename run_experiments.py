@@ -64,21 +64,24 @@ from study_results import T80, T975, StudyError, clean, mean
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """How much data and training a run gets; part of the run key."""
-    subset: int | None       # training images (None = all 54k)
-    n_eval: int | None       # validation (and, for finals, test) images (None = all)
-    epochs: int | None       # None = the config's own epochs
+    subset: int | None = None      # training images (None = all 54k)
+    n_eval: int | None = None      # validation (and, for finals, test) images (None = all)
+    epochs: int | None = None      # None = the config's own epochs
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The budgets of one study; --quick swaps in a tiny one."""
+    """The budgets of one study. The defaults are the full study's (FULL_PLAN); --quick swaps in a tiny one."""
     name: str                # "full" | "quick"
-    mlp_grid: Budget
-    cnn_grid: Budget
-    mlp_final: Budget
-    cnn_final: Budget
-    mlp_seeds: tuple[int, ...]     # seeds of every MLP grid level
-    cnn_seeds: tuple[int, ...]     # seeds of every CNN grid and ablation level
+    # The MLP grid keeps the final's 20 epochs on 10k images: at 6 epochs (20k images) no dropout won and
+    # lost at full budget, because overfitting only shows over the final's epochs.
+    mlp_grid: Budget = Budget(subset=10000)
+    # The CNN grid: 10k images for 5 of the final's 10 epochs (1/11 of its image-epochs), 2 seeds.
+    cnn_grid: Budget = Budget(subset=10000, epochs=5)
+    mlp_final: Budget = Budget()
+    cnn_final: Budget = Budget()
+    mlp_seeds: tuple[int, ...] = (0, 1, 2)          # seeds of every MLP grid level
+    cnn_seeds: tuple[int, ...] = (0, 1)             # seeds of every CNN grid and ablation level
     mlp_final_seeds: tuple[int, ...] = (0, 1, 2)
     cnn_final_seeds: tuple[int, ...] = (0, 1)
     confirm_single: tuple[str, ...] = ("mlp",)      # tracks whose largest single grid change is confirmed too
@@ -93,27 +96,13 @@ class Plan:
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)
 
 
-FULL_PLAN = Plan(
-    "full",
-    # The MLP grid keeps the final's 20 epochs on 10k images: at 6 epochs (20k images) no dropout won and
-    # lost at full budget, because overfitting only shows over the final's epochs.
-    mlp_grid=Budget(subset=10000, n_eval=None, epochs=None),
-    # The CNN grid: 10k images for 5 of the final's 10 epochs (1/11 of its image-epochs), 2 seeds.
-    cnn_grid=Budget(subset=10000, n_eval=None, epochs=5),
-    mlp_final=Budget(subset=None, n_eval=None, epochs=None),
-    cnn_final=Budget(subset=None, n_eval=None, epochs=None),
-    mlp_seeds=(0, 1, 2), cnn_seeds=(0, 1))
-
+FULL_PLAN = Plan("full")
 QUICK_PLAN = Plan(
-    "quick",
-    mlp_grid=Budget(subset=1000, n_eval=500, epochs=1),
-    cnn_grid=Budget(subset=300, n_eval=300, epochs=1),
-    mlp_final=Budget(subset=2000, n_eval=1000, epochs=2),
-    cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
-    mlp_seeds=(0, 1), cnn_seeds=(0, 1), mlp_final_seeds=(0, 1), cnn_final_seeds=(0, 1), init_images=32,
+    "quick", mlp_grid=Budget(subset=1000, n_eval=500, epochs=1), cnn_grid=Budget(subset=300, n_eval=300, epochs=1),
+    mlp_final=Budget(subset=2000, n_eval=1000, epochs=2), cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
+    mlp_seeds=(0, 1), mlp_final_seeds=(0, 1), init_images=32, max_levels=2,
     overrides={"mlp": {"hidden": [64, 64]},
-               "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}},
-    max_levels=2)
+               "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}})
 
 
 # ----------------------------------------------------------------------------------------- the stages
@@ -142,20 +131,18 @@ def _choices(field_name: str, values: Callable[[], tuple]) -> Callable[[dict], l
 def _ladder(ladder_of: Callable[[dict], list], get: Callable[[dict], object],
             changes: Callable[[object, dict], dict], label=lambda v: f"{v:g}"):
     """levels() and beyond() of an ordered factor: the incumbent's value with its neighbours on a ladder of
-    values; beyond(cfg, -1 | +1) is the next rung past that edge (None at the ladder's end)."""
-    def rungs(cfg):
-        return sorted(set(ladder_of(cfg)) | {get(cfg)})
+    values; beyond(cfg, -1 | +1) is the next rung past that edge, two rungs from the incumbent's (None past the
+    ladder's end, also where the incumbent's value is the edge)."""
+    def rung(cfg, offset):  # the level `offset` rungs from the incumbent's value; None off the ladder
+        ladder = sorted(set(ladder_of(cfg)) | {get(cfg)})
+        j = ladder.index(get(cfg)) + offset
+        return Level(label(ladder[j]), changes(ladder[j], cfg)) if 0 <= j < len(ladder) else None
 
     def levels(cfg):
-        ladder = rungs(cfg)
-        i = ladder.index(get(cfg))
-        return [Level(label(v), changes(v, cfg)) for v in ladder[max(i - 1, 0):i + 2]]
+        return [lv for offset in (-1, 0, 1) if (lv := rung(cfg, offset))]
 
     def beyond(cfg, direction):
-        ladder = rungs(cfg)
-        edge = get(apply(cfg, levels(cfg)[0 if direction < 0 else -1].changes))
-        j = ladder.index(edge) + direction
-        return Level(label(ladder[j]), changes(ladder[j], cfg)) if 0 <= j < len(ladder) else None
+        return rung(cfg, 2 * direction)
     return levels, beyond
 
 
@@ -191,10 +178,9 @@ def _cnn_filter_levels(cfg):
     return [Level(name, {"filters": scale_filters(cfg, shape, target)}) for name, shape in FILTER_SHAPES.items()]
 
 
-def _cnn_init_levels(cfg):
-    inits = _cnn("INITS")
-    return [Level(name, {"init": name, "batchnorm": True}) for name in inits] + \
-        [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in inits]
+def _cnn_init_levels(cfg):  # with BatchNorm the candidates; without it, contrasts that cannot win
+    return [Level(name if bn else f"{name}, no BN", {"init": name, "batchnorm": bn}, eligible=bn)
+            for bn in (True, False) for name in _cnn("INITS")]
 
 
 # Where each track's grid starts, stated whole: the MLP as the previous study kept it; the CNN with the short
@@ -232,7 +218,7 @@ STAGES = (
                    lambda lr, c: {"lr": lr})),
     Stage("cnn_pool", "Pooling", "pooling", _choices("pool", lambda: _cnn("POOLS"))),
     Stage("cnn_kernel", "Kernel size", "kernel size",
-          *_ladder(lambda c: [1, 3, 5, 7], lambda c: c["kernel_size"], lambda k, c: {"kernel_size": k})),
+          *_ladder(lambda c: _cnn("KERNELS"), lambda c: c["kernel_size"], lambda k, c: {"kernel_size": k})),
     Stage("cnn_filters", "Filters per layer", "filters per layer", _cnn_filter_levels),
     Stage("cnn_init", "Weight initialisation", "initialisation", _cnn_init_levels),
     # frozen first, as the committed study ran them
@@ -245,9 +231,8 @@ STAGES = (
 )
 STAGE = {s.id: s for s in STAGES}
 ABLATION_STAGE = STAGE["cnn_ablation"]
-MLP_STAGES = [s for s in STAGES if s.model == "mlp"]
-CNN_STAGES = [s for s in STAGES if s.model == "cnn" and s is not ABLATION_STAGE]
-STUDY_ORDER = [*(s.id for s in MLP_STAGES), "mlp_final", *(s.id for s in CNN_STAGES), "cnn_ablation", "cnn_final"]
+# The manifest's order: each track's stages (the CNN's ablation last), then its final.
+STUDY_ORDER = [sid for m in study_results.MODELS for sid in [*(s.id for s in STAGES if s.model == m), f"{m}_final"]]
 
 
 # ----------------------------------------------------------------------------------------- decisions
@@ -303,6 +288,7 @@ class Study:
     def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None):
         self.engine, self.plan = engine, plan
         self.tracks = [m for m in study_results.MODELS if only in (None, m)]
+        self.start = {m: start_config(m, plan) for m in study_results.MODELS}  # each track's start config
         self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
         self.runs: list[dict] = []            # manifest rows
         self.stages: dict[str, dict] = {}     # manifest stages: levels and decision
@@ -315,13 +301,12 @@ class Study:
         if "cnn" in self.tracks:  # once the CNN track's first stage is submitted: the runs of the start config
             # are the ablation's "full recipe" too, and a run shared by two stages is labelled by the first to
             # submit it, so that it is labelled in plan order
-            jobs.append(lambda: self.cnn_submitted.wait() and self.run_stage(ABLATION_STAGE,
-                                                                             start_config("cnn", self.plan)))
+            jobs.append(lambda: self.cnn_submitted.wait() and self.run_stage(ABLATION_STAGE, self.start["cnn"]))
         _run_threads(jobs)
 
     def run_track(self, model: str) -> None:
-        start = cfg = start_config(model, self.plan)
-        for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
+        start = cfg = self.start[model]
+        for stage in [s for s in STAGES if s.model == model and s is not ABLATION_STAGE]:
             cfg = self.run_stage(stage, cfg)
         candidates = {"chain": cfg, "start": start}
         if model in self.plan.confirm_single:  # the stage change with the largest grid gain, on its own
@@ -334,28 +319,26 @@ class Study:
         """One stage around the incumbent `cfg`; stores its decision and returns the winner's config."""
         levels, own = self.levels(stage, cfg)
         by_variant = self.run_levels(stage, levels, cfg)
-        if cfg == start_config(stage.model, self.plan):
+        if cfg == self.start[stage.model]:
             self.reference.setdefault(stage.model, by_variant[own])
         decision, macs, capped = self.decide_stage(stage, levels, by_variant, own)
-        extended, winner = False, decision["winner"]
         # A challenger that won at an end of an ordered factor's levels gets one more level past it (not in
         # --quick, whose levels are cut short).
-        side = 0
-        if stage.beyond and not self.plan.max_levels and winner not in (own, None):
-            side = -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
-        extra = stage.beyond(cfg, side) if side else None
-        if extra is not None and extra.variant not in by_variant:
+        winner = decision["winner"]
+        side = -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
+        extend = stage.beyond and side and winner != own and not self.plan.max_levels
+        extra = stage.beyond(cfg, side) if extend else None
+        if extended := extra is not None and extra.variant not in by_variant:
             levels = [extra, *levels] if side < 0 else [*levels, extra]
             by_variant.update(self.run_levels(stage, [extra], cfg))
-            (decision, macs, capped), extended = self.decide_stage(stage, levels, by_variant, own), True
+            decision, macs, capped = self.decide_stage(stage, levels, by_variant, own)
         winner = decision["winner"] or own  # no level usable (all diverged): the incumbent stays
         changes = next(lv.changes for lv in levels if lv.variant == winner)
         rows = decision["rows"]
         self.stages[stage.id] = {
             "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "incumbent": own,
             **decision, "winner": winner, "changes": changes,
-            "gain": rows[winner]["mean"] - rows[own]["mean"] if winner != own and rows.get(own, {}).get("mean")
-            is not None else 0.0,
+            "gain": rows[winner]["mean"] - rows[own]["mean"] if rows.get(own, {}).get("mean") is not None else 0.0,
             "levels": [lv.variant for lv in levels], "extended": extended,
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
             "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
@@ -367,8 +350,7 @@ class Study:
     def levels(self, stage: Stage, cfg: dict) -> tuple[list[Level], str]:
         """The stage's levels around `cfg` and the incumbent's label (--quick: the first few, the incumbent's kept)."""
         levels = stage.levels(cfg)
-        own = next((lv.variant for lv in levels if all(cfg.get(k) == v for k, v in lv.changes.items())),
-                   "incumbent")
+        own = next((lv.variant for lv in levels if lv.changes.items() <= cfg.items()), "incumbent")  # cfg's own
         if own == "incumbent":  # e.g. filters that no scaled shape reproduces
             levels = [Level(own, {}), *levels]
         if self.plan.max_levels:
@@ -388,7 +370,7 @@ class Study:
 
     def decide_stage(self, stage: Stage, levels: list[Level], by_variant: dict, own: str):
         """(`decide`'s decision, each level's multiply-adds over the start config's, the levels over the cap)."""
-        macs_of, start = mlp_macs if stage.model == "mlp" else cnn_macs, start_config(stage.model, self.plan)
+        macs_of, start = mlp_macs if stage.model == "mlp" else cnn_macs, self.start[stage.model]
         macs = {lv.variant: macs_of(apply(start, lv.changes)) for lv in levels}
         ratio = {v: m / macs_of(start) for v, m in macs.items()}
         capped = {v for v, r in ratio.items() if self.plan.macs_cap and r > self.plan.macs_cap}
@@ -408,28 +390,26 @@ class Study:
         are the final runs, the only ones that see the test set. For the CNN, Q3d beside them: the chain with
         the other way of training the head, at the same budget (no test set)."""
         same = {name: next(n for n, c in candidates.items() if c == cfg) for name, cfg in candidates.items()}
-        specs = {name: self.final_specs(model, name, candidates[name], "final")
-                 for name in candidates if same[name] == name}
-        heads = {}
+        specs = {name: self.final_specs(model, name, cfg, "final")
+                 for name, cfg in candidates.items() if same[name] == name}
+        chain, heads = candidates["chain"], []
         if model == "cnn":
-            other = next(m for m in _cnn("HEAD_MODES") if m != candidates["chain"]["head_mode"])
-            heads = {other: self.final_specs(model, f"{other} head", apply(candidates["chain"], {"head_mode": other}),
-                                             "heads")}
-        by_key = {r["key"]: r for r in self.train([s for group in (*specs.values(), *heads.values()) for s in group])}
+            other = next(m for m in _cnn("HEAD_MODES") if m != chain["head_mode"])
+            heads = self.final_specs(model, f"{other} head", apply(chain, {"head_mode": other}), "heads")
+        by_key = {r["key"]: r for r in self.train([s for group in specs.values() for s in group] + heads)}
         val = {name: float(np.mean([_val(by_key[s.key]) for s in group])) for name, group in specs.items()}
         kept = max(specs, key=lambda name: val[name])
-        self.finals[model] = {"candidates": {n: [s.key for s in g] for n, g in specs.items()}, "same": same,
-                              "kept": kept, "seeds": [s.key for s in specs[kept]]}
+        keys = {name: [s.key for s in group] for name, group in specs.items()}
+        self.finals[model] = {"candidates": keys, "same": same, "kept": kept, "seeds": keys[kept]}
         if heads:
-            self.finals[model]["heads"] = {candidates["chain"]["head_mode"]: self.finals[model]["candidates"]["chain"],
-                                           **{m: [s.key for s in g] for m, g in heads.items()}}
+            self.finals[model]["heads"] = {chain["head_mode"]: keys["chain"], other: [s.key for s in heads]}
 
     def train(self, specs: list[RunSpec]) -> list[dict]:
         self.engine.start(specs)
         if specs[0].model == "cnn":
             self.cnn_submitted.set()
         records = self.engine.run(specs)
-        self.runs += [s.row() for s in specs]
+        self.runs += [{k: getattr(s, k) for k in study_results.RUN_ROW} for s in specs]  # the manifest's rows
         return records
 
     def final_specs(self, model: str, name: str, cfg: dict, role: str) -> list[RunSpec]:
@@ -441,8 +421,7 @@ class Study:
         """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
         writes the same manifest."""
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
-                "macs_cap": self.plan.macs_cap, "tie": TIE,
-                "start": {m: start_config(m, self.plan) for m in self.tracks},
+                "macs_cap": self.plan.macs_cap, "tie": TIE, "start": {m: self.start[m] for m in self.tracks},
                 "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
                 "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
                 "finals": {m: self.finals[m] for m in study_results.MODELS if m in self.finals}}
@@ -511,10 +490,6 @@ class RunSpec:
         blob = json.dumps({"model": self.model, "config": cfg, "budget": dataclasses.asdict(self.budget),
                            "final": self.role == "final"}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-    def row(self) -> dict:
-        """Its row of the manifest."""
-        return {k: getattr(self, k) for k in study_results.RUN_ROW}
 
 
 def start_config(model: str, plan: Plan) -> dict:
