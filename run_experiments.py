@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -444,12 +443,12 @@ def cnn_macs(cfg: dict) -> int:
     """Multiply-adds of one image through the five convolutions and the head's first layer."""
     import cnn_torch
     backbone = cnn_torch.build_backbone(cnn_torch.CNNConfig(**{**cfg, "device": "cpu"}))
-    head = [backbone.feature_dim, *cfg["head_hidden"], preprocessing.NUM_CLASSES]
-    return int(backbone.conv_macs()) + sum(a * b for a, b in zip(head[:-1], head[1:]))
+    return int(backbone.conv_macs()) + mlp_macs({"hidden": cfg["head_hidden"]}, backbone.feature_dim)
 
 
-def mlp_macs(cfg: dict) -> int:
-    dims = [preprocessing.INPUT_DIM, *cfg["hidden"], preprocessing.NUM_CLASSES]
+def mlp_macs(cfg: dict, inputs: int = preprocessing.INPUT_DIM) -> int:
+    """Multiply-adds of one input through the MLP's layers (the CNN's head: `inputs` features)."""
+    dims = [inputs, *cfg["hidden"], preprocessing.NUM_CLASSES]
     return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
@@ -499,12 +498,11 @@ def start_config(model: str, plan: Plan) -> dict:
 
 
 def make_spec(model, study, variant, seed, base: dict, budget: Budget, role: str, plan: Plan) -> RunSpec:
-    epochs = base["epochs"] if budget.epochs is None else budget.epochs  # None: the config's own
-    cfg = apply(base, {"seed": seed, "subset": budget.subset, "epochs": epochs})
+    cfg = apply(base, {"seed": seed, "subset": budget.subset,
+                       "epochs": base["epochs"] if budget.epochs is None else budget.epochs})  # None: the config's own
     if model == "cnn":
         cfg["device"] = "cpu"  # the run's device is the engine's choice (run_on_worker), not part of the run
     config = config_class(model)(**cfg)
-
     try:
         config.validate()
     except ValueError as e:  # a bad level or budget is a bug in the plan, never a diverged run
@@ -519,38 +517,34 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
     from threadpoolctl import threadpool_limits
     import torch
     torch.set_num_threads(threads)
-    data = splits if spec.budget.subset is None and spec.budget.n_eval is None else \
-        splits.subset(spec.budget.subset, spec.budget.n_eval, seed=spec.seed)
-    t0 = time.perf_counter()
+    data = splits.subset(spec.budget.subset, spec.budget.n_eval, seed=spec.seed)  # None: the whole split
+    t0, files = time.perf_counter(), {}
     with threadpool_limits(limits=threads):
-        res, out, save, suffix = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
-        files = _model_files(spec, save, suffix)
-    if files:
-        out["model_file"] = os.path.commonpath(list(files)) if len(files) > 1 else next(iter(files))
+        res, out, save = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
+        if spec.role == "final":
+            out["model_file"], files = _model_files(spec, save)
     best = next((h for h in res.history if h.get("epoch") == res.best_epoch), {})
     record = {
         "key": spec.key, "model": spec.model, "study": spec.study, "variant": spec.variant, "seed": spec.seed,
         "role": spec.role, "final": spec.role == "final", "plan": spec.plan, "config": spec.config,
         "budget": dataclasses.asdict(spec.budget), "n_train": len(data.y_train), "n_val": len(data.y_val),
-        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-        "train_loss": best.get("train_loss"), "train_acc": best.get("train_acc"),
-        "seconds": time.perf_counter() - t0, "threads": threads, "device": str(getattr(res, "device", "cpu")),
-        "sec_per_epoch": mean([h.get("seconds") for h in res.history]),
+        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "train_loss": best.get("train_loss"),
+        "train_acc": best.get("train_acc"), "seconds": time.perf_counter() - t0, "threads": threads,
+        "device": str(getattr(res, "device", "cpu")), "sec_per_epoch": mean([h.get("seconds") for h in res.history]),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "history": res.history, "diverged": bool(res.diverged), **out}
     return clean(record), files
 
 
 def _train_mlp(spec: RunSpec, data: Splits, device: str):
-    """(the training result, what the run records beyond the fields every run has, a function that saves its
-    model, the file suffix)."""
+    """(the training result, what the run records beyond the fields every run has, its model's save function)."""
     res = mlp_scratch.train(mlp_scratch.MLPConfig(**spec.config), data.X_train, data.y_train,
                             data.X_val, data.y_val, progress=False, input_range=mlp_scratch.PIXEL_RANGE)
     out = {"n_params": int(res.model.n_params), "macs": mlp_macs(spec.config),
            "layer_stats": mlp_scratch.layer_statistics(res.model, data.X_val[:1000], data.y_val[:1000]),
            **_evaluate(spec, data, lambda X, y: mlp_scratch.evaluate(res.model, X, y),
                        lambda X: mlp_scratch.softmax(res.model.forward(X)))}
-    return res, out, res.model.save, ".npz"
+    return res, out, res.model.save
 
 
 def _train_cnn(spec: RunSpec, data: Splits, device: str):
@@ -567,36 +561,31 @@ def _train_cnn(spec: RunSpec, data: Splits, device: str):
                to_images(data.X_val), data.y_val)["acc"],
            **_evaluate(spec, data, lambda X, y: cnn_torch.evaluate_classifier(clf, to_images(X), y),
                        lambda X: clf.predict_proba(to_images(X)))}
-    return res, out, clf.save, ""
-
+    return res, out, clf.save
 
 
 def _evaluate(spec, data, evaluate, predict_proba) -> dict:
     """Validation always; the test set only for final runs, with predictions for the paired tests."""
     val = evaluate(data.X_val, data.y_val)
     out = {"val_loss": val["loss"], "val_acc": val["acc"]}
-    if spec.role == "final":
-        test = evaluate(data.X_test, data.y_test)
-        prob = predict_proba(data.X_test)
+    if spec.role == "final":  # the paired tests compare predictions image by image
+        test, prob = evaluate(data.X_test, data.y_test), predict_proba(data.X_test)
         pred = prob.argmax(axis=1)
         out.update({"n_test": len(data.y_test), "test_loss": test["loss"], "test_acc": test["acc"],
-                    "test_true": data.y_test.tolist(),  # the paired tests compare predictions image by image
-                    "test_pred": pred.tolist(), "test_prob_max": np.round(prob.max(axis=1), 5).tolist(),
+                    "test_true": data.y_test.tolist(), "test_pred": pred.tolist(),
+                    "test_prob_max": np.round(prob.max(axis=1), 5).tolist(),
                     **study_results.classification_report(data.y_test, pred)})
     return out
 
 
-def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> dict:
-    """A final run's saved model as bytes, keyed by its path under the results folder (the driver writes it)."""
-    if spec.role != "final":
-        return {}
-    rel = f"models/runs/{spec.model}_{spec.key}{suffix}"
+def _model_files(spec: RunSpec, save: Callable[[str], Path]) -> tuple[str, dict]:
+    """A final run's saved model: its path under the results folder (the MLP's file, the CNN's folder) and its
+    files' bytes by path there (the driver writes them)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(rel).name
-        save(str(path))
-        if path.is_file():
-            return {rel: path.read_bytes()}
-        return {f"{rel}/{p.relative_to(path)}": p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        path = save(str(Path(tmp) / f"{spec.model}_{spec.key}"))  # the path written: the MLP's gets .npz
+        rel = f"models/runs/{path.name}"
+        paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return rel, {str(Path(rel, p.relative_to(path))): p.read_bytes() for p in paths}
 
 
 # ----------------------------------------------------------------------------------------- engine
