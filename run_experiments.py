@@ -127,15 +127,14 @@ def _choices(field_name: str, values: Callable[[], tuple]) -> Callable[[dict], l
     return lambda cfg: [Level(str(v), {field_name: v}) for v in values()]
 
 
-def _ladder(ladder_of: Callable[[dict], list], get: Callable[[dict], object],
-            changes: Callable[[object, dict], dict], label=lambda v: f"{v:g}"):
+def _ladder(ladder_of: Callable[[dict], list], get: Callable[[dict], object], changes: Callable[[object, dict], dict]):
     """levels() and beyond() of an ordered factor: the incumbent's value with its neighbours on a ladder of
     values; beyond(cfg, -1 | +1) is the next rung past that edge, two rungs from the incumbent's (None past the
     ladder's end, also where the incumbent's value is the edge)."""
     def rung(cfg, offset):  # the level `offset` rungs from the incumbent's value; None off the ladder
         ladder = sorted(set(ladder_of(cfg)) | {get(cfg)})
         j = ladder.index(get(cfg)) + offset
-        return Level(label(ladder[j]), changes(ladder[j], cfg)) if 0 <= j < len(ladder) else None
+        return Level(f"{ladder[j]:g}", changes(ladder[j], cfg)) if 0 <= j < len(ladder) else None
 
     def levels(cfg):
         return [lv for offset in (-1, 0, 1) if (lv := rung(cfg, offset))]
@@ -252,9 +251,8 @@ def decide(by_variant: dict[str, list[dict]], cost: dict[str, float], eligible: 
     smallest true difference the stage detects with 80% power at the 5% level, is
     (t(.975, dof) + t(.80, dof)) s / sqrt(n). With one seed there is no s: no interval, no mdd."""
     accs = {v: {r["seed"]: r["val_acc"] for r in recs} for v, recs in by_variant.items() if recs}
-    ok = {v: a for v, a in accs.items() if v in eligible and None not in a.values()
-          and not any(r["diverged"] for r in by_variant[v])}
     means = {v: float(np.mean(list(a.values()))) for v, a in accs.items() if None not in a.values()}
+    ok = [v for v in means if v in eligible and not any(r["diverged"] for r in by_variant[v])]
     best = max(ok, key=lambda v: means[v], default=None)
     if best is None:
         return {"winner": None, "rows": {}, "sd": None, "dof": 0, "mdd": None}
@@ -265,14 +263,13 @@ def decide(by_variant: dict[str, list[dict]], cost: dict[str, float], eligible: 
     pooled = [d for v, d in diffs.items() if v in ok]
     dof = sum(len(d) - 1 for d in pooled)
     sd = math.sqrt(sum(((np.array(d) - np.mean(d)) ** 2).sum() for d in pooled) / dof) if dof else None
-    n = len(accs[winner])
     t = (T975.get(dof, 1.960), T80.get(dof, 0.842))
     rows = {v: {"mean": means.get(v), "diff": float(np.mean(diffs[v])) if v in diffs else 0.0 if v == winner else None,
                 "ci": None if sd is None or v not in diffs else
                 [float(np.mean(diffs[v])) + k * t[0] * sd / math.sqrt(len(diffs[v])) for k in (-1, 1)],
                 "n": len(accs[v]), "eligible": v in ok} for v in accs}
     return {"winner": winner, "rows": rows, "sd": sd, "dof": dof,
-            "mdd": None if sd is None else (t[0] + t[1]) * sd / math.sqrt(n)}
+            "mdd": None if sd is None else (t[0] + t[1]) * sd / math.sqrt(len(accs[winner]))}
 
 
 # ----------------------------------------------------------------------------------------- the study
@@ -316,7 +313,12 @@ class Study:
 
     def run_stage(self, stage: Stage, cfg: dict) -> dict:
         """One stage around the incumbent `cfg`; stores its decision and returns the winner's config."""
-        levels, own = self.levels(stage, cfg)
+        levels = stage.levels(cfg)
+        own = next((lv.variant for lv in levels if lv.changes.items() <= cfg.items()), "incumbent")  # cfg's level
+        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
+            levels = [Level(own, {}), *levels]
+        if self.plan.max_levels:  # --quick: the first few, the incumbent's kept
+            levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
         by_variant = self.run_levels(stage, levels, cfg)
         if cfg == self.start[stage.model]:
             self.reference.setdefault(stage.model, by_variant[own])
@@ -346,17 +348,6 @@ class Study:
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
         return apply(cfg, changes)
 
-    def levels(self, stage: Stage, cfg: dict) -> tuple[list[Level], str]:
-        """The stage's levels around `cfg` and the incumbent's label (--quick: the first few, the incumbent's kept)."""
-        levels = stage.levels(cfg)
-        own = next((lv.variant for lv in levels if lv.changes.items() <= cfg.items()), "incumbent")  # cfg's own
-        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
-            levels = [Level(own, {}), *levels]
-        if self.plan.max_levels:
-            levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
-        return levels, own
-
-
     def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
         """Every level x seed at once; each level's records."""
         seeds = self.plan.mlp_seeds if stage.model == "mlp" else self.plan.cnn_seeds
@@ -375,7 +366,6 @@ class Study:
         capped = {v for v, r in ratio.items() if self.plan.macs_cap and r > self.plan.macs_cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
         return decide(by_variant, macs, eligible, own), ratio, capped
-
 
     def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
         """Each level's mean wall seconds over the start config's grid runs' (levels without times: left out)."""
@@ -431,12 +421,9 @@ def config_class(model: str):
     return mlp_scratch.MLPConfig if model == "mlp" else _cnn("CNNConfig")
 
 
-def _json(x):
-    return json.loads(json.dumps(x))
-
-
 def apply(cfg: dict, changes: dict) -> dict:
-    return _json({**cfg, **changes})
+    """cfg with changes, as JSON holds it (tuples become lists)."""
+    return json.loads(json.dumps({**cfg, **changes}))
 
 
 def cnn_macs(cfg: dict) -> int:
@@ -507,7 +494,7 @@ def make_spec(model, study, variant, seed, base: dict, budget: Budget, role: str
         config.validate()
     except ValueError as e:  # a bad level or budget is a bug in the plan, never a diverged run
         raise StudyError(f"{study} / {variant}: {e}") from None
-    return RunSpec(model, study, variant, seed, _json(config.to_dict()), budget, role, plan.name)
+    return RunSpec(model, study, variant, seed, apply(config.to_dict(), {}), budget, role, plan.name)
 
 
 # ----------------------------------------------------------------------------------------- worker side
@@ -593,9 +580,8 @@ class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
     def __init__(self, client, splits: Splits, registry, *, device: str, threads: int = 1, log=None,
-                 runner: Callable | None = None):
-        self.client, self.registry, self.device, self.threads = client, registry, device, threads
-        self.runner = runner or run_on_worker  # what a worker calls with (spec, splits, threads, device)
+                 runner: Callable = run_on_worker):  # runner: what a worker calls with (spec, splits, threads, device)
+        self.client, self.registry, self.device, self.threads, self.runner = client, registry, device, threads, runner
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
         self.lock = threading.Lock()
@@ -632,28 +618,19 @@ class Engine:
                                  f"are kept, run the same command again to resume") from None
             with self.lock:
                 self.in_flight.pop(record["key"], None)
-                if record["key"] in self.registry:  # collected first by another call waiting on the same run
-                    continue
-                self.registry.add(record, files)
-                self.executed.append(record["key"])
-                self.bar.update(1)
-                (self.log if self.bar.disable else self.bar.write)(_run_line(record))
+                if record["key"] not in self.registry:  # else collected first by another call waiting on this run
+                    self.registry.add(record, files)
+                    self.executed.append(record["key"])
+                    self.bar.update(1)
+                    (self.log if self.bar.disable else self.bar.write)(_run_line(record))
         return [self.registry.records[s.key] for s in specs]
 
 
 def _run_line(rec: dict) -> str:
     acc = "   nan" if rec.get("val_acc") is None else f"{rec['val_acc']:.4f}"
     test = f"  test {rec['test_acc']:.4f}" if rec.get("test_acc") is not None else ""
-    flag = "  DIVERGED" if rec["diverged"] else ""
     return (f"{rec['study']:<15} {rec['variant']:<20} seed {rec['seed']}  val {acc}{test}  "
-            f"{rec['seconds']:6.1f}s  {rec['key']}{flag}")
-
-
-# Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap threshold:
-# every batch-sized array is then mmapped and unmapped afresh, and a training run took 1.5x as long (MLP and
-# CNN alike). None unsets it (workers of an existing cluster: set DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__
-# MALLOC_TRIM_THRESHOLD_=None where `dask worker` starts).
-WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+            f"{rec['seconds']:6.1f}s  {rec['key']}{'  DIVERGED' if rec['diverged'] else ''}")
 
 
 def _connect(scheduler: str, client_class=None, seconds: float = 30.0):
@@ -685,7 +662,11 @@ def start_client(workers: int):
     # future, and what Dask logs at ERROR is a result cut off in transfer when Ctrl-C closes the client.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with dask.config.set(WORKER_ENVIRON):
+        # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap
+        # threshold: every batch-sized array is then mmapped and unmapped afresh, and a training run took 1.5x as
+        # long (MLP and CNN alike). None unsets it (workers of an existing cluster: set DASK_DISTRIBUTED__NANNY__
+        # PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None where `dask worker` starts).
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL,
                                    scheduler_kwargs={"dashboard_address": ":0"})  # its HTTP routes: any free port
@@ -741,11 +722,9 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     activation, four hidden layers deep so trends show; the CNN per init, with BatchNorm and without."""
     import cnn_torch
     X, y = splits.X_train[:n_images], splits.y_train[:n_images]
-    mlp = START["mlp"]
-    rows = []
-    cases = [(init, mlp["activation"], init) for init in mlp_scratch.INITS]
-    cases += [(mlp["init"], act, act) for act in mlp_scratch.ACTIVATIONS]
-    for init, act, label in cases:
+    mlp, rows = START["mlp"], []
+    for label, init, act in [*((init, init, mlp["activation"]) for init in mlp_scratch.INITS),
+                             *((act, mlp["init"], act) for act in mlp_scratch.ACTIVATIONS)]:
         model = mlp_scratch.MLP(preprocessing.INPUT_DIM, [_width(mlp)] * 4, preprocessing.NUM_CLASSES,
                                 activation=act, dropout=0.0, init=init, seed=0)
         model.input_mean, model.input_std = preprocessing.standardization_stats(splits.X_train)
@@ -782,17 +761,16 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
     device = _check_device(args.device)
     with study_results.results_lock(results_dir):
         registry = study_results.Registry(results_dir, log=log)
-        client = cluster = engine = None
+        # before the data and the statistics: a scheduler that does not answer costs 20 s
+        client = _connect(args.scheduler) if args.scheduler else None
+        cluster = engine = None
         try:
-            if args.scheduler:  # before the data and the statistics: a scheduler that does not answer costs 20 s
-                client = _connect(args.scheduler)
             splits = splits if splits is not None else preprocessing.load_splits(args.data_dir)
             # Before a local cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes
             # torch's summation order and so the statistics' last digits. They depend on the code and data only.
             if not (results_dir / "init_stats.csv").exists():
                 study_results.write_csv(results_dir / "init_stats.csv", INIT_STATS_COLUMNS,
                                         compute_init_stats(splits, plan.init_images))
-
             if client is None:
                 client, cluster = start_client(args.workers)
             engine = Engine(client, splits, registry, device=device, threads=args.threads,
@@ -805,9 +783,8 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
                 write_manifest(results_dir, study.manifest(), study.tracks)
         finally:
             with ctrl_c_held():  # a cluster closed halfway leaves the exit waiting 10 s on it
-                for closing in (engine and engine.bar, client, cluster):
-                    if closing is not None:
-                        closing.close()
+                for closing in [c for c in (engine and engine.bar, client, cluster) if c is not None]:
+                    closing.close()
         wall = time.perf_counter() - t0
         # A resume that trained nothing keeps the wall time of the invocation that did.
         outputs = study_results.rebuild_outputs(results_dir, log=log, wall_seconds=wall if engine.executed else None,
@@ -817,7 +794,6 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
             figures.make_figures(results_dir, outputs[0], outputs[2], splits)
     log(f"Study done in {wall / 60:.1f} min: {len(engine.executed)} runs trained; results in {results_dir}")
     return study
-
 
 
 def rebuild_only(args: argparse.Namespace) -> None:
@@ -831,15 +807,12 @@ def rebuild_only(args: argparse.Namespace) -> None:
         splits = preprocessing.load_splits(args.data_dir)
         rows, _, summary = study_results.rebuild_outputs(rd)
         plots.make_figures(rd, rows, summary, splits)
-
     print(f"Rebuilt tables, summary.json and figures in {rd}")
 
 
 def _check_device(name: str) -> str:
-    if name == "cpu":
-        return name
     try:
-        return str(_cnn("resolve_device")(name))
+        return name if name == "cpu" else str(_cnn("resolve_device")(name))  # cpu: no torch imported here
     except (ValueError, RuntimeError) as e:
         raise StudyError(f"--device {name}: {e}") from None
 
@@ -856,12 +829,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-seeds", type=cli.seed_list_arg, default=None,
                    help="seeds of each CNN final candidate (default: 0,1; 0,1,2 is affordable on a GPU)")
     p.add_argument("--only", choices=study_results.MODELS, default=None, help="one track only (default: both)")
-    p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2,
-                   help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
-                        "benchmarks/bench_workers.py)")
+    p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2, help="local single-threaded worker "
+                   "processes (default: 2, fastest on 2 cores: benchmarks/bench_workers.py)")
     p.add_argument("--threads", type=cli.count_arg("threads", 1024), default=1,
-                   help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores "
-                        "(default: 1)")
+                   help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores (default: 1)")
     p.add_argument("--scheduler", type=cli.path_arg, default=None,
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
@@ -874,8 +845,8 @@ def main(argv=None) -> int:
     if args.compare:
         import pandas as pd
         rows, line = study_results.compare_studies(*args.compare)
-        with pd.option_context("display.max_rows", None, "display.width", 200):
-            print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{100 * v:+.2f}"))
+        # to_string prints every row and column, whatever pandas' display options say
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{100 * v:+.2f}"))
         print(f"reproduce: {line}")
     elif args.plots_only:
         rebuild_only(args)
