@@ -427,7 +427,7 @@ def apply(cfg: dict, changes: dict) -> dict:
 
 
 def cnn_macs(cfg: dict) -> int:
-    """Multiply-adds of one image through the five convolutions and the head's first layer."""
+    """Multiply-adds of one image through the five convolutions and the head's layers."""
     import cnn_torch
     backbone = cnn_torch.build_backbone(cnn_torch.CNNConfig(**{**cfg, "device": "cpu"}))
     return int(backbone.conv_macs()) + mlp_macs({"hidden": cfg["head_hidden"]}, backbone.feature_dim)
@@ -735,7 +735,7 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
             cfg = cnn_torch.CNNConfig(**{**START["cnn"], "init": scheme, "batchnorm": batchnorm, "device": "cpu"})
             rows += [{"model": "cnn", "scheme": scheme, "batchnorm": batchnorm, **r}
                      for r in cnn_torch.init_statistics(cfg, to_images(X), y)]
-    return [{k: r.get(k) for k in INIT_STATS_COLUMNS} for r in clean(rows)]
+    return clean(rows)  # write_csv keeps INIT_STATS_COLUMNS
 
 
 # ----------------------------------------------------------------------------------------- driver
