@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -64,21 +63,24 @@ from study_results import T80, T975, StudyError, clean, mean
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """How much data and training a run gets; part of the run key."""
-    subset: int | None       # training images (None = all 54k)
-    n_eval: int | None       # validation (and, for finals, test) images (None = all)
-    epochs: int | None       # None = the config's own epochs
+    subset: int | None = None      # training images (None = all 54k)
+    n_eval: int | None = None      # validation (and, for finals, test) images (None = all)
+    epochs: int | None = None      # None = the config's own epochs
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The budgets of one study; --quick swaps in a tiny one."""
+    """The budgets of one study. The defaults are the full study's (FULL_PLAN); --quick swaps in a tiny one."""
     name: str                # "full" | "quick"
-    mlp_grid: Budget
-    cnn_grid: Budget
-    mlp_final: Budget
-    cnn_final: Budget
-    mlp_seeds: tuple[int, ...]     # seeds of every MLP grid level
-    cnn_seeds: tuple[int, ...]     # seeds of every CNN grid and ablation level
+    # The MLP grid keeps the final's 20 epochs on 10k images: at 6 epochs (20k images) no dropout won and
+    # lost at full budget, because overfitting only shows over the final's epochs.
+    mlp_grid: Budget = Budget(subset=10000)
+    # The CNN grid: 10k images for 5 of the final's 10 epochs (1/11 of its image-epochs), 2 seeds.
+    cnn_grid: Budget = Budget(subset=10000, epochs=5)
+    mlp_final: Budget = Budget()
+    cnn_final: Budget = Budget()
+    mlp_seeds: tuple[int, ...] = (0, 1, 2)          # seeds of every MLP grid level
+    cnn_seeds: tuple[int, ...] = (0, 1)             # seeds of every CNN grid and ablation level
     mlp_final_seeds: tuple[int, ...] = (0, 1, 2)
     cnn_final_seeds: tuple[int, ...] = (0, 1)
     confirm_single: tuple[str, ...] = ("mlp",)      # tracks whose largest single grid change is confirmed too
@@ -93,27 +95,13 @@ class Plan:
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)
 
 
-FULL_PLAN = Plan(
-    "full",
-    # The MLP grid keeps the final's 20 epochs on 10k images: at 6 epochs (20k images) no dropout won and
-    # lost at full budget, because overfitting only shows over the final's epochs.
-    mlp_grid=Budget(subset=10000, n_eval=None, epochs=None),
-    # The CNN grid: 10k images for 5 of the final's 10 epochs (1/11 of its image-epochs), 2 seeds.
-    cnn_grid=Budget(subset=10000, n_eval=None, epochs=5),
-    mlp_final=Budget(subset=None, n_eval=None, epochs=None),
-    cnn_final=Budget(subset=None, n_eval=None, epochs=None),
-    mlp_seeds=(0, 1, 2), cnn_seeds=(0, 1))
-
+FULL_PLAN = Plan("full")
 QUICK_PLAN = Plan(
-    "quick",
-    mlp_grid=Budget(subset=1000, n_eval=500, epochs=1),
-    cnn_grid=Budget(subset=300, n_eval=300, epochs=1),
-    mlp_final=Budget(subset=2000, n_eval=1000, epochs=2),
-    cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
-    mlp_seeds=(0, 1), cnn_seeds=(0, 1), mlp_final_seeds=(0, 1), cnn_final_seeds=(0, 1), init_images=32,
+    "quick", mlp_grid=Budget(subset=1000, n_eval=500, epochs=1), cnn_grid=Budget(subset=300, n_eval=300, epochs=1),
+    mlp_final=Budget(subset=2000, n_eval=1000, epochs=2), cnn_final=Budget(subset=600, n_eval=1000, epochs=1),
+    mlp_seeds=(0, 1), mlp_final_seeds=(0, 1), init_images=32, max_levels=2,
     overrides={"mlp": {"hidden": [64, 64]},
-               "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}},
-    max_levels=2)
+               "cnn": {"filters": "4,4,8,8,16", "head_hidden": [32], "head_epochs": 2, "augment": False}})
 
 
 # ----------------------------------------------------------------------------------------- the stages
@@ -139,23 +127,20 @@ def _choices(field_name: str, values: Callable[[], tuple]) -> Callable[[dict], l
     return lambda cfg: [Level(str(v), {field_name: v}) for v in values()]
 
 
-def _ladder(ladder_of: Callable[[dict], list], get: Callable[[dict], object],
-            changes: Callable[[object, dict], dict], label=lambda v: f"{v:g}"):
+def _ladder(ladder_of: Callable[[dict], list], get: Callable[[dict], object], changes: Callable[[object, dict], dict]):
     """levels() and beyond() of an ordered factor: the incumbent's value with its neighbours on a ladder of
-    values; beyond(cfg, -1 | +1) is the next rung past that edge (None at the ladder's end)."""
-    def rungs(cfg):
-        return sorted(set(ladder_of(cfg)) | {get(cfg)})
+    values; beyond(cfg, -1 | +1) is the next rung past that edge, two rungs from the incumbent's (None past the
+    ladder's end, also where the incumbent's value is the edge)."""
+    def rung(cfg, offset):  # the level `offset` rungs from the incumbent's value; None off the ladder
+        ladder = sorted(set(ladder_of(cfg)) | {get(cfg)})
+        j = ladder.index(get(cfg)) + offset
+        return Level(f"{ladder[j]:g}", changes(ladder[j], cfg)) if 0 <= j < len(ladder) else None
 
     def levels(cfg):
-        ladder = rungs(cfg)
-        i = ladder.index(get(cfg))
-        return [Level(label(v), changes(v, cfg)) for v in ladder[max(i - 1, 0):i + 2]]
+        return [lv for offset in (-1, 0, 1) if (lv := rung(cfg, offset))]
 
     def beyond(cfg, direction):
-        ladder = rungs(cfg)
-        edge = get(apply(cfg, levels(cfg)[0 if direction < 0 else -1].changes))
-        j = ladder.index(edge) + direction
-        return Level(label(ladder[j]), changes(ladder[j], cfg)) if 0 <= j < len(ladder) else None
+        return rung(cfg, 2 * direction)
     return levels, beyond
 
 
@@ -191,10 +176,9 @@ def _cnn_filter_levels(cfg):
     return [Level(name, {"filters": scale_filters(cfg, shape, target)}) for name, shape in FILTER_SHAPES.items()]
 
 
-def _cnn_init_levels(cfg):
-    inits = _cnn("INITS")
-    return [Level(name, {"init": name, "batchnorm": True}) for name in inits] + \
-        [Level(f"{name}, no BN", {"init": name, "batchnorm": False}, eligible=False) for name in inits]
+def _cnn_init_levels(cfg):  # with BatchNorm the candidates; without it, contrasts that cannot win
+    return [Level(name if bn else f"{name}, no BN", {"init": name, "batchnorm": bn}, eligible=bn)
+            for bn in (True, False) for name in _cnn("INITS")]
 
 
 # Where each track's grid starts, stated whole: the MLP as the previous study kept it; the CNN with the short
@@ -232,7 +216,7 @@ STAGES = (
                    lambda lr, c: {"lr": lr})),
     Stage("cnn_pool", "Pooling", "pooling", _choices("pool", lambda: _cnn("POOLS"))),
     Stage("cnn_kernel", "Kernel size", "kernel size",
-          *_ladder(lambda c: [1, 3, 5, 7], lambda c: c["kernel_size"], lambda k, c: {"kernel_size": k})),
+          *_ladder(lambda c: _cnn("KERNELS"), lambda c: c["kernel_size"], lambda k, c: {"kernel_size": k})),
     Stage("cnn_filters", "Filters per layer", "filters per layer", _cnn_filter_levels),
     Stage("cnn_init", "Weight initialisation", "initialisation", _cnn_init_levels),
     # frozen first, as the committed study ran them
@@ -245,9 +229,8 @@ STAGES = (
 )
 STAGE = {s.id: s for s in STAGES}
 ABLATION_STAGE = STAGE["cnn_ablation"]
-MLP_STAGES = [s for s in STAGES if s.model == "mlp"]
-CNN_STAGES = [s for s in STAGES if s.model == "cnn" and s is not ABLATION_STAGE]
-STUDY_ORDER = [*(s.id for s in MLP_STAGES), "mlp_final", *(s.id for s in CNN_STAGES), "cnn_ablation", "cnn_final"]
+# The manifest's order: each track's stages (the CNN's ablation last), then its final.
+STUDY_ORDER = [sid for m in study_results.MODELS for sid in [*(s.id for s in STAGES if s.model == m), f"{m}_final"]]
 
 
 # ----------------------------------------------------------------------------------------- decisions
@@ -268,9 +251,8 @@ def decide(by_variant: dict[str, list[dict]], cost: dict[str, float], eligible: 
     smallest true difference the stage detects with 80% power at the 5% level, is
     (t(.975, dof) + t(.80, dof)) s / sqrt(n). With one seed there is no s: no interval, no mdd."""
     accs = {v: {r["seed"]: r["val_acc"] for r in recs} for v, recs in by_variant.items() if recs}
-    ok = {v: a for v, a in accs.items() if v in eligible and None not in a.values()
-          and not any(r["diverged"] for r in by_variant[v])}
     means = {v: float(np.mean(list(a.values()))) for v, a in accs.items() if None not in a.values()}
+    ok = [v for v in means if v in eligible and not any(r["diverged"] for r in by_variant[v])]
     best = max(ok, key=lambda v: means[v], default=None)
     if best is None:
         return {"winner": None, "rows": {}, "sd": None, "dof": 0, "mdd": None}
@@ -281,14 +263,13 @@ def decide(by_variant: dict[str, list[dict]], cost: dict[str, float], eligible: 
     pooled = [d for v, d in diffs.items() if v in ok]
     dof = sum(len(d) - 1 for d in pooled)
     sd = math.sqrt(sum(((np.array(d) - np.mean(d)) ** 2).sum() for d in pooled) / dof) if dof else None
-    n = len(accs[winner])
     t = (T975.get(dof, 1.960), T80.get(dof, 0.842))
     rows = {v: {"mean": means.get(v), "diff": float(np.mean(diffs[v])) if v in diffs else 0.0 if v == winner else None,
                 "ci": None if sd is None or v not in diffs else
                 [float(np.mean(diffs[v])) + k * t[0] * sd / math.sqrt(len(diffs[v])) for k in (-1, 1)],
                 "n": len(accs[v]), "eligible": v in ok} for v in accs}
     return {"winner": winner, "rows": rows, "sd": sd, "dof": dof,
-            "mdd": None if sd is None else (t[0] + t[1]) * sd / math.sqrt(n)}
+            "mdd": None if sd is None else (t[0] + t[1]) * sd / math.sqrt(len(accs[winner]))}
 
 
 # ----------------------------------------------------------------------------------------- the study
@@ -303,6 +284,7 @@ class Study:
     def __init__(self, engine: Engine, plan: Plan, *, only: str | None = None, final_seeds=None):
         self.engine, self.plan = engine, plan
         self.tracks = [m for m in study_results.MODELS if only in (None, m)]
+        self.start = {m: start_config(m, plan) for m in study_results.MODELS}  # each track's start config
         self.final_seeds = {"mlp": plan.mlp_final_seeds, "cnn": tuple(final_seeds or plan.cnn_final_seeds)}
         self.runs: list[dict] = []            # manifest rows
         self.stages: dict[str, dict] = {}     # manifest stages: levels and decision
@@ -315,13 +297,12 @@ class Study:
         if "cnn" in self.tracks:  # once the CNN track's first stage is submitted: the runs of the start config
             # are the ablation's "full recipe" too, and a run shared by two stages is labelled by the first to
             # submit it, so that it is labelled in plan order
-            jobs.append(lambda: self.cnn_submitted.wait() and self.run_stage(ABLATION_STAGE,
-                                                                             start_config("cnn", self.plan)))
+            jobs.append(lambda: self.cnn_submitted.wait() and self.run_stage(ABLATION_STAGE, self.start["cnn"]))
         _run_threads(jobs)
 
     def run_track(self, model: str) -> None:
-        start = cfg = start_config(model, self.plan)
-        for stage in (MLP_STAGES if model == "mlp" else CNN_STAGES):
+        start = cfg = self.start[model]
+        for stage in [s for s in STAGES if s.model == model and s is not ABLATION_STAGE]:
             cfg = self.run_stage(stage, cfg)
         candidates = {"chain": cfg, "start": start}
         if model in self.plan.confirm_single:  # the stage change with the largest grid gain, on its own
@@ -332,30 +313,33 @@ class Study:
 
     def run_stage(self, stage: Stage, cfg: dict) -> dict:
         """One stage around the incumbent `cfg`; stores its decision and returns the winner's config."""
-        levels, own = self.levels(stage, cfg)
+        levels = stage.levels(cfg)
+        own = next((lv.variant for lv in levels if lv.changes.items() <= cfg.items()), "incumbent")  # cfg's level
+        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
+            levels = [Level(own, {}), *levels]
+        if self.plan.max_levels:  # --quick: the first few, the incumbent's kept
+            levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
         by_variant = self.run_levels(stage, levels, cfg)
-        if cfg == start_config(stage.model, self.plan):
+        if cfg == self.start[stage.model]:
             self.reference.setdefault(stage.model, by_variant[own])
         decision, macs, capped = self.decide_stage(stage, levels, by_variant, own)
-        extended, winner = False, decision["winner"]
         # A challenger that won at an end of an ordered factor's levels gets one more level past it (not in
         # --quick, whose levels are cut short).
-        side = 0
-        if stage.beyond and not self.plan.max_levels and winner not in (own, None):
-            side = -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
-        extra = stage.beyond(cfg, side) if side else None
-        if extra is not None and extra.variant not in by_variant:
+        winner = decision["winner"]
+        side = -1 if winner == levels[0].variant else 1 if winner == levels[-1].variant else 0
+        extend = stage.beyond and side and winner != own and not self.plan.max_levels
+        extra = stage.beyond(cfg, side) if extend else None
+        if extended := extra is not None and extra.variant not in by_variant:
             levels = [extra, *levels] if side < 0 else [*levels, extra]
             by_variant.update(self.run_levels(stage, [extra], cfg))
-            (decision, macs, capped), extended = self.decide_stage(stage, levels, by_variant, own), True
+            decision, macs, capped = self.decide_stage(stage, levels, by_variant, own)
         winner = decision["winner"] or own  # no level usable (all diverged): the incumbent stays
         changes = next(lv.changes for lv in levels if lv.variant == winner)
         rows = decision["rows"]
         self.stages[stage.id] = {
             "model": stage.model, "factor": stage.factor, "ordered": stage.beyond is not None, "incumbent": own,
             **decision, "winner": winner, "changes": changes,
-            "gain": rows[winner]["mean"] - rows[own]["mean"] if winner != own and rows.get(own, {}).get("mean")
-            is not None else 0.0,
+            "gain": rows[winner]["mean"] - rows[own]["mean"] if rows.get(own, {}).get("mean") is not None else 0.0,
             "levels": [lv.variant for lv in levels], "extended": extended,
             "contrast": [lv.variant for lv in levels if not lv.eligible or lv.variant in capped],
             "macs_capped": [lv.variant for lv in levels if lv.variant in capped],
@@ -363,18 +347,6 @@ class Study:
             "time_ratio": self.time_ratios(stage.model, by_variant),
             "edge": stage.beyond is not None and winner in (levels[0].variant, levels[-1].variant)}
         return apply(cfg, changes)
-
-    def levels(self, stage: Stage, cfg: dict) -> tuple[list[Level], str]:
-        """The stage's levels around `cfg` and the incumbent's label (--quick: the first few, the incumbent's kept)."""
-        levels = stage.levels(cfg)
-        own = next((lv.variant for lv in levels if all(cfg.get(k) == v for k, v in lv.changes.items())),
-                   "incumbent")
-        if own == "incumbent":  # e.g. filters that no scaled shape reproduces
-            levels = [Level(own, {}), *levels]
-        if self.plan.max_levels:
-            levels = [lv for i, lv in enumerate(levels) if i < self.plan.max_levels or lv.variant == own]
-        return levels, own
-
 
     def run_levels(self, stage: Stage, levels: list[Level], cfg: dict) -> dict[str, list[dict]]:
         """Every level x seed at once; each level's records."""
@@ -388,13 +360,12 @@ class Study:
 
     def decide_stage(self, stage: Stage, levels: list[Level], by_variant: dict, own: str):
         """(`decide`'s decision, each level's multiply-adds over the start config's, the levels over the cap)."""
-        macs_of, start = mlp_macs if stage.model == "mlp" else cnn_macs, start_config(stage.model, self.plan)
+        macs_of, start = mlp_macs if stage.model == "mlp" else cnn_macs, self.start[stage.model]
         macs = {lv.variant: macs_of(apply(start, lv.changes)) for lv in levels}
         ratio = {v: m / macs_of(start) for v, m in macs.items()}
         capped = {v for v, r in ratio.items() if self.plan.macs_cap and r > self.plan.macs_cap}
         eligible = {lv.variant for lv in levels if lv.eligible and lv.variant not in capped}
         return decide(by_variant, macs, eligible, own), ratio, capped
-
 
     def time_ratios(self, model: str, by_variant: dict[str, list[dict]]) -> dict[str, float]:
         """Each level's mean wall seconds over the start config's grid runs' (levels without times: left out)."""
@@ -408,28 +379,26 @@ class Study:
         are the final runs, the only ones that see the test set. For the CNN, Q3d beside them: the chain with
         the other way of training the head, at the same budget (no test set)."""
         same = {name: next(n for n, c in candidates.items() if c == cfg) for name, cfg in candidates.items()}
-        specs = {name: self.final_specs(model, name, candidates[name], "final")
-                 for name in candidates if same[name] == name}
-        heads = {}
+        specs = {name: self.final_specs(model, name, cfg, "final")
+                 for name, cfg in candidates.items() if same[name] == name}
+        chain, heads = candidates["chain"], []
         if model == "cnn":
-            other = next(m for m in _cnn("HEAD_MODES") if m != candidates["chain"]["head_mode"])
-            heads = {other: self.final_specs(model, f"{other} head", apply(candidates["chain"], {"head_mode": other}),
-                                             "heads")}
-        by_key = {r["key"]: r for r in self.train([s for group in (*specs.values(), *heads.values()) for s in group])}
+            other = next(m for m in _cnn("HEAD_MODES") if m != chain["head_mode"])
+            heads = self.final_specs(model, f"{other} head", apply(chain, {"head_mode": other}), "heads")
+        by_key = {r["key"]: r for r in self.train([s for group in specs.values() for s in group] + heads)}
         val = {name: float(np.mean([_val(by_key[s.key]) for s in group])) for name, group in specs.items()}
         kept = max(specs, key=lambda name: val[name])
-        self.finals[model] = {"candidates": {n: [s.key for s in g] for n, g in specs.items()}, "same": same,
-                              "kept": kept, "seeds": [s.key for s in specs[kept]]}
+        keys = {name: [s.key for s in group] for name, group in specs.items()}
+        self.finals[model] = {"candidates": keys, "same": same, "kept": kept, "seeds": keys[kept]}
         if heads:
-            self.finals[model]["heads"] = {candidates["chain"]["head_mode"]: self.finals[model]["candidates"]["chain"],
-                                           **{m: [s.key for s in g] for m, g in heads.items()}}
+            self.finals[model]["heads"] = {chain["head_mode"]: keys["chain"], other: [s.key for s in heads]}
 
     def train(self, specs: list[RunSpec]) -> list[dict]:
         self.engine.start(specs)
         if specs[0].model == "cnn":
             self.cnn_submitted.set()
         records = self.engine.run(specs)
-        self.runs += [s.row() for s in specs]
+        self.runs += [{k: getattr(s, k) for k in study_results.RUN_ROW} for s in specs]  # the manifest's rows
         return records
 
     def final_specs(self, model: str, name: str, cfg: dict, role: str) -> list[RunSpec]:
@@ -441,8 +410,7 @@ class Study:
         """Runs and stages in the plan's order, not in the order the tracks' threads got to them: the same study
         writes the same manifest."""
         return {"plan": self.plan.name, "seeds": {"mlp": list(self.plan.mlp_seeds), "cnn": list(self.plan.cnn_seeds)},
-                "macs_cap": self.plan.macs_cap, "tie": TIE,
-                "start": {m: start_config(m, self.plan) for m in self.tracks},
+                "macs_cap": self.plan.macs_cap, "tie": TIE, "start": {m: self.start[m] for m in self.tracks},
                 "runs": sorted(self.runs, key=lambda row: STUDY_ORDER.index(row["study"])),
                 "stages": dict(sorted(self.stages.items(), key=lambda item: STUDY_ORDER.index(item[0]))),
                 "finals": {m: self.finals[m] for m in study_results.MODELS if m in self.finals}}
@@ -453,24 +421,21 @@ def config_class(model: str):
     return mlp_scratch.MLPConfig if model == "mlp" else _cnn("CNNConfig")
 
 
-def _json(x):
-    return json.loads(json.dumps(x))
-
-
 def apply(cfg: dict, changes: dict) -> dict:
-    return _json({**cfg, **changes})
+    """cfg with changes, as JSON holds it (tuples become lists)."""
+    return json.loads(json.dumps({**cfg, **changes}))
 
 
 def cnn_macs(cfg: dict) -> int:
-    """Multiply-adds of one image through the five convolutions and the head's first layer."""
+    """Multiply-adds of one image through the five convolutions and the head's layers."""
     import cnn_torch
     backbone = cnn_torch.build_backbone(cnn_torch.CNNConfig(**{**cfg, "device": "cpu"}))
-    head = [backbone.feature_dim, *cfg["head_hidden"], preprocessing.NUM_CLASSES]
-    return int(backbone.conv_macs()) + sum(a * b for a, b in zip(head[:-1], head[1:]))
+    return int(backbone.conv_macs()) + mlp_macs({"hidden": cfg["head_hidden"]}, backbone.feature_dim)
 
 
-def mlp_macs(cfg: dict) -> int:
-    dims = [preprocessing.INPUT_DIM, *cfg["hidden"], preprocessing.NUM_CLASSES]
+def mlp_macs(cfg: dict, inputs: int = preprocessing.INPUT_DIM) -> int:
+    """Multiply-adds of one input through the MLP's layers (the CNN's head: `inputs` features)."""
+    dims = [inputs, *cfg["hidden"], preprocessing.NUM_CLASSES]
     return sum(a * b for a, b in zip(dims[:-1], dims[1:]))
 
 
@@ -512,10 +477,6 @@ class RunSpec:
                            "final": self.role == "final"}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
-    def row(self) -> dict:
-        """Its row of the manifest."""
-        return {k: getattr(self, k) for k in study_results.RUN_ROW}
-
 
 def start_config(model: str, plan: Plan) -> dict:
     """Where a track's grid, its ablation and its "start" final begin: START, whole (not the module defaults,
@@ -524,17 +485,16 @@ def start_config(model: str, plan: Plan) -> dict:
 
 
 def make_spec(model, study, variant, seed, base: dict, budget: Budget, role: str, plan: Plan) -> RunSpec:
-    epochs = base["epochs"] if budget.epochs is None else budget.epochs  # None: the config's own
-    cfg = apply(base, {"seed": seed, "subset": budget.subset, "epochs": epochs})
+    cfg = apply(base, {"seed": seed, "subset": budget.subset,
+                       "epochs": base["epochs"] if budget.epochs is None else budget.epochs})  # None: the config's own
     if model == "cnn":
         cfg["device"] = "cpu"  # the run's device is the engine's choice (run_on_worker), not part of the run
     config = config_class(model)(**cfg)
-
     try:
         config.validate()
     except ValueError as e:  # a bad level or budget is a bug in the plan, never a diverged run
         raise StudyError(f"{study} / {variant}: {e}") from None
-    return RunSpec(model, study, variant, seed, _json(config.to_dict()), budget, role, plan.name)
+    return RunSpec(model, study, variant, seed, apply(config.to_dict(), {}), budget, role, plan.name)
 
 
 # ----------------------------------------------------------------------------------------- worker side
@@ -544,38 +504,34 @@ def run_on_worker(spec: RunSpec, splits: Splits, threads: int, device: str) -> t
     from threadpoolctl import threadpool_limits
     import torch
     torch.set_num_threads(threads)
-    data = splits if spec.budget.subset is None and spec.budget.n_eval is None else \
-        splits.subset(spec.budget.subset, spec.budget.n_eval, seed=spec.seed)
-    t0 = time.perf_counter()
+    data = splits.subset(spec.budget.subset, spec.budget.n_eval, seed=spec.seed)  # None: the whole split
+    t0, files = time.perf_counter(), {}
     with threadpool_limits(limits=threads):
-        res, out, save, suffix = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
-        files = _model_files(spec, save, suffix)
-    if files:
-        out["model_file"] = os.path.commonpath(list(files)) if len(files) > 1 else next(iter(files))
+        res, out, save = (_train_mlp if spec.model == "mlp" else _train_cnn)(spec, data, device)
+        if spec.role == "final":
+            out["model_file"], files = _model_files(spec, save)
     best = next((h for h in res.history if h.get("epoch") == res.best_epoch), {})
     record = {
         "key": spec.key, "model": spec.model, "study": spec.study, "variant": spec.variant, "seed": spec.seed,
         "role": spec.role, "final": spec.role == "final", "plan": spec.plan, "config": spec.config,
         "budget": dataclasses.asdict(spec.budget), "n_train": len(data.y_train), "n_val": len(data.y_val),
-        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-        "train_loss": best.get("train_loss"), "train_acc": best.get("train_acc"),
-        "seconds": time.perf_counter() - t0, "threads": threads, "device": str(getattr(res, "device", "cpu")),
-        "sec_per_epoch": mean([h.get("seconds") for h in res.history]),
+        "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "train_loss": best.get("train_loss"),
+        "train_acc": best.get("train_acc"), "seconds": time.perf_counter() - t0, "threads": threads,
+        "device": str(getattr(res, "device", "cpu")), "sec_per_epoch": mean([h.get("seconds") for h in res.history]),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "history": res.history, "diverged": bool(res.diverged), **out}
     return clean(record), files
 
 
 def _train_mlp(spec: RunSpec, data: Splits, device: str):
-    """(the training result, what the run records beyond the fields every run has, a function that saves its
-    model, the file suffix)."""
+    """(the training result, what the run records beyond the fields every run has, its model's save function)."""
     res = mlp_scratch.train(mlp_scratch.MLPConfig(**spec.config), data.X_train, data.y_train,
                             data.X_val, data.y_val, progress=False, input_range=mlp_scratch.PIXEL_RANGE)
     out = {"n_params": int(res.model.n_params), "macs": mlp_macs(spec.config),
            "layer_stats": mlp_scratch.layer_statistics(res.model, data.X_val[:1000], data.y_val[:1000]),
            **_evaluate(spec, data, lambda X, y: mlp_scratch.evaluate(res.model, X, y),
                        lambda X: mlp_scratch.softmax(res.model.forward(X)))}
-    return res, out, res.model.save, ".npz"
+    return res, out, res.model.save
 
 
 def _train_cnn(spec: RunSpec, data: Splits, device: str):
@@ -592,36 +548,31 @@ def _train_cnn(spec: RunSpec, data: Splits, device: str):
                to_images(data.X_val), data.y_val)["acc"],
            **_evaluate(spec, data, lambda X, y: cnn_torch.evaluate_classifier(clf, to_images(X), y),
                        lambda X: clf.predict_proba(to_images(X)))}
-    return res, out, clf.save, ""
-
+    return res, out, clf.save
 
 
 def _evaluate(spec, data, evaluate, predict_proba) -> dict:
     """Validation always; the test set only for final runs, with predictions for the paired tests."""
     val = evaluate(data.X_val, data.y_val)
     out = {"val_loss": val["loss"], "val_acc": val["acc"]}
-    if spec.role == "final":
-        test = evaluate(data.X_test, data.y_test)
-        prob = predict_proba(data.X_test)
+    if spec.role == "final":  # the paired tests compare predictions image by image
+        test, prob = evaluate(data.X_test, data.y_test), predict_proba(data.X_test)
         pred = prob.argmax(axis=1)
         out.update({"n_test": len(data.y_test), "test_loss": test["loss"], "test_acc": test["acc"],
-                    "test_true": data.y_test.tolist(),  # the paired tests compare predictions image by image
-                    "test_pred": pred.tolist(), "test_prob_max": np.round(prob.max(axis=1), 5).tolist(),
+                    "test_true": data.y_test.tolist(), "test_pred": pred.tolist(),
+                    "test_prob_max": np.round(prob.max(axis=1), 5).tolist(),
                     **study_results.classification_report(data.y_test, pred)})
     return out
 
 
-def _model_files(spec: RunSpec, save: Callable[[str], object], suffix: str) -> dict:
-    """A final run's saved model as bytes, keyed by its path under the results folder (the driver writes it)."""
-    if spec.role != "final":
-        return {}
-    rel = f"models/runs/{spec.model}_{spec.key}{suffix}"
+def _model_files(spec: RunSpec, save: Callable[[str], Path]) -> tuple[str, dict]:
+    """A final run's saved model: its path under the results folder (the MLP's file, the CNN's folder) and its
+    files' bytes by path there (the driver writes them)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(rel).name
-        save(str(path))
-        if path.is_file():
-            return {rel: path.read_bytes()}
-        return {f"{rel}/{p.relative_to(path)}": p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        path = save(str(Path(tmp) / f"{spec.model}_{spec.key}"))  # the path written: the MLP's gets .npz
+        rel = f"models/runs/{path.name}"
+        paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return rel, {str(Path(rel, p.relative_to(path))): p.read_bytes() for p in paths}
 
 
 # ----------------------------------------------------------------------------------------- engine
@@ -629,9 +580,8 @@ class Engine:
     """Runs RunSpecs on a Dask cluster and writes each finished run through the registry (driver only)."""
 
     def __init__(self, client, splits: Splits, registry, *, device: str, threads: int = 1, log=None,
-                 runner: Callable | None = None):
-        self.client, self.registry, self.device, self.threads = client, registry, device, threads
-        self.runner = runner or run_on_worker  # what a worker calls with (spec, splits, threads, device)
+                 runner: Callable = run_on_worker):  # runner: what a worker calls with (spec, splits, threads, device)
+        self.client, self.registry, self.device, self.threads, self.runner = client, registry, device, threads, runner
         self.log = log or (lambda msg: print(msg, flush=True))  # one line per run, at once, in a log file
         self.splits = client.scatter(splits, broadcast=True)  # once per worker, not once per run
         self.lock = threading.Lock()
@@ -668,28 +618,19 @@ class Engine:
                                  f"are kept, run the same command again to resume") from None
             with self.lock:
                 self.in_flight.pop(record["key"], None)
-                if record["key"] in self.registry:  # collected first by another call waiting on the same run
-                    continue
-                self.registry.add(record, files)
-                self.executed.append(record["key"])
-                self.bar.update(1)
-                (self.log if self.bar.disable else self.bar.write)(_run_line(record))
+                if record["key"] not in self.registry:  # else collected first by another call waiting on this run
+                    self.registry.add(record, files)
+                    self.executed.append(record["key"])
+                    self.bar.update(1)
+                    (self.log if self.bar.disable else self.bar.write)(_run_line(record))
         return [self.registry.records[s.key] for s in specs]
 
 
 def _run_line(rec: dict) -> str:
     acc = "   nan" if rec.get("val_acc") is None else f"{rec['val_acc']:.4f}"
     test = f"  test {rec['test_acc']:.4f}" if rec.get("test_acc") is not None else ""
-    flag = "  DIVERGED" if rec["diverged"] else ""
     return (f"{rec['study']:<15} {rec['variant']:<20} seed {rec['seed']}  val {acc}{test}  "
-            f"{rec['seconds']:6.1f}s  {rec['key']}{flag}")
-
-
-# Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap threshold:
-# every batch-sized array is then mmapped and unmapped afresh, and a training run took 1.5x as long (MLP and
-# CNN alike). None unsets it (workers of an existing cluster: set DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__
-# MALLOC_TRIM_THRESHOLD_=None where `dask worker` starts).
-WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+            f"{rec['seconds']:6.1f}s  {rec['key']}{'  DIVERGED' if rec['diverged'] else ''}")
 
 
 def _connect(scheduler: str, client_class=None, seconds: float = 30.0):
@@ -721,7 +662,11 @@ def start_client(workers: int):
     # future, and what Dask logs at ERROR is a result cut off in transfer when Ctrl-C closes the client.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with dask.config.set(WORKER_ENVIRON):
+        # Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap
+        # threshold: every batch-sized array is then mmapped and unmapped afresh, and a training run took 1.5x as
+        # long (MLP and CNN alike). None unsets it (workers of an existing cluster: set DASK_DISTRIBUTED__NANNY__
+        # PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None where `dask worker` starts).
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, memory_limit=0, silence_logs=logging.CRITICAL,
                                    scheduler_kwargs={"dashboard_address": ":0"})  # its HTTP routes: any free port
@@ -777,11 +722,9 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
     activation, four hidden layers deep so trends show; the CNN per init, with BatchNorm and without."""
     import cnn_torch
     X, y = splits.X_train[:n_images], splits.y_train[:n_images]
-    mlp = START["mlp"]
-    rows = []
-    cases = [(init, mlp["activation"], init) for init in mlp_scratch.INITS]
-    cases += [(mlp["init"], act, act) for act in mlp_scratch.ACTIVATIONS]
-    for init, act, label in cases:
+    mlp, rows = START["mlp"], []
+    for label, init, act in [*((init, init, mlp["activation"]) for init in mlp_scratch.INITS),
+                             *((act, mlp["init"], act) for act in mlp_scratch.ACTIVATIONS)]:
         model = mlp_scratch.MLP(preprocessing.INPUT_DIM, [_width(mlp)] * 4, preprocessing.NUM_CLASSES,
                                 activation=act, dropout=0.0, init=init, seed=0)
         model.input_mean, model.input_std = preprocessing.standardization_stats(splits.X_train)
@@ -792,7 +735,7 @@ def compute_init_stats(splits: Splits, n_images: int) -> list[dict]:
             cfg = cnn_torch.CNNConfig(**{**START["cnn"], "init": scheme, "batchnorm": batchnorm, "device": "cpu"})
             rows += [{"model": "cnn", "scheme": scheme, "batchnorm": batchnorm, **r}
                      for r in cnn_torch.init_statistics(cfg, to_images(X), y)]
-    return [{k: r.get(k) for k in INIT_STATS_COLUMNS} for r in clean(rows)]
+    return clean(rows)  # write_csv keeps INIT_STATS_COLUMNS
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -818,17 +761,16 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
     device = _check_device(args.device)
     with study_results.results_lock(results_dir):
         registry = study_results.Registry(results_dir, log=log)
-        client = cluster = engine = None
+        # before the data and the statistics: a scheduler that does not answer costs 20 s
+        client = _connect(args.scheduler) if args.scheduler else None
+        cluster = engine = None
         try:
-            if args.scheduler:  # before the data and the statistics: a scheduler that does not answer costs 20 s
-                client = _connect(args.scheduler)
             splits = splits if splits is not None else preprocessing.load_splits(args.data_dir)
             # Before a local cluster starts: starting it sets OMP_NUM_THREADS=1 in this process, which changes
             # torch's summation order and so the statistics' last digits. They depend on the code and data only.
             if not (results_dir / "init_stats.csv").exists():
                 study_results.write_csv(results_dir / "init_stats.csv", INIT_STATS_COLUMNS,
                                         compute_init_stats(splits, plan.init_images))
-
             if client is None:
                 client, cluster = start_client(args.workers)
             engine = Engine(client, splits, registry, device=device, threads=args.threads,
@@ -841,9 +783,8 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
                 write_manifest(results_dir, study.manifest(), study.tracks)
         finally:
             with ctrl_c_held():  # a cluster closed halfway leaves the exit waiting 10 s on it
-                for closing in (engine and engine.bar, client, cluster):
-                    if closing is not None:
-                        closing.close()
+                for closing in [c for c in (engine and engine.bar, client, cluster) if c is not None]:
+                    closing.close()
         wall = time.perf_counter() - t0
         # A resume that trained nothing keeps the wall time of the invocation that did.
         outputs = study_results.rebuild_outputs(results_dir, log=log, wall_seconds=wall if engine.executed else None,
@@ -853,7 +794,6 @@ def run_study(args: argparse.Namespace, *, splits: Splits | None = None, plan: P
             figures.make_figures(results_dir, outputs[0], outputs[2], splits)
     log(f"Study done in {wall / 60:.1f} min: {len(engine.executed)} runs trained; results in {results_dir}")
     return study
-
 
 
 def rebuild_only(args: argparse.Namespace) -> None:
@@ -867,15 +807,12 @@ def rebuild_only(args: argparse.Namespace) -> None:
         splits = preprocessing.load_splits(args.data_dir)
         rows, _, summary = study_results.rebuild_outputs(rd)
         plots.make_figures(rd, rows, summary, splits)
-
     print(f"Rebuilt tables, summary.json and figures in {rd}")
 
 
 def _check_device(name: str) -> str:
-    if name == "cpu":
-        return name
     try:
-        return str(_cnn("resolve_device")(name))
+        return name if name == "cpu" else str(_cnn("resolve_device")(name))  # cpu: no torch imported here
     except (ValueError, RuntimeError) as e:
         raise StudyError(f"--device {name}: {e}") from None
 
@@ -892,12 +829,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--final-seeds", type=cli.seed_list_arg, default=None,
                    help="seeds of each CNN final candidate (default: 0,1; 0,1,2 is affordable on a GPU)")
     p.add_argument("--only", choices=study_results.MODELS, default=None, help="one track only (default: both)")
-    p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2,
-                   help="local single-threaded worker processes (default: 2, fastest on 2 cores: "
-                        "benchmarks/bench_workers.py)")
+    p.add_argument("--workers", type=cli.count_arg("workers", 256), default=2, help="local single-threaded worker "
+                   "processes (default: 2, fastest on 2 cores: benchmarks/bench_workers.py)")
     p.add_argument("--threads", type=cli.count_arg("threads", 1024), default=1,
-                   help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores "
-                        "(default: 1)")
+                   help="BLAS and torch threads of each run, e.g. --workers 4 --threads 4 on 16 cores (default: 1)")
     p.add_argument("--scheduler", type=cli.path_arg, default=None,
                    help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: local)")
     p.add_argument("--device", default="cpu", help="CNN device: cpu, cuda, cuda:N, mps, auto (default: cpu)")
@@ -910,8 +845,8 @@ def main(argv=None) -> int:
     if args.compare:
         import pandas as pd
         rows, line = study_results.compare_studies(*args.compare)
-        with pd.option_context("display.max_rows", None, "display.width", 200):
-            print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{100 * v:+.2f}"))
+        # to_string prints every row and column, whatever pandas' display options say
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{100 * v:+.2f}"))
         print(f"reproduce: {line}")
     elif args.plots_only:
         rebuild_only(args)

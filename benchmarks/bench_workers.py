@@ -25,10 +25,11 @@ import study_results  # noqa: E402
 
 def bench_specs() -> list[rx.RunSpec]:
     plan = dataclasses.replace(rx.FULL_PLAN, cnn_grid=rx.Budget(subset=3000, n_eval=None, epochs=2))
-    study, runs = rx.Study(None, plan), []
+    runs = []
     for stage, levels in ((rx.STAGE["mlp_activation"], 4), (rx.STAGE["cnn_pool"], 2)):
-        cfg = rx.start_config(stage.model, plan)
-        runs += [study.spec(stage, lv, 0, cfg) for lv in stage.levels(cfg)[:levels]]
+        cfg, grid = rx.start_config(stage.model, plan), plan.mlp_grid if stage.model == "mlp" else plan.cnn_grid
+        runs += [rx.make_spec(stage.model, stage.id, lv.variant, 0, rx.apply(cfg, lv.changes), grid, "grid", plan)
+                 for lv in stage.levels(cfg)[:levels]]
     return runs
 
 
@@ -36,9 +37,10 @@ def timed(splits, specs, workers: int, threads: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as out:
         client, cluster = rx.start_client(workers)
         with cluster, client:
-            engine = rx.Engine(client, splits, study_results.Registry(out), device="cpu", log=lambda *a: None)
+            engine = rx.Engine(client, splits, study_results.Registry(out), device="cpu", threads=threads,
+                               log=lambda *a: None)
             t0 = time.perf_counter()
-            records = engine.run(specs, threads)
+            records = engine.run(specs)
             return time.perf_counter() - t0, {r["key"]: (r["val_acc"], r["train_loss"]) for r in records}
 
 
