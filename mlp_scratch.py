@@ -123,8 +123,7 @@ class GELU:
     C, A = math.sqrt(2.0 / math.pi), 0.044715  # u = C (x + A x^3)
 
     def forward(self, x, train=False):
-        self.x = x
-        self.t = np.tanh(self.C * (x + self.A * x * x * x))  # (N, H)
+        self.x, self.t = x, np.tanh(self.C * (x + self.A * x * x * x))  # (N, H) each
         return 0.5 * x * (1.0 + self.t)
 
     def backward(self, dout):
@@ -377,8 +376,7 @@ class Adam:
 
     def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled: bool = False):
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.weight_decay, self.decoupled = weight_decay, decoupled
+        self.lr, self.betas, self.eps, self.weight_decay, self.decoupled = lr, betas, eps, weight_decay, decoupled
         self.m, self.v, self.t = {}, {}, 0  # the moments of each parameter, by name; the step count
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
@@ -545,8 +543,7 @@ def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np
             t0, step0 = time.perf_counter(), (epoch - 1) * steps_per_epoch
             loss, acc = train_epoch(model, optimizer, X_train, y_train, config.batch_size, rng, lr_at, step0, bar)
             val = evaluate(model, X_val, y_val) if not math.isnan(loss) else {"loss": math.nan, "acc": 0.0}
-            if loss_blew_up(val["loss"], n_classes):  # NaN when training itself hit a non-finite loss
-                diverged = True
+            if diverged := loss_blew_up(val["loss"], n_classes):  # NaN when training itself hit a non-finite loss
                 log(f"epoch {epoch:3d}: {blew_up_message(val['loss'], n_classes)}; the run diverged (lr {config.lr:g})")
                 break
             history.append({"epoch": epoch, "lr": lr_at(step0), "train_loss": loss, "train_acc": acc,
@@ -600,8 +597,8 @@ def train_from_args(argv: list[str] | None = None) -> int:
     for flag, path in (("--save", args.save), ("--json", args.json)):
         if path and (why := cli.cannot_write(path, folder=False)):
             parser.error(f"{flag}: {why}")
-    splits = preprocessing.load_splits(args.data_dir)
-    splits = splits.subset(config.subset, None, seed=config.seed)  # stratified (None: all); val, test whole
+    # a stratified training subset (None: all); val and test whole
+    splits = preprocessing.load_splits(args.data_dir).subset(config.subset, None, seed=config.seed)
     print("config:", json.dumps(config.to_dict()))
     print(f"data: {len(splits.X_train)} train / {len(splits.X_val)} val / {len(splits.X_test)} test images")
     progress = not args.no_progress and sys.stderr.isatty()
@@ -618,11 +615,10 @@ def train_from_args(argv: list[str] | None = None) -> int:
           f"  ({result.seconds:.1f}s training, {model.n_params:,} parameters)")
     if args.save:
         print(f"saved model to {save_model(model, args.save)}")
-    if args.json:
-        out = {"config": config.to_dict(), "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
-               "test_loss": test["loss"], "train_seconds": result.seconds, "epochs_run": result.epochs_run,
-               "best_epoch": result.best_epoch, "diverged": result.diverged, "n_params": model.n_params,
-               "history": result.history}
+    if args.json:  # diverged: always false here, a diverged run raised above
+        out = dict(config=config.to_dict(), val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"],
+                   test_loss=test["loss"], train_seconds=result.seconds, epochs_run=result.epochs_run,
+                   best_epoch=result.best_epoch, diverged=False, n_params=model.n_params, history=result.history)
         cli.atomic_write(args.json, json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     return 0

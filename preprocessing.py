@@ -31,8 +31,7 @@ import numpy as np
 
 import cli
 
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIDE = 28
 INPUT_DIM = IMAGE_SIDE * IMAGE_SIDE
@@ -74,42 +73,37 @@ class DataError(cli.UserError):
 
 # ----------------------------------------------------------------------------------------- IDX parsing
 
-def read_idx(stream, spec: IdxFile, where: str) -> tuple[np.ndarray, str]:
-    """(array of `spec.shape`, SHA-256 of the bytes) from an IDX stream. The header (magic number and
-    dimensions) is checked before any of the body is read, and the body is read no further than the size
-    the header declares plus one byte (to see trailing data): a file that would unpack to gigabytes (a
-    gzip bomb) costs no more time or memory than the real file."""
-    header = stream.read(4 + 4 * len(spec.shape))  # the magic number, then one 4-byte size per dimension
-    magic = int.from_bytes(header[:4], "big")
-    if magic != spec.magic:
-        raise DataError(f"{where}: wrong magic number {magic}, expected {spec.magic}")
-    if len(header) < 4 + 4 * len(spec.shape):
-        raise DataError(f"{where}: truncated IDX header")
-    dims = tuple(int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4))
-    if dims != spec.shape:
-        raise DataError(f"{where}: dimensions {dims}, expected {spec.shape}")
-    size = int(np.prod(dims))
-    body = stream.read(size + 1)
-    if len(body) != size:
-        raise DataError(f"{where}: {'truncated' if len(body) < size else 'trailing data'} (its header declares "
-                        f"{len(header) + size} bytes)")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims), hashlib.sha256(header + body).hexdigest()
-
-
 def read_idx_file(path: Path | str, spec: IdxFile, data: bytes | None = None) -> np.ndarray:
-    """Read a plain or gzipped IDX file (or its bytes `data`, already in memory: a download) whose content
-    must match the official SHA-256."""
+    """The array of `spec.shape` in a plain or gzipped IDX file (or its bytes `data`, already in memory: a
+    download) whose content must match the official SHA-256. The header (magic number and dimensions) is
+    checked before any of the body is read, and the body is read no further than the size the header declares
+    plus one byte (to see trailing data): a file that would unpack to gigabytes (a gzip bomb) costs no more
+    time or memory than the real file."""
     try:
         with open(path, "rb") if data is None else io.BytesIO(data) as f:
             gzipped = f.read(2) == b"\x1f\x8b"
             f.seek(0)
-            array, sha256 = read_idx(gzip.GzipFile(fileobj=f) if gzipped else f, spec, str(path))
+            stream = gzip.GzipFile(fileobj=f) if gzipped else f
+            header = stream.read(4 + 4 * len(spec.shape))  # the magic number, then one 4-byte size per dimension
+            magic = int.from_bytes(header[:4], "big")
+            if magic != spec.magic:
+                raise DataError(f"{path}: wrong magic number {magic}, expected {spec.magic}")
+            if len(header) < 4 + 4 * len(spec.shape):
+                raise DataError(f"{path}: truncated IDX header")
+            dims = tuple(int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4))
+            if dims != spec.shape:
+                raise DataError(f"{path}: dimensions {dims}, expected {spec.shape}")
+            size = int(np.prod(dims))
+            body = stream.read(size + 1)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; zlib.error: damaged deflate data
         raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    if sha256 != spec.sha256:
+    if len(body) != size:
+        raise DataError(f"{path}: {'truncated' if len(body) < size else 'trailing data'} (its header declares "
+                        f"{len(header) + size} bytes)")
+    if hashlib.sha256(header + body).hexdigest() != spec.sha256:
         raise DataError(f"{path}: checksum mismatch; the file is corrupt or not the official "
                         f"Fashion-MNIST {spec.name} (delete it to re-fetch)")
-    return array
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 # ----------------------------------------------------------------------------------------- locating
