@@ -227,6 +227,7 @@ def final_facts(f: Facts, m: str, s: dict, rd: Path) -> list[list[str]]:
         checked = [h for h in hist if h["val_acc"] is not None]  # a CNN's first epochs are not validated
         best, last, low = max(checked, key=lambda h: h["val_acc"]), hist[-1], min(checked, key=lambda h: h["val_loss"])
         f.put(f"{m}.curve", best_epoch=best["epoch"], epochs=last["epoch"], val_loss_min_epoch=low["epoch"],
+              val_from=checked[0]["epoch"],
               head_start=next((h["epoch"] for a, h in zip(hist, hist[1:]) if h.get("phase") != a.get("phase")), None),
               val_best=best["val_acc"], train_last=last["train_acc"], fit_gap=last["train_acc"] - last["val_acc"],
               val_loss_min=low["val_loss"], val_loss_rise=last["val_loss"] / low["val_loss"] - 1)
