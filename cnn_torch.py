@@ -608,12 +608,13 @@ def fit(config: CNNConfig, backbone: CNNBackbone, head, data: dict, device: torc
                                             lr_scale_at, step, gen, shuffle_gen, averaged,
                                             f"{phase} epoch {epoch}/{config.epochs}" if progress else None)
         train_seconds, checked = time.perf_counter() - t0, epoch >= first_validated
+        scored = checked and math.isfinite(train_loss)  # a NaN training loss already says the run diverged
         val = scores(map_batches(validated, head.logits, data["X_val"], config, VAL_BATCH, config.tta),
-                     data["y_val"]) if checked and math.isfinite(train_loss) else {"loss": math.nan, "acc": math.nan}
-        loss = val["loss"] if checked else train_loss  # NaN when training itself hit a non-finite loss
+                     data["y_val"]) if scored else {"loss": math.nan, "acc": math.nan}
+        loss, which = (val["loss"], "validation") if scored else (train_loss, "training")
         if mlp_scratch.loss_blew_up(loss, NUM_CLASSES):
             diverged = True
-            log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(loss, NUM_CLASSES)} -- diverged; "
+            log(f"[{phase}] epoch {epoch}: {mlp_scratch.blew_up_message(loss, NUM_CLASSES, which)} -- diverged; "
                 f"best weights so far restored")
             break
         row = {"epoch": epoch, "lr": config.lr * lr_scale_at(step), "train_loss": train_loss,

@@ -507,8 +507,8 @@ def loss_blew_up(val_loss: float, n_classes: int) -> bool:
     return not math.isfinite(val_loss) or val_loss > 100 * math.log(n_classes)
 
 
-def blew_up_message(val_loss: float, n_classes: int) -> str:
-    return f"the validation loss blew up ({val_loss:.4g}; a uniform guess scores {math.log(n_classes):.2f})"
+def blew_up_message(loss: float, n_classes: int, which: str = "validation") -> str:
+    return f"the {which} loss blew up ({loss:.4g}; a uniform guess scores {math.log(n_classes):.2f})"
 
 
 def train(config: MLPConfig, X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,

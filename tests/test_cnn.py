@@ -397,6 +397,10 @@ def test_with_a_weight_average_only_the_epochs_in_its_horizon_are_validated():
         result = cnn_torch.train(tiny_config(head_mode="frozen", head_epochs=1, epochs=4, ema=ema), s)
         backbone = [r for r in result.history if r["phase"] == "backbone"]
         assert [bool(np.isfinite(r["val_acc"])) for r in backbone] == validated and not result.diverged
+    lines = []  # an epoch left unvalidated still catches a blow-up, from the training loss
+    result = cnn_torch.train(tiny_config(head_mode="frozen", epochs=4, ema=0.25, lr=1e6, optimizer="sgd"), s,
+                             log=lines.append)
+    assert result.diverged and result.epochs_run < 3 and "the training loss blew up" in lines[-1]
 
 
 # --- checkpoints and the command line ------------------------------------------------------------------
