@@ -52,8 +52,13 @@ reproduce: data
 report: setup
 	$(PY) -m report.build --results-dir results
 
-zip: setup
-	$(PY) make_zip.py
+# The submission, <group_name>.zip (report/group.toml), the report rebuilt first: every file git does not ignore,
+# committed or not, under a folder of that name (so no data, environment, cache, lock or *.bad record). A
+# scratch index leaves git's own untouched.
+zip: report
+	@name=$$($(PY) -m report.build --zip-name) && index=$$(mktemp -u) && \
+	GIT_INDEX_FILE=$$index git add -A && tree=$$(GIT_INDEX_FILE=$$index git write-tree) && rm -f $$index && \
+	git archive --format=zip --prefix=$$name/ -o $$name.zip $$tree && echo "wrote $$name.zip"
 
 bench: data
 	$(PY) benchmarks/bench_mlp.py

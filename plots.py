@@ -1,8 +1,7 @@
 """Every figure of the study, drawn from saved results only (run records, summary.json, init_stats.csv, the
-saved models): a plain reader of what the study wrote, through study_results, the one reader of run records. DISPLAY_NAMES and
-display_name, how the figures and the report name the levels, are stated here.
-
-    python plots.py --results-dir results        # redraw results/figures/*.png without training
+saved models) by make_figures, at the end of every study and by `python run_experiments.py --plots-only`
+(which redraws results/figures/*.png without training). DISPLAY_NAMES and display_name, how the figures and
+the report name the levels, are stated here.
 
 Each figure is one short function drawn at the size the report prints it (its width in FIGURES, in inches,
 is what report.typ places it at), so the 7 pt minimum for text holds on paper; `save` refuses a figure with
@@ -19,8 +18,8 @@ import numpy as np
 
 import cli
 import mlp_scratch
-from preprocessing import CLASS_NAMES, IMAGE_SIDE, NUM_CLASSES, DataError, load_splits, to_images
-from study_results import MODELS, load_runs, read_json
+from preprocessing import CLASS_NAMES, IMAGE_SIDE, NUM_CLASSES, to_images
+from study_results import MODELS
 
 TEXT_WIDTH_IN = 6.85  # A4 minus the report's 1.8 cm margins
 HALF_WIDTH_IN = 3.35
@@ -395,32 +394,3 @@ def make_figures(results_dir, records: list[dict], summary: dict | None, splits=
             warn(f"warning: figure {name} not drawn: {type(exc).__name__}: {exc}".splitlines()[0])
     return written
 
-
-def main(argv=None) -> int:
-    p = cli.ArgumentParser(description="Redraw every figure from saved results (no training).")
-    p.add_argument("--results-dir", type=cli.path_arg, default="results",
-                   help="the study's output folder (default: results)")
-    p.add_argument("--no-data", action="store_true", help="skip the figures that need the images")
-    args = p.parse_args(argv)
-    rd = Path(args.results_dir)
-    if not rd.is_dir():
-        raise cli.UserError(f"{rd} is {'not a folder' if rd.exists() else 'not there'}: "
-                            "point --results-dir at the study's output folder")
-    records, _ = load_runs(rd, log=warn)
-    summary = read_json(rd / "summary.json", log=warn, what="skipped")
-    if not records and not summary:
-        raise cli.UserError(f"{rd} holds no study results (no runs/*.json, no summary.json): "
-                            "run the study first (`python run_experiments.py`)")
-    splits = None
-    if not args.no_data:
-        try:
-            splits = load_splits(download=False)
-        except DataError as exc:  # the figures that need no images are still drawn
-            warn(f"warning: no data ({exc}): the image figures are skipped")
-    written = make_figures(rd, records, summary if isinstance(summary, dict) else {}, splits)
-    print(f"wrote {len(written)} of {len(FIGURES)} figures to {rd / 'figures'}")
-    return 0 if len(written) == len(FIGURES) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main, "plots.py", on_interrupt="the figures already drawn are kept, none half-written"))

@@ -43,6 +43,7 @@ import re
 import shutil
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,9 @@ REPORT_DIR = Path(__file__).resolve().parent
 REPO_DIR = REPORT_DIR.parent
 TYP_SOURCE = REPORT_DIR / "report.typ"
 BIB_SOURCE = REPORT_DIR / "references.bib"
+GROUP_FILE = REPORT_DIR / "group.toml"  # the group's name, members and contributions
 
 import cli  # noqa: E402
-from make_zip import GROUP_FILE, load_group  # noqa: E402 - group.toml: the submission's names
 import plots  # noqa: E402
 from plots import display_name as name  # noqa: E402
 import run_experiments as rx  # noqa: E402
@@ -535,7 +536,7 @@ def find_figures(rd: Path) -> tuple[dict, list[str]]:
         except FileNotFoundError:
             missing.append(fname)
         except Exception as e:  # noqa: BLE001 - PIL raises several kinds
-            raise ReportError(f"{path} is damaged ({e}): redraw it with python plots.py --results-dir {rd}") from None
+            raise ReportError(f"{path} is damaged ({e}): redraw it with python run_experiments.py --plots-only --results-dir {rd}") from None
     return present, missing
 
 
@@ -565,6 +566,36 @@ def compile_pdf(facts: dict, figures_dir: Path, out_pdf: Path, source: Path = TY
     return {"body": body - 1, "total": total}
 
 
+def load_group(path=GROUP_FILE) -> dict:
+    """Group name, members, contributions. A template (empty fields) gives placeholders; anything invalid
+    (TOML syntax, wrong types, nan or negative contributions, a sum other than 100) raises cli.UserError."""
+    def bad(msg):
+        return cli.UserError(f"{path}: {msg} (see the comments in report/group.toml)")
+    if not Path(path).is_file():  # a mistyped --group-file would otherwise give a report of placeholders
+        raise bad("no such file")
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise bad(f"not valid TOML ({exc})") from None
+    gname, members = data.get("group_name", ""), data.get("member", [])
+    if not (isinstance(gname, str) and isinstance(members, list) and all(
+            isinstance(m, dict) and all(isinstance(m.get(k, ""), str) for k in ("name", "email")) for m in members)):
+        raise bad("group_name must be a string, and each [[member]] a name and email that are strings")
+    given = [m.get("contribution") for m in members]
+    if wrong := [c for c in given if c is not None and not cli.NON_NEGATIVE[0](c)]:  # [0]: the rule's test
+        raise bad(f"a contribution must be a number, a finite percentage >= 0, got {wrong[0]!r}")
+    if any(c is not None for c in given) and (None in given or abs(sum(given) - 100) > 1e-6):
+        raise bad("every member needs a contribution once one is given" if None in given else
+                  f"contributions add up to {sum(given):g}%, not 100%")
+    shown = [{"name": m.get("name", "").strip() or f"[Member {i} name]", "email": m.get("email", "").strip()
+              or f"[member{i} email]", "contribution": "[contribution %]" if c is None else f"{c:g}%"}
+             for i, (m, c) in enumerate(zip(members or [{}], given or [None]), 1)]
+    filled = gname.strip() and members and None not in given and all(m["name"][:1] != "[" and m["email"][:1] != "["
+                                                                      for m in shown)
+    zip_name = "".join(c if c.isalnum() or c in "-_." else "-" for c in gname.strip()).strip("-.") or "group-name"
+    return {"name": gname.strip() or "[Group name]", "zip_name": zip_name, "members": shown, "placeholder": not filled}
+
+
 def build_report(results_dir="results", out_pdf=None, group_file=GROUP_FILE, facts_out=None,
                  source=TYP_SOURCE, strict: bool | None = None) -> Path:
     """Read results_dir, compute the facts, check the claims of `source`, compile the PDF; return its path.
@@ -585,7 +616,7 @@ def build_report(results_dir="results", out_pdf=None, group_file=GROUP_FILE, fac
     for warning in ([f"{group_file} is not filled in: the report shows placeholders"] * group["placeholder"]
                     + [f"{len(problems)} claim(s) do not hold for these results; the first: {p}" for p in problems[:1]]
                     + [f"figures missing from {rd / 'figures'}: {', '.join(facts['missing_figures'])} (redraw them "
-                       f"with `python plots.py --results-dir {rd}`)" for _ in facts["missing_figures"][:1]]):
+                       f"with `python run_experiments.py --plots-only --results-dir {rd}`)" for _ in facts["missing_figures"][:1]]):
         print(f"warning: {warning}", file=sys.stderr)
     facts["pages"] = compile_pdf(facts, rd / "figures", out_pdf, Path(source))
     if facts_out is not None:
@@ -611,7 +642,11 @@ def _main(argv=None) -> int:
     p.add_argument("--out", type=path_arg, help="PDF to write (default: report/report.pdf for results/, else in it)")
     p.add_argument("--group-file", type=path_arg, default=str(GROUP_FILE), help="default: report/group.toml")
     p.add_argument("--facts", type=path_arg, help="also write the computed facts.json here")
+    p.add_argument("--zip-name", action="store_true", help="print the submission zip's name and exit (make zip)")
     args = p.parse_args(argv)
+    if args.zip_name:  # group_name made safe for a file name
+        print(load_group(args.group_file)["zip_name"])
+        return 0
     print(f"wrote {build_report(args.results_dir, args.out, args.group_file, args.facts)}")
     return 0
 

@@ -258,7 +258,7 @@ def test_an_output_path_that_cannot_be_written_is_one_line(results, tmp_path, ca
     (FILLED.replace("= 40", "= 30"), "add up to 90%, not 100%"),
 ])
 def test_an_invalid_group_file_is_one_line(tmp_path, body, message):
-    with pytest.raises(cli.UserError, match=message):  # the build and make_zip read it: one line each
+    with pytest.raises(cli.UserError, match=message):  # the build and make zip read it: one line each
         build.load_group(_group(tmp_path, body))
 
 
@@ -305,40 +305,38 @@ def test_the_ece_is_computed_over_the_reliability_diagrams_bins(built, results):
 
 
 # ------------------------------------------------------------------------------------------ the zip
-def test_the_zip_holds_what_rebuilds_the_report(results, built, tmp_path):
-    """make_zip packs the code, the report's sources and results/ whole; `python -m report.build` then works
-    in the unpacked folder (the only thing it cannot have is the data, which it does not need)."""
-    import make_zip
+def test_make_zip_packs_what_rebuilds_the_report(results, tmp_path):
+    """`make zip` rebuilds the report, then packs every file git does not ignore under the group's name;
+    `python -m report.build` in the unpacked folder gives the same PDF (it needs no data)."""
     repo = tmp_path / "repo"
-    for rel in ["README.md", "Makefile", "requirements.txt", "pytest.ini", *(p.name for p in REPO.glob("*.py")),
+    for rel in ["README.md", "Makefile", "requirements.txt", ".gitignore", *(p.name for p in REPO.glob("*.py")),
                 *(f"report/{p.name}" for p in (REPO / "report").iterdir() if p.suffix in (".py", ".typ", ".bib"))]:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, repo / rel)
     shutil.copytree(results, repo / "results")
-    for rel in ("data/train.gz", ".venv/bin/python", "results/.lock", "results/runs/j.json.bad", "old.zip"):
+    # .venv/.installed, newer than requirements.txt: make's setup counts as done
+    for rel in ("data/train.gz", ".venv/.installed", "results/.lock", "results/runs/j.json.bad", "old.zip"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text("x")
-    _group(repo / "report", FILLED)
-    with pytest.raises(Exception, match="report.pdf is missing"):
-        make_zip.make_zip(repo)
-    shutil.copy(built[0], repo / "report" / "report.pdf")
-    out = make_zip.make_zip(repo)
-    with zipfile.ZipFile(out) as zf:
+    _group(repo / "report", FILLED.replace('"team-7"', '"team 7/b"'))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    done = subprocess.run(["make", "-s", "zip", f"PY={sys.executable}"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.endswith("wrote team-7-b.zip\n"), done.stderr
+    with zipfile.ZipFile(repo / "team-7-b.zip") as zf:
         names = set(zf.namelist())
-        assert not [n for n in names if "data/" in n or ".venv" in n or n.endswith((".lock", ".bad"))]
-        assert {"team-7/results/summary.json", "team-7/report/report.typ", "team-7/report/references.bib"} <= names
+        assert not [n for n in names if "data/" in n or ".venv" in n or n.endswith((".lock", ".bad", ".zip"))]
+        assert {"team-7-b/results/summary.json", "team-7-b/report/report.pdf", "team-7-b/cli.py"} <= names
         zf.extractall(tmp_path / "unzipped")
-    root = tmp_path / "unzipped" / "team-7"
+    root = tmp_path / "unzipped" / "team-7-b"
     done = subprocess.run([sys.executable, "-m", "report.build", "--out", str(tmp_path / "z.pdf")], cwd=root,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr
-    here = build.build_report(results, tmp_path / "here.pdf", _group(tmp_path, FILLED))
-    assert (tmp_path / "z.pdf").read_bytes() == here.read_bytes()
+    assert (tmp_path / "z.pdf").read_bytes() == (root / "report" / "report.pdf").read_bytes()
 
 
-def test_make_zip_refusals_are_one_line(tmp_path):
+def test_the_zip_name_refuses_a_bad_group_file_in_one_line(tmp_path):
     bad = _group(tmp_path, "group_name = 7\n")
-    for args, message in ((["--group-file", str(tmp_path / "nope.toml")], "nope.toml"),
-                          (["--group-file", str(bad)], "group.toml")):
-        result = subprocess.run([sys.executable, str(REPO / "make_zip.py"), *args], capture_output=True, text=True)
+    for group_file, message in ((tmp_path / "nope.toml", "nope.toml"), (bad, "group.toml")):
+        result = subprocess.run([sys.executable, "-m", "report.build", "--zip-name", "--group-file", str(group_file)],
+                                cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr

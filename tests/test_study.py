@@ -388,9 +388,10 @@ def _copy(folder, tmp_path):
     return copy
 
 
-def test_plots_only_on_an_empty_or_missing_folder_refuses_and_creates_nothing(tmp_path):
+def test_plots_only_on_an_empty_or_missing_folder_or_a_file_refuses_and_creates_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
-    for folder in (tmp_path / "empty", tmp_path / "missing"):
+    (tmp_path / "a_file").write_text("x")
+    for folder in (tmp_path / "empty", tmp_path / "missing", tmp_path / "a_file"):
         proc = _run_cli("--plots-only", "--results-dir", str(folder))
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "holds no study results" in proc.stderr
     assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
