@@ -86,10 +86,11 @@ class Plan:
     confirm_single: tuple[str, ...] = ("mlp",)      # tracks whose largest single grid change is confirmed too
     init_images: int = 256                          # images behind the statistics at initialisation
     # A level with more than macs_cap times the start config's multiply-adds per image is trained and shown
-    # but cannot win: the start configs' finals take about 2.6 min (MLP, one core) and 6.2 min (CNN, both
-    # cores) here, against budgets of 3 and 6 minutes. Multiply-adds, not measured seconds: they are exact, so
-    # the cap decides alike on every run and machine, where the grid's seconds vary by 10% between levels that
-    # do the same arithmetic (random, Xavier and He initialisation). The seconds stay in every table.
+    # but cannot win: the start configs' finals take about 2.6 min (MLP, one core) and 5.6 min (CNN, both
+    # cores; results/cnn_default_timing.jsonl) here, against budgets of 3 and 6 minutes. Multiply-adds, not
+    # measured seconds: they are exact, so the cap decides alike on every run and machine, where the grid's
+    # seconds vary by 10% between levels that do the same arithmetic (random, Xavier and He initialisation).
+    # The seconds stay in every table.
     macs_cap: float | None = 1.1
     overrides: dict = dataclasses.field(default_factory=dict)   # quick only: {"mlp": {...}, "cnn": {...}} on every run
     max_levels: int | None = None                   # quick only: levels per stage (the incumbent's kept)

@@ -536,7 +536,8 @@ def find_figures(rd: Path) -> tuple[dict, list[str]]:
         except FileNotFoundError:
             missing.append(fname)
         except Exception as e:  # noqa: BLE001 - PIL raises several kinds
-            raise ReportError(f"{path} is damaged ({e}): redraw it with python run_experiments.py --plots-only --results-dir {rd}") from None
+            raise ReportError(f"{path} is damaged ({e}): redraw it with python run_experiments.py --plots-only "
+                              f"--results-dir {rd}") from None
     return present, missing
 
 
@@ -616,7 +617,8 @@ def build_report(results_dir="results", out_pdf=None, group_file=GROUP_FILE, fac
     for warning in ([f"{group_file} is not filled in: the report shows placeholders"] * group["placeholder"]
                     + [f"{len(problems)} claim(s) do not hold for these results; the first: {p}" for p in problems[:1]]
                     + [f"figures missing from {rd / 'figures'}: {', '.join(facts['missing_figures'])} (redraw them "
-                       f"with `python run_experiments.py --plots-only --results-dir {rd}`)" for _ in facts["missing_figures"][:1]]):
+                       f"with `python run_experiments.py --plots-only --results-dir {rd}`)"
+                       for _ in facts["missing_figures"][:1]]):
         print(f"warning: {warning}", file=sys.stderr)
     facts["pages"] = compile_pdf(facts, rd / "figures", out_pdf, Path(source))
     if facts_out is not None:
