@@ -274,7 +274,8 @@ def check_input(model: MLP, X) -> np.ndarray:
     if model.in_dim == INPUT_DIM and X.shape[1:] in ((IMAGE_SIDE, IMAGE_SIDE), (1, IMAGE_SIDE, IMAGE_SIDE)):
         X = X.reshape(len(X), INPUT_DIM)
     if X.ndim != 2 or X.shape[1] != model.in_dim:
-        images = ", (N, 28, 28) or (N, 1, 28, 28)" if model.in_dim == INPUT_DIM else ""
+        side = IMAGE_SIDE
+        images = f", (N, {side}, {side}) or (N, 1, {side}, {side})" if model.in_dim == INPUT_DIM else ""
         raise ValueError(f"input must have shape (N, {model.in_dim}){images}, got {X.shape}")
     lo_hi = model.input_range
     if X.dtype.kind != "f":
@@ -432,7 +433,8 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
 WIDTHS = (lambda v: isinstance(v, (list, tuple)) and all(cli.is_int(h) and 1 <= h <= MAX_WIDTH for h in v),
           f"a list of widths in [1, {MAX_WIDTH}]")
 EPOCHS, PATIENCE = cli.integer(1, MAX_EPOCHS), cli.integer(0, MAX_EPOCHS)
-SUBSET = (lambda v: v is None or cli.is_int(v) and v >= 10, "None or an integer >= 10 (one image per class)")
+SUBSET = (lambda v: v is None or cli.is_int(v) and v >= NUM_CLASSES,
+          f"None or an integer >= {NUM_CLASSES} (one image per class)")
 
 
 @dataclass
