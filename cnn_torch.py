@@ -735,7 +735,7 @@ def build_parser() -> cli.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_config_flags(p, CNNConfig)
     a, path = p.add_argument, cli.path_arg
-    a("--threads", type=int, default=None, help="torch threads, at most 1024 (default: torch's choice)")
+    a("--threads", type=cli.count_arg("threads", 1024), default=None, help="torch threads (default: torch's choice)")
     a("--data-dir", type=path, default=None, help="folder with the Fashion-MNIST files (see preprocessing.py)")
     a("--save", type=path, default=None, help="write the trained classifier to this directory")
     a("--json", type=path, default=None, help="write final metrics and the full config to this JSON file")
@@ -756,8 +756,6 @@ def train_from_args(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = cli.config_from_args(parser, CNNConfig, args)  # values in range, then writable outputs: before data
-    if args.threads is not None and not 1 <= args.threads <= 1024:
-        parser.error(f"--threads: must be in [1, 1024], got {args.threads}")
     if args.describe:
         print(describe(config))
         return 0

@@ -426,6 +426,7 @@ def test_checkpoint_round_trip(tmp_path):
     (["--erase", "1.5"], "--erase"),
     (["--label-smoothing", "1"], "--label-smoothing"),
     (["--json", ""], "--json: must not be empty"),
+    (["--threads", "0"], "--threads"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
 ])
 def test_bad_flags_exit_with_a_message(argv, word, capsys):
