@@ -335,8 +335,8 @@ def test_an_address_that_is_no_dask_scheduler_gets_one_line():
     with socket.socket() as server:  # listens, never answers: a handshake that would wait forever
         server.bind(("127.0.0.1", 0))
         server.listen()
-        with pytest.raises(rx.StudyError, match="no Dask handshake within 2 s"):
-            rx._connect(f"tcp://127.0.0.1:{server.getsockname()[1]}", Client, seconds=2)
+        with pytest.raises(rx.StudyError, match="no Dask handshake within 1 s"):
+            rx._connect(f"tcp://127.0.0.1:{server.getsockname()[1]}", Client, seconds=1)
 
 
 def test_an_unwritable_results_folder_stops_before_training(tmp_path):
