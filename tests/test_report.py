@@ -334,9 +334,9 @@ def test_make_zip_packs_what_rebuilds_the_report(results, tmp_path):
     assert (tmp_path / "z.pdf").read_bytes() == (root / "report" / "report.pdf").read_bytes()
 
 
-def test_the_zip_name_refuses_a_bad_group_file_in_one_line(tmp_path):
+def test_the_zip_name_refuses_a_bad_group_file_in_one_line(tmp_path, capsys):
     bad = _group(tmp_path, "group_name = 7\n")
     for group_file, message in ((tmp_path / "nope.toml", "nope.toml"), (bad, "group.toml")):
-        result = subprocess.run([sys.executable, "-m", "report.build", "--zip-name", "--group-file", str(group_file)],
-                                cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr
+        assert build.main(["--zip-name", "--group-file", str(group_file)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("report.build: error: ") and message in err
