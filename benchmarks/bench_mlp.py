@@ -1,9 +1,10 @@
 """Speed of the numpy MLP against the same nn.Sequential in PyTorch, one training epoch each, side by side.
 
-Both train the same architecture (MLPConfig's defaults unless overridden) on the same batches in the same
-order, float32, the same thread count, the same optimizer at a constant learning rate. The two are
-alternated --repeats times and the medians compared. The data are uniform random pixels of the training
-set's shape: the time of an epoch does not depend on pixel values, and this needs no download.
+Both train the same network (MLPConfig's defaults unless overridden; torch's is report.gradcheck's twin of
+ours, from the same initial weights) on the same batches in the same order, float32, the same thread count,
+the same optimizer at a constant learning rate. The two are alternated --repeats times and the medians
+compared. The data are uniform random pixels of the training set's shape: the time of an epoch does not
+depend on pixel values, and this needs no download.
 
     python benchmarks/bench_mlp.py                 # 54,000 images, 3 repeats
     python benchmarks/bench_mlp.py --n 10000 --repeats 5
@@ -22,20 +23,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for its modules
 import mlp_scratch as ms  # noqa: E402
 from preprocessing import INPUT_DIM, NUM_CLASSES  # noqa: E402
+from report.gradcheck import torch_twin  # noqa: E402
 
-TORCH_ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(ms.LEAKY_SLOPE), "tanh": nn.Tanh,
-                     "gelu": lambda: nn.GELU(approximate="tanh"), "sigmoid": nn.Sigmoid}
 OPTIMIZERS = {"adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),  # the same on both sides
               "sgd": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9))}
-
-
-def torch_mlp(hidden: list[int], activation: str, dropout: float) -> nn.Sequential:
-    """The same architecture in plain torch: (Linear -> activation [-> Dropout]) per hidden width -> Linear."""
-    dims, mods = [INPUT_DIM, *hidden], []
-    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-        mods += [nn.Linear(fan_in, fan_out), TORCH_ACTIVATIONS[activation]()]
-        mods += [nn.Dropout(dropout)] if dropout > 0 else []
-    return nn.Sequential(*mods, nn.Linear(dims[-1], NUM_CLASSES))
 
 
 def torch_epoch(net, opt, X: torch.Tensor, y: torch.Tensor, order: np.ndarray, batch_size: int) -> None:
@@ -65,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     X, y = rng.random((args.n, INPUT_DIM), dtype=np.float32), rng.integers(0, NUM_CLASSES, args.n)
     model = ms.MLP(INPUT_DIM, args.hidden, NUM_CLASSES, args.activation, args.dropout, seed=0)
-    net = torch_mlp(args.hidden, args.activation, args.dropout)
+    net = torch_twin(model)  # the same layers, from the same initial weights
     torch_opt, hyper = OPTIMIZERS[args.optimizer]
     ours, theirs = ms.make_optimizer(args.optimizer, **hyper), torch_opt(net.parameters(), **hyper)
     print(f"MLP {'-'.join(map(str, [INPUT_DIM, *args.hidden, NUM_CLASSES]))} {args.activation}, dropout "

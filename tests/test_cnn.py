@@ -22,7 +22,7 @@ import mlp_scratch
 import preprocessing
 from cnn_torch import CNNBackbone, CNNConfig
 from conftest import file_size_limit, make_synthetic_splits
-from torch_twin import torch_twin, twin_grads
+from report.gradcheck import torch_twin, twin_grads
 
 
 @pytest.fixture(autouse=True, scope="module")

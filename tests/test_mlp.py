@@ -1,6 +1,6 @@
 """Tests of mlp_scratch.py: finite differences and a torch autograd oracle for every layer, the loss and the
 whole network; optimizers against torch.optim; training behaviour; input checks; save/load; the command
-line; no torch in the module. The torch oracle is tests/torch_twin.py."""
+line; no torch in the module. The torch oracle is report/gradcheck.torch_twin."""
 import ast
 import json
 import math
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import mlp_scratch as ms
 from mlp_scratch import MLP, MLPConfig, softmax_cross_entropy
-from torch_twin import torch_twin, twin_grads
+from report.gradcheck import torch_twin, twin_grads
 
 REPO = Path(__file__).resolve().parents[1]
 F64 = np.float64
