@@ -60,7 +60,7 @@ import plots  # noqa: E402
 from plots import display_name as name  # noqa: E402
 import run_experiments as rx  # noqa: E402
 from cli import ArgumentParser, atomic_write, path_arg  # noqa: E402
-from preprocessing import CLASS_NAMES  # noqa: E402
+from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES  # noqa: E402
 from study_results import mean, paired_difference, wilson_interval  # noqa: E402
 
 REBUILD = "rebuild it with `python run_experiments.py --plots-only`"
@@ -344,14 +344,15 @@ def config_rows(*cfgs: dict) -> list[list[str]]:
 
 
 def mlp_layer_rows(cfg: dict) -> list[list[str]]:
-    hidden, p, d = cfg.get("hidden") or [], cfg.get("dropout") or 0, 784
-    rows = [["input (flattened image)", "784", "0"]]
+    hidden, p, d = cfg.get("hidden") or [], cfg.get("dropout") or 0, INPUT_DIM
+    rows = [["input (flattened image)", str(INPUT_DIM), "0"]]
     for i, h in enumerate(hidden, 1):
         rows += [[f"linear {i}: {d} → {h}", str(h), f"{d * h + h:,}"],
                  [name("", cfg.get("activation")) + (f", dropout {p:g}" if p else ""), str(h), "0"]]
         d = h
-    return rows + [[f"linear {len(hidden) + 1}: {d} → 10 (logits)", "10", f"{d * 10 + 10:,}"],
-                   ["softmax + cross-entropy (fused)", "10", "0"]]
+    c = NUM_CLASSES
+    return rows + [[f"linear {len(hidden) + 1}: {d} → {c} (logits)", str(c), f"{d * c + c:,}"],
+                   ["softmax + cross-entropy (fused)", str(c), "0"]]
 
 
 LAYER_WORDS = {"MaxPool2d": "max pooling 2×2", "AvgPool2d": "average pooling 2×2", "BatchNorm2d": "BatchNorm",
@@ -373,9 +374,10 @@ def cnn_layer_rows(cfg: dict) -> list[list[str]]:
     for m in [m for m in net.modules() if not list(m.children())]:
         m.register_forward_hook(hook)
     with torch.no_grad():
-        dims = [int(net.eval()(torch.zeros(1, 1, 28, 28)).shape[1]), *cfg.get("head_hidden", []), 10]
+        dims = [int(net.eval()(torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE)).shape[1]), *cfg.get("head_hidden", []),
+                NUM_CLASSES]
     act = name("", cfg.get("head_activation"))
-    return rows + [[f"scratch MLP head: linear {i} → {o}" + (f", {act}" if o != 10 else ""), str(o), f"{i * o + o:,}"]
+    return rows + [[f"scratch MLP head: linear {i} → {o}" + (f", {act}" if o != NUM_CLASSES else ""), str(o), f"{i * o + o:,}"]
                    for i, o in zip(dims[:-1], dims[1:])]
 
 
