@@ -49,19 +49,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import cli
+import plots
+from plots import display_name as name
+import run_experiments as rx
+from cli import ArgumentParser, atomic_write, path_arg
+from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES
+from study_results import mean, paired_difference, wilson_interval
+
 REPORT_DIR = Path(__file__).resolve().parent
 REPO_DIR = REPORT_DIR.parent
 TYP_SOURCE = REPORT_DIR / "report.typ"
 BIB_SOURCE = REPORT_DIR / "references.bib"
 GROUP_FILE = REPORT_DIR / "group.toml"  # the group's name, members and contributions
-
-import cli  # noqa: E402
-import plots  # noqa: E402
-from plots import display_name as name  # noqa: E402
-import run_experiments as rx  # noqa: E402
-from cli import ArgumentParser, atomic_write, path_arg  # noqa: E402
-from preprocessing import CLASS_NAMES, IMAGE_SIDE, INPUT_DIM, NUM_CLASSES  # noqa: E402
-from study_results import mean, paired_difference, wilson_interval  # noqa: E402
 
 REBUILD = "rebuild it with `python run_experiments.py --plots-only`"
 MAX_BODY_PAGES, MAX_PAGES = 12, 16  # the assignment's report: pages before the appendix, and in all
