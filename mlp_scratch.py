@@ -389,8 +389,8 @@ class Adam:
             if k not in self.m:  # m = v = 0 at first
                 self.m[k], self.v[k], self.tmp[k] = np.zeros_like(p), np.zeros_like(p), np.empty_like(p)
             # The textbook update, in place through one scratch array: with a temporary per operation the
-            # default MLP's epoch took 0.87-0.89x torch's time on the study's AMD machine, in place 0.74-0.83x,
-            # under the 0.85x target (1.16x and 1.06x on an Intel Xeon; bench_mlp, idle 2-core machines).
+            # default MLP's epoch took 0.87-0.89x torch's time on the study's AMD machine, in place 0.74-0.83x
+            # (1.16x and 1.06x on an Intel Xeon; bench_mlp, idle 2-core machines): over the 5% bar on both.
             m, v, tmp = self.m[k], self.v[k], self.tmp[k]
             m *= b1                                                   # m = b1 m + (1 - b1) g
             m += np.multiply(g, 1 - b1, out=tmp)
