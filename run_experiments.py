@@ -804,10 +804,9 @@ def rebuild_only(args: argparse.Namespace) -> None:
     if not (rd / "manifest.json").is_file() and not any((rd / "runs").glob("*.json")):
         raise StudyError(f"{rd} holds no study results (no manifest.json, no runs/*.json): run the study first")
     with study_results.results_lock(rd):
+        rows, _, summary = study_results.rebuild_outputs(rd)  # refused before the data is read
         import plots
-        splits = preprocessing.load_splits(args.data_dir)
-        rows, _, summary = study_results.rebuild_outputs(rd)
-        plots.make_figures(rd, rows, summary, splits)
+        plots.make_figures(rd, rows, summary, preprocessing.load_splits(args.data_dir))
     print(f"Rebuilt tables, summary.json and figures in {rd}")
 
 

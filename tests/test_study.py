@@ -401,23 +401,23 @@ def _copy(folder, tmp_path):
     return copy
 
 
-def test_plots_only_on_an_empty_or_missing_folder_or_a_file_refuses_and_creates_nothing(tmp_path):
+def test_plots_only_on_an_empty_or_missing_folder_or_a_file_refuses_and_creates_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("x")
     for folder in (tmp_path / "empty", tmp_path / "missing", tmp_path / "a_file"):
-        proc = _run_cli("--plots-only", "--results-dir", str(folder))
-        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "holds no study results" in proc.stderr
+        code, err = _main(capsys, "--plots-only", "--results-dir", str(folder))
+        assert code == 1 and err.count("\n") == 1 and "holds no study results" in err
     assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
 
 
-def test_plots_only_with_runs_missing_refuses_and_keeps_the_summary(mlp_study, tmp_path):
+def test_plots_only_with_runs_missing_refuses_and_keeps_the_summary(mlp_study, tmp_path, capsys):
     copy = _copy(mlp_study[0], tmp_path)
     for p in sorted((copy / "runs").glob("*.json"))[:2]:
         p.unlink()
     before = (copy / "summary.json").read_bytes()
-    proc = _run_cli("--plots-only", "--results-dir", str(copy))
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "error: 2 of the" in proc.stderr and "run the study" in proc.stderr
+    code, err = _main(capsys, "--plots-only", "--results-dir", str(copy))
+    assert code == 1 and err.count("\n") == 1, err
+    assert "error: 2 of the" in err and "run the study" in err
     assert (copy / "summary.json").read_bytes() == before
 
 
