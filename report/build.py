@@ -377,8 +377,8 @@ def cnn_layer_rows(cfg: dict) -> list[list[str]]:
         dims = [int(net.eval()(torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE)).shape[1]), *cfg.get("head_hidden", []),
                 NUM_CLASSES]
     act = name("", cfg.get("head_activation"))
-    return rows + [[f"scratch MLP head: linear {i} → {o}" + (f", {act}" if o != NUM_CLASSES else ""), str(o), f"{i * o + o:,}"]
-                   for i, o in zip(dims[:-1], dims[1:])]
+    return rows + [[f"scratch MLP head: linear {i} → {o}" + (f", {act}" if o != NUM_CLASSES else ""), str(o),
+                    f"{i * o + o:,}"] for i, o in zip(dims[:-1], dims[1:])]
 
 
 def gradcheck_facts(f: Facts, rd: Path) -> list[list[str]]:
